@@ -1,0 +1,42 @@
+"""fused_resnet: fused conv + BatchNorm + ReLU and residual add + ReLU for ResNets.
+
+Swap blocks with :func:`fuse` (in place, same parameters and ``state_dict``), build fused models
+with :func:`resnet18` / :func:`resnet34` / :func:`resnet50`, or call the functional ops in
+:mod:`fused_resnet.ops`. Which implementation runs is chosen per call: see :func:`use_backend`.
+"""
+
+from . import ops
+from ._backend import (
+    BackendUnavailableError,
+    backends,
+    get_backend,
+    set_backend,
+    trace_dispatch,
+    use_backend,
+)
+from .fuse import find_fusable, fuse
+from .models import ResNet, resnet18, resnet34, resnet50, resnet101, resnext50_32x4d, wide_resnet50_2
+from .modules import FusedBasicBlock, FusedBottleneck
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "ResNet",
+    "backends",
+    "find_fusable",
+    "fuse",
+    "get_backend",
+    "ops",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnext50_32x4d",
+    "set_backend",
+    "trace_dispatch",
+    "use_backend",
+    "wide_resnet50_2",
+]

@@ -1,0 +1,218 @@
+"""The ``fused_resnet`` operator library: every schema, its device implementation and its fake.
+
+This is the one place where ops are declared. Each op's real implementation checks its
+arguments, picks a backend kernel (``_backend.select``) and runs it with autocast off (inputs
+were already cast by the functional layer); backward passes are ops of their own. Autograd
+formulas live in ``_autograd.py``.
+
+Conventions (``_layout.py``): activations are NCHW or channels_last, outputs follow the main
+input's layout; per-channel tensors (scale, shift, mean, var, bias) are fp32, or fp64 for fp64
+activations. Gradients that were not asked for come back as empty tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+from ._layout import conv_output_size, empty_activation, stat_dtype
+
+NAMESPACE = "fused_resnet"
+_CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+
+SCHEMAS = {
+    # y = conv(relu?(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y.
+    "conv_stats": f"(Tensor x, Tensor? in_scale, Tensor? in_shift, bool in_relu, Tensor weight, {_CONV})"
+    " -> (Tensor y, Tensor mean, Tensor var)",
+    "conv_stats_backward": "(Tensor grad_y, Tensor grad_mean, Tensor grad_var, Tensor x, Tensor? in_scale,"
+    f" Tensor? in_shift, bool in_relu, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask)"
+    " -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_weight)",
+    # out = relu?(y * scale + shift + residual * res_scale + res_shift)
+    "bn_add_relu": "(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale,"
+    " Tensor? res_shift, bool relu) -> Tensor",
+    "bn_add_relu_backward": "(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual,"
+    " Tensor? res_scale, Tensor? res_shift, bool relu, bool[4] output_mask)"
+    " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual, Tensor grad_res_scale,"
+    " Tensor grad_res_shift)",
+    # out = relu?(conv(x, weight) + bias + residual): inference with BN folded into weight/bias.
+    "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, bool relu) -> Tensor",
+    "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool relu, {_CONV},"
+    " bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+    # nn.BatchNorm2d's running-statistics update, in place; momentum None = cumulative average.
+    "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked,"
+    " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _run(kernel: str, device: torch.device, *args):
+    _, fn = _backend.select(kernel, device.type, args)
+    with torch.autocast(device.type, enabled=False):
+        return fn(*args)
+
+
+def _fill(outputs, likes):
+    """Kernels return None for gradients not computed; the schema wants tensors: empty ones."""
+    return tuple(o if o is not None else like.new_empty(0) for o, like in zip(outputs, likes))
+
+
+def _impl(name: str):
+    return torch.library.impl(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd", lib=_lib)
+
+
+def _fake(name: str):
+    return torch.library.register_fake(f"{NAMESPACE}::{name}", lib=_lib)
+
+
+# conv_stats ---------------------------------------------------------------------------------------
+
+
+def _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups):
+    _checks.check_conv(x, weight, stride, padding, dilation, groups)
+    _checks.check_per_channel("in_scale", in_scale, x.shape[1], x)
+    _checks.check_per_channel("in_shift", in_shift, x.shape[1], x)
+
+
+@_impl("conv_stats")
+def _conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
+    _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
+    return _run("conv_stats", x.device, x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
+
+
+@_fake("conv_stats")
+def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
+    _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
+    y = empty_activation(x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
+    stats = x.new_empty(weight.shape[0], dtype=stat_dtype(x.dtype))
+    return y, stats, torch.empty_like(stats)
+
+
+@_impl("conv_stats_backward")
+def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+                         stride, padding, dilation, groups, output_mask):
+    grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu,
+                 weight, y, mean, stride, padding, dilation, groups, output_mask)
+    return _fill(grads, (x, mean, mean, weight))
+
+
+@_fake("conv_stats_backward")
+def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+                              stride, padding, dilation, groups, output_mask):
+    need_x, need_affine, need_w = output_mask
+    return (
+        empty_activation(x, x.shape) if need_x else x.new_empty(0),
+        torch.empty_like(in_scale) if need_affine and in_scale is not None else mean.new_empty(0),
+        torch.empty_like(in_shift) if need_affine and in_shift is not None else mean.new_empty(0),
+        torch.empty_like(weight) if need_w else weight.new_empty(0),
+    )
+
+
+# bn_add_relu --------------------------------------------------------------------------------------
+
+
+def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift):
+    _checks.check_activation("input", y)
+    _checks.check_per_channel("scale", scale, y.shape[1], y)
+    _checks.check_per_channel("shift", shift, y.shape[1], y)
+    _checks.check_residual(residual, y, y.shape)
+    if residual is None and (res_scale is not None or res_shift is not None):
+        raise RuntimeError("fused_resnet: res_scale/res_shift given without a residual")
+    _checks.check_per_channel("res_scale", res_scale, y.shape[1], y)
+    _checks.check_per_channel("res_shift", res_shift, y.shape[1], y)
+
+
+@_impl("bn_add_relu")
+def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu):
+    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift)
+    return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, relu)
+
+
+@_fake("bn_add_relu")
+def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, relu):
+    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift)
+    return empty_activation(y, y.shape)
+
+
+@_impl("bn_add_relu_backward")
+def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
+    grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
+                 output_mask)
+    per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
+    return _fill(grads, (y, per_channel, per_channel, y, per_channel, per_channel))
+
+
+@_fake("bn_add_relu_backward")
+def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
+    need_y, need_affine, need_res, need_res_affine = output_mask
+    none = y.new_empty(0, dtype=stat_dtype(y.dtype))
+
+    def like(t, needed):
+        return torch.empty_like(t) if needed and t is not None else none
+
+    return (
+        empty_activation(y, y.shape) if need_y else y.new_empty(0),
+        like(scale, need_affine),
+        like(shift, need_affine),
+        empty_activation(residual, residual.shape) if need_res and residual is not None else y.new_empty(0),
+        like(res_scale, need_res_affine and residual is not None),
+        like(res_shift, need_res_affine and residual is not None),
+    )
+
+
+# conv_bias_act ------------------------------------------------------------------------------------
+
+
+def _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups):
+    _checks.check_conv(x, weight, stride, padding, dilation, groups)
+    _checks.check_per_channel("bias", bias, weight.shape[0], x)
+    if residual is not None:
+        _checks.check_residual(residual, x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
+
+
+@_impl("conv_bias_act")
+def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
+    return _run("conv_bias_act", x.device, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+@_fake("conv_bias_act")
+def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
+    return empty_activation(x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
+
+
+@_impl("conv_bias_act_backward")
+def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+    grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, relu, stride, padding, dilation,
+                 groups, output_mask)
+    return _fill(grads, (x, weight, grad_out.new_empty(0, dtype=stat_dtype(x.dtype)), out))
+
+
+@_fake("conv_bias_act_backward")
+def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+    need_x, need_w, need_bias, need_res = output_mask
+    return (
+        empty_activation(x, x.shape) if need_x else x.new_empty(0),
+        torch.empty_like(weight) if need_w else weight.new_empty(0),
+        x.new_empty(weight.shape[0], dtype=stat_dtype(x.dtype)) if need_bias else x.new_empty(0, dtype=stat_dtype(x.dtype)),
+        empty_activation(out, out.shape) if need_res else out.new_empty(0),
+    )
+
+
+# update_running_stats_ ----------------------------------------------------------------------------
+
+
+@_impl("update_running_stats_")
+def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    _run("update_running_stats_", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
+         momentum)
+
+
+@_fake("update_running_stats_")
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None

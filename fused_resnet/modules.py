@@ -1,0 +1,176 @@
+"""Drop-in fused modules: ``FusedBasicBlock`` / ``FusedBottleneck`` (torchvision's constructor,
+attribute names and ``state_dict``) and the fused stem pieces that ``fuse`` swaps in.
+
+A block is a chain of conv+BN layers with ReLUs between them and a residual add + ReLU at the
+end. Fused, in training it runs as ``conv_bn`` ops that apply the previous BN+ReLU as their
+prologue and compute their own BN statistics, closed by one ``bn_add_relu`` pass that also
+applies the downsample branch's BN; in eval every BN is folded into its conv and each conv
+applies bias, residual and ReLU in its epilogue. Anything the fused path does not cover (another
+norm layer, a conv with bias, a custom downsample) runs exactly as the ``nn`` block would.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import models, ops
+
+
+def is_fusable_conv(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` without bias and with numeric zero padding."""
+    return (
+        type(conv).forward is nn.Conv2d.forward
+        and isinstance(conv, nn.Conv2d)
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
+    """A plain ``nn.BatchNorm2d`` over ``channels`` channels."""
+    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward and bn.num_features == channels
+
+
+def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    return is_fusable_conv(conv) and is_fusable_bn(bn, conv.out_channels)
+
+
+def downsample_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """The (conv, bn) of a torchvision downsample ``Sequential(conv1x1, BatchNorm2d)``, if fusable."""
+    if isinstance(downsample, nn.Sequential) and type(downsample).forward is nn.Sequential.forward:
+        if len(downsample) == 2 and fusable_pair(downsample[0], downsample[1]):
+            return downsample[0], downsample[1]
+    return None
+
+
+def _conv_kwargs(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float | None:
+    # nn.BatchNorm2d uses momentum=None as "cumulative average"; without tracking it uses 0.0.
+    return bn.momentum if bn.momentum is not None or bn.num_batches_tracked is not None else 0.0
+
+
+def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ops.DeferredBN:
+    """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn``."""
+    return ops.conv_bn(
+        x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+        training=bn.training, momentum=_momentum(bn), eps=bn.eps,
+        **_conv_kwargs(conv),
+    )
+
+
+def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv``'s weight and bias with the eval-mode ``bn`` folded in."""
+    return ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
+                     downsample: nn.Module | None) -> torch.Tensor:
+    """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``, fused; ``shortcut`` is
+    the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module."""
+    ds = downsample_pair(downsample)
+    bns = [bn for _, bn in chain] + ([ds[1]] if ds else [])
+    if not any(_uses_batch_stats(bn) for bn in bns):
+        return _folded_residual_forward(x, chain, downsample, ds)
+    h: torch.Tensor | ops.DeferredBN = x
+    for conv, bn in chain:
+        h = conv_bn(h, conv, bn)
+    if ds is not None:
+        shortcut = conv_bn(x, *ds)
+    else:
+        shortcut = x if downsample is None else downsample(x)
+    return ops.bn_add_relu(h, shortcut, relu=True)
+
+
+def _folded_residual_forward(x, chain, downsample, ds):
+    if ds is not None:
+        shortcut = ops.conv_bias_act(x, *folded(*ds), relu=False, **_conv_kwargs(ds[0]))
+    else:
+        shortcut = x if downsample is None else downsample(x)
+    h = x
+    for i, (conv, bn) in enumerate(chain):
+        last = i == len(chain) - 1
+        h = ops.conv_bias_act(h, *folded(conv, bn), shortcut if last else None, relu=True, **_conv_kwargs(conv))
+    return h
+
+
+class _FusedBlockMixin:
+    """Shared by the fused blocks: adoption of an existing block, and the choice of path."""
+
+    def _chain(self) -> list[tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_block(cls, block: nn.Module):
+        """A fused block sharing ``block``'s submodules, parameters, buffers, hooks and attributes."""
+        fused = cls.__new__(cls)
+        fused.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in block.__dict__.items()})
+        return fused
+
+    def fusable(self) -> bool:
+        """Whether the fused path covers this block as configured now."""
+        return all(fusable_pair(conv, bn) for conv, bn in self._chain()) and type(self.relu) is nn.ReLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fusable():
+            return super().forward(x)
+        return residual_forward(x, self._chain(), self.downsample)
+
+
+class FusedBasicBlock(_FusedBlockMixin, models.BasicBlock):
+    """torchvision's ``BasicBlock`` (same signature, attributes and ``state_dict``), fused."""
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+class FusedBottleneck(_FusedBlockMixin, models.Bottleneck):
+    """torchvision's ``Bottleneck`` (same signature, attributes and ``state_dict``), fused."""
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+
+class FusedConvBN2d(nn.Conv2d):
+    """A stem ``nn.Conv2d`` that also applies the following BN (and ReLU): ``fuse`` turns a model's
+    conv into this class in place, so its parameter and ``state_dict`` key stay the conv's own.
+    The BN module stays where it was (its class becomes :class:`FusedAwayBatchNorm2d`) and is
+    read through an unregistered reference, so its keys do not move either."""
+
+    fused_bn: nn.BatchNorm2d
+    fused_relu: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.fused_bn
+        if not _uses_batch_stats(bn):
+            weight, bias = folded(self, bn)
+            return ops.conv_bias_act(x, weight, bias, relu=self.fused_relu, **_conv_kwargs(self))
+        return ops.bn_add_relu(conv_bn(x, self, bn), relu=self.fused_relu)
+
+
+class FusedAwayBatchNorm2d(nn.BatchNorm2d):
+    """A BN whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", fused into the preceding conv"
+
+
+class FusedAwayReLU(nn.ReLU):
+    """A ReLU whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

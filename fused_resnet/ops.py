@@ -1,0 +1,213 @@
+"""Functional API of the fused ops, with ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` semantics.
+
+Each function calls the registered ops (``torch.ops.fused_resnet.*``) and only per-channel
+PyTorch arithmetic around them (BN scale/shift, weight folding), so autograd, ``torch.compile``
+and autocast see through every step. Activations may be NCHW or channels_last, in fp16, bf16,
+fp32 or fp64; BN parameters may be of any float dtype (they are used in fp32, fp64 for fp64).
+
+The central object is a *deferred* BN: ``conv_bn`` returns the raw conv output ``y`` with the
+BN's per-channel ``scale``/``shift`` instead of the normalised activation, so that the next op
+applies ``relu(y * scale + shift)`` while it reads ``y`` (the next conv's prologue, or the block
+tail). The normalised activation is then neither written in forward nor saved for backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from . import _autograd  # noqa: F401  (registers the ops' autograd formulas)
+from ._checks import check_batch_statistics
+from ._layout import channel_view, stat_dtype
+from ._library import NAMESPACE
+
+_ops = getattr(torch.ops, NAMESPACE)
+IntPair = int | Sequence[int]
+
+
+class DeferredBN(NamedTuple):
+    """A conv output ``y`` whose BN is not applied yet: the activation is ``y * scale + shift``."""
+
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def _pair(v: IntPair) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def _conv_args(stride, padding, dilation, groups):
+    return _pair(stride), _pair(padding), _pair(dilation), int(groups)
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast conv operands to the autocast dtype when autocast is on (as it does for ``conv2d``)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _promote(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bring a residual and the main branch to one dtype, as eager ``a + b`` would."""
+    if b is None or a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps: float, dtype: torch.dtype):
+    """Per-channel ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` in
+    ``dtype``, so that ``bn(y) = y * scale + shift``; ``bn_weight``/``bn_bias`` may be None."""
+    scale = torch.rsqrt(var.to(dtype) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    return scale, shift
+
+
+def _uses_batch_stats(training: bool, running_mean, running_var) -> bool:
+    # nn.BatchNorm2d: batch statistics in training, and in eval when no running stats are kept.
+    return training or (running_mean is None and running_var is None)
+
+
+def conv_bn(
+    x: torch.Tensor | DeferredBN,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    in_relu: bool = True,
+) -> DeferredBN:
+    """``conv2d`` then ``batch_norm`` with the BN left deferred (see :class:`DeferredBN`).
+
+    ``x`` is an activation, or a :class:`DeferredBN` whose ``relu?(y * scale + shift)`` the conv
+    applies while loading its input (``in_relu``). In training the batch statistics are computed
+    in the conv's epilogue and the running statistics updated in place exactly as
+    ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
+    statistics are used.
+    """
+    in_scale = in_shift = None
+    if isinstance(x, DeferredBN):
+        x, in_scale, in_shift = x
+    else:
+        in_relu = False  # a plain activation is fed to the conv as it is
+    x, weight = _autocast(x, weight)
+    conv = _conv_args(stride, padding, dilation, groups)
+    sdt = stat_dtype(x.dtype)
+    if not _uses_batch_stats(training, running_mean, running_var):
+        y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
+        return DeferredBN(y, *batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, sdt))
+    y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
+    check_batch_statistics(y.shape, True)
+    if training and running_mean is not None and running_var is not None:
+        if num_batches_tracked is None:
+            if momentum is None:
+                raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
+            num_batches_tracked = torch.zeros((), dtype=torch.long, device=y.device)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        _ops.update_running_stats_(
+            running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum
+        )
+    return DeferredBN(y, *batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps, sdt))
+
+
+def bn_add_relu(
+    y: torch.Tensor | DeferredBN,
+    residual: torch.Tensor | DeferredBN | None = None,
+    *,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu?(bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
+    :class:`DeferredBN` (the downsample branch's BN is then applied in the same pass)."""
+    y, scale, shift = y if isinstance(y, DeferredBN) else (y, None, None)
+    res_scale = res_shift = None
+    if isinstance(residual, DeferredBN):
+        residual, res_scale, res_shift = residual
+    y, residual = _promote(y, residual)
+    return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu)
+
+
+def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``relu(x + residual)`` in one pass (one read of each, one write)."""
+    return bn_add_relu(x, residual, relu=True)
+
+
+def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
+    """Conv weight and bias with an eval-mode BN folded in: ``bn(conv(x, w)) == conv(x, w') + b'``.
+    The folding runs in fp32 (fp64 for fp64 weights); ``w'`` keeps ``weight``'s dtype."""
+    scale, shift = batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, stat_dtype(weight.dtype))
+    return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight) + bias + residual)`` with the bias, residual and ReLU applied in
+    the conv's epilogue (the inference form of a block, BN folded by :func:`fold_bn`)."""
+    x, weight = _autocast(x, weight)
+    if bias is not None:
+        bias = bias.to(stat_dtype(x.dtype))
+    if residual is not None and residual.dtype != x.dtype:
+        if torch.promote_types(x.dtype, residual.dtype) != x.dtype:
+            out = conv_bias_act(x, weight, bias, None, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups, relu=False)
+            return bn_add_relu(out, residual, relu=relu)
+        residual = residual.to(x.dtype)
+    return _ops.conv_bias_act(x, weight, bias, residual, *_conv_args(stride, padding, dilation, groups), relu)
+
+
+def conv_bn_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu?(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
+    ``nn.BatchNorm2d`` + ``nn.ReLU`` semantics, running statistics updated in place in training.
+    In eval (running statistics) the BN is folded into the conv: one conv with a bias+ReLU
+    epilogue."""
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if not _uses_batch_stats(training, running_mean, running_var):
+        folded_weight, bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        return conv_bias_act(x, folded_weight, bias, relu=relu, **conv)
+    deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                       training=training, momentum=momentum, eps=eps, **conv)
+    return bn_add_relu(deferred, relu=relu)

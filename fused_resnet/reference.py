@@ -1,0 +1,192 @@
+"""Pure-PyTorch reference of every fused op: the ground truth for tests and the fallback backend.
+
+Each function has exactly the signature of the backend kernel it stands for (see ``_schemas.py``)
+and follows the conventions of ``_layout.py``. Arithmetic on statistics and elementwise terms runs
+in fp32 (fp64 for fp64 tensors). Convolutions run in the activation dtype on CUDA, where cuDNN
+accumulates in fp32, and are upcast to fp32 on other devices, where half-precision convolution is
+slow or missing: either way the reference is as accurate as ``nn.Conv2d`` in the same dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._layout import channel_view, output_memory_format, stat_dtype
+
+_HALF = (torch.float16, torch.bfloat16)
+_REDUCE_DIMS = (0, 2, 3)
+
+
+def _conv_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in _HALF and t.device.type != "cuda" else t.dtype
+
+
+def _affine(t: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """``t * scale + shift`` per channel, in the statistics dtype."""
+    out = t.to(stat_dtype(t.dtype))
+    if scale is not None:
+        out = out * channel_view(scale)
+    if shift is not None:
+        out = out + channel_view(shift)
+    return out
+
+
+def _prologue(x, in_scale, in_shift, in_relu):
+    """The conv input the kernel sees: ``relu?(x * in_scale + in_shift)``, in the conv dtype."""
+    if in_scale is None and in_shift is None and not in_relu:
+        return x.to(_conv_dtype(x))
+    a = _affine(x, in_scale, in_shift)
+    if in_relu:
+        a = torch.relu(a)
+    return a.to(_conv_dtype(x))
+
+
+def _finish(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return t.to(dtype or like.dtype).contiguous(memory_format=output_memory_format(like))
+
+
+def conv_stats(
+    x: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
+    in_relu: bool,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = conv(relu?(x * in_scale + in_shift), weight)`` and the batch mean and biased variance
+    of ``y`` per output channel (computed from ``y`` as stored, in fp32/fp64)."""
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    y = F.conv2d(a, weight.to(a.dtype), None, stride, padding, dilation, groups)
+    y = _finish(y, x)
+    var, mean = torch.var_mean(y.to(stat_dtype(y.dtype)), dim=_REDUCE_DIMS, correction=0)
+    return y, mean, var
+
+
+def conv_stats_backward(
+    grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+    stride, padding, dilation, groups, output_mask,
+):
+    """Gradients of ``conv_stats`` w.r.t. ``(x, in_scale, in_shift, weight)``.
+
+    The statistics' gradients fold into the conv output's: ``g = grad_y + grad_mean / M +
+    2 * grad_var * (y - mean) / M`` with ``M = N * H_out * W_out``; then the conv backward, and
+    the prologue's ReLU mask and affine chain rule. ``output_mask`` selects ``(x, scale/shift,
+    weight)``; gradients not asked for (or of absent inputs) are None.
+    """
+    need_x, need_affine, need_w = output_mask
+    sdt = stat_dtype(y.dtype)
+    count = y.numel() // y.shape[1]
+    centred = y.to(sdt) - channel_view(mean)
+    g = grad_y.to(sdt) + channel_view(grad_mean / count) + channel_view(2.0 * grad_var / count) * centred
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+        g.to(a.dtype), a, weight.to(a.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+        [need_x or need_affine, need_w, False],
+    )
+    grad_x = grad_scale = grad_shift = None
+    if need_x or need_affine:
+        dz = grad_a.to(sdt)
+        if in_relu:
+            dz = dz * (_affine(x, in_scale, in_shift) > 0)
+        if need_x:
+            grad_x = _finish(dz * channel_view(in_scale) if in_scale is not None else dz, x)
+        if need_affine:
+            if in_scale is not None:
+                grad_scale = (dz * x.to(sdt)).sum(_REDUCE_DIMS)
+            if in_shift is not None:
+                grad_shift = dz.sum(_REDUCE_DIMS)
+    grad_w = grad_w.to(weight.dtype) if need_w else None
+    return grad_x, grad_scale, grad_shift, grad_w
+
+
+def _tail_preactivation(y, scale, shift, residual, res_scale, res_shift):
+    z = _affine(y, scale, shift)
+    if residual is not None:
+        z = z + _affine(residual, res_scale, res_shift)
+    return z
+
+
+def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu):
+    """``relu?(y * scale + shift + (residual * res_scale + res_shift))`` in ``y``'s dtype and layout;
+    every scale/shift/residual term is optional (absent means 1, 0 and no residual)."""
+    z = _tail_preactivation(y, scale, shift, residual, res_scale, res_shift)
+    return _finish(torch.relu(z) if relu else z, y)
+
+
+def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
+    """Gradients of ``bn_add_relu`` w.r.t. ``(y, scale, shift, residual, res_scale, res_shift)``;
+    ``output_mask`` selects ``(y, scale/shift, residual, res_scale/res_shift)``; the ReLU mask is
+    recomputed from the inputs."""
+    need_y, need_affine, need_res, need_res_affine = output_mask
+    sdt = stat_dtype(y.dtype)
+    dz = grad_out.to(sdt)
+    if relu:
+        dz = dz * (_tail_preactivation(y, scale, shift, residual, res_scale, res_shift) > 0)
+    out = [None] * 6
+    if need_y:
+        out[0] = _finish(dz * channel_view(scale) if scale is not None else dz, y)
+    if need_affine:
+        if scale is not None:
+            out[1] = (dz * y.to(sdt)).sum(_REDUCE_DIMS)
+        if shift is not None:
+            out[2] = dz.sum(_REDUCE_DIMS)
+    if residual is not None:
+        if need_res:
+            out[3] = _finish(dz * channel_view(res_scale) if res_scale is not None else dz, residual)
+        if need_res_affine:
+            if res_scale is not None:
+                out[4] = (dz * residual.to(sdt)).sum(_REDUCE_DIMS)
+            if res_shift is not None:
+                out[5] = dz.sum(_REDUCE_DIMS)
+    return tuple(out)
+
+
+def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    """``relu?(conv(x, weight) + bias + residual)``: the inference block with BN folded into
+    ``weight`` and ``bias``; ``bias`` (fp32/fp64) and ``residual`` are optional."""
+    a = x.to(_conv_dtype(x))
+    z = F.conv2d(a, weight.to(a.dtype), None, stride, padding, dilation, groups).to(stat_dtype(x.dtype))
+    if bias is not None:
+        z = z + channel_view(bias)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    return _finish(torch.relu(z) if relu else z, x)
+
+
+def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+    """Gradients of ``conv_bias_act`` w.r.t. ``(x, weight, bias, residual)``, the ReLU mask read
+    from the saved output; ``output_mask`` selects them."""
+    need_x, need_w, need_bias, need_res = output_mask
+    sdt = stat_dtype(x.dtype)
+    dz = grad_out.to(sdt)
+    if relu:
+        dz = dz * (out > 0)
+    a = x.to(_conv_dtype(x))
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        dz.to(a.dtype), a, weight.to(a.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, False],
+    )
+    return (
+        _finish(grad_x, x) if need_x else None,
+        grad_w.to(weight.dtype) if need_w else None,
+        dz.sum(_REDUCE_DIMS) if need_bias else None,
+        _finish(dz, out) if need_res else None,
+    )
+
+
+def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    """In place, exactly as ``nn.BatchNorm2d`` in training: ``num_batches_tracked += 1``, then
+    ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or ``1 / num_batches_tracked``
+    (cumulative average) when ``momentum`` is None, and the unbiased variance
+    ``var * count / (count - 1)`` into ``running_var``. Computed in fp64, as ATen does on the CPU."""
+    num_batches_tracked.add_(1)
+    factor = 1.0 / num_batches_tracked.double() if momentum is None else momentum
+    unbiased = var.double() * (count / (count - 1))
+    running_mean.copy_(factor * mean.double() + (1 - factor) * running_mean.double())
+    running_var.copy_(factor * unbiased + (1 - factor) * running_var.double())
