@@ -1,0 +1,1 @@
+"""The Triton backend (being built): see the kernels' modules."""
