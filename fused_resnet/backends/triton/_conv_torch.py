@@ -91,7 +91,7 @@ def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_r
             as_mergeable(grad_a), x, in_scale, in_shift, None, None, None, in_relu, need_dy=need_x,
             sum_dz=need_affine and in_shift is not None, sum_dzy=need_affine and in_scale is not None,
         )
-    return grad_x, grad_scale, grad_shift, grad_w.to(weight.dtype) if need_w else None
+    return grad_x, grad_scale, grad_shift, _finish(grad_w, weight) if need_w else None
 
 
 def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
@@ -133,5 +133,5 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
             dz, x.to(cdt), weight.to(cdt), None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
         )
         grad_x = _finish(grad_x, x) if need_x else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_w = _finish(grad_w, weight) if need_w else None
     return grad_x, grad_w, grad_bias, grad_res

@@ -23,6 +23,7 @@ from ..._layout import empty_activation
 from ._tiling import (
     INTERPRETER_TILE,
     channels_inner,
+    device_function,
     per_channel,
     row_chunks,
     rows_of,
@@ -37,12 +38,12 @@ from ._tiling import (
 _TILES = [(64, 64), (128, 32), (32, 128), (256, 16), (128, 64)]
 
 
-@triton.jit
+@device_function
 def _channel_vector(ptr, c, c_valid, CL: tl.constexpr):
     return per_channel(tl.load(ptr + c, mask=c_valid, other=0.0).to(tl.float32), CL)
 
 
-@triton.jit
+@device_function
 def _preactivation(y, res, scale_ptr, shift_ptr, rscale_ptr, rshift_ptr, c, c_valid,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
                    HAS_RSCALE: tl.constexpr, HAS_RSHIFT: tl.constexpr, CL: tl.constexpr):
@@ -115,9 +116,9 @@ def _bn_add_relu_bwd_kernel(
     c_valid = c < C
     start = t * ROWS
     end = tl.minimum(start + ROWS, M)
-    acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_dzy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_dzr = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_dz = tl.full([BLOCK_C], 0.0, tl.float32)
+    acc_dzy = tl.full([BLOCK_C], 0.0, tl.float32)
+    acc_dzr = tl.full([BLOCK_C], 0.0, tl.float32)
     for row0 in range(start, end, BLOCK_M):
         n, hw, row_valid = rows_of(row0, end, HW, BLOCK_M)
         mask = tile_mask(row_valid, c_valid, CL)

@@ -27,7 +27,7 @@ def _bn_running_stats_kernel(
     """Reads and writes ``4 * C`` numbers; ~6 fp64 FLOPs per channel."""
     batches = tl.load(nbt_ptr) + 1
     # Adding scalars to an fp64 zero promotes them exactly (the interpreter passes Python floats).
-    zero = tl.zeros([BLOCK_C], dtype=tl.float64)
+    zero = tl.full([BLOCK_C], 0.0, tl.float64)
     if CUMULATIVE:
         factor = 1.0 / (zero + batches.to(tl.float64))
     else:

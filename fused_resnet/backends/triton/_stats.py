@@ -65,9 +65,9 @@ def _bn_stats_partial_kernel(
     shift = per_channel(tl.load(y_ptr + c.to(tl.int64) * s_c, mask=c_valid, other=0.0).to(tl.float32), CL)
     start = t * ROWS
     end = tl.minimum(start + ROWS, M)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = tl.full([BLOCK_C], 0.0, tl.float32)
+    mean = tl.full([BLOCK_C], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for row0 in range(start, end, BLOCK_M):
         n, hw, row_valid = rows_of(row0, end, HW, BLOCK_M)
         mask = tile_mask(row_valid, c_valid, CL)
@@ -103,9 +103,9 @@ def _bn_stats_combine_kernel(
     ``counts_ptr`` the counts are those of ``row_chunks``: ``clamp(M - t*ROWS, 0, ROWS)``."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = c < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = tl.full([BLOCK_C], 0.0, tl.float32)
+    mean = tl.full([BLOCK_C], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         mask = (t < T)[:, None] & c_valid[None, :]
@@ -119,10 +119,10 @@ def _bn_stats_combine_kernel(
         # Empty chunks may hold anything (0/0 means): never let them into a product.
         mean_i = tl.where(valid, tl.load(means_ptr + off, mask=mask, other=0.0), 0.0)
         m2_i = tl.where(valid, tl.load(m2s_ptr + off, mask=mask, other=0.0), 0.0)
-        n_b = tl.sum(n_i, axis=0)
-        mean_b = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_b, 1.0)
+        n_b = sum_rows(n_i, True)
+        mean_b = sum_rows(n_i * mean_i, True) / tl.maximum(n_b, 1.0)
         dev = tl.where(valid, mean_i - mean_b[None, :], 0.0)
-        m2_b = tl.sum(m2_i + n_i * dev * dev, axis=0)
+        m2_b = sum_rows(m2_i + n_i * dev * dev, True)
         total = count + n_b
         frac = tl.where(total > 0, n_b / tl.maximum(total, 1.0), 0.0)
         delta = mean_b - mean

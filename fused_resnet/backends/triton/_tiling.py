@@ -68,10 +68,18 @@ def tile_configs(shapes, warps=(4, 8)) -> list[triton.Config]:
     ]
 
 
-# Interpreter tiles: few programs, few operations; M-loops of chunked kernels step by 128 rows.
-INTERPRETER_TILE = triton.Config({"BLOCK_M": 128, "BLOCK_C": 64})
+# Interpreter tiles: the interpreter costs ~1 ms per operation whatever its size, so few programs
+# and few loop steps (numpy does the elements).
+INTERPRETER_TILE = triton.Config({"BLOCK_M": 1024, "BLOCK_C": 64})
 # The largest BLOCK_M of any config: row chunks are multiples of it.
 MAX_BLOCK_M = 256
+
+
+def device_function(fn):
+    """``triton.jit`` for the helpers kernels call. Under the interpreter a jitted helper costs a
+    re-patch of ``triton.language`` per call (~7 ms, more than the arithmetic); the interpreter runs
+    plain Python anyway, so there the helper stays a plain function (same code, same semantics)."""
+    return fn if INTERPRETED else triton.jit(fn)
 
 
 # --- host side ---------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def row_chunks(m: int, c: int, device: torch.device) -> tuple[int, int]:
     kernels that also reduce per channel. On a GPU about four programs per SM (with 64-channel
     blocks), so partial results stay small (``[T, C]`` fp32) while the machine is full."""
     if INTERPRETED or device.type != "cuda":
-        rows = 16 * MAX_BLOCK_M
+        rows = 4 * int(INTERPRETER_TILE.kwargs["BLOCK_M"])
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         wanted = max(1, (4 * sms) // triton.cdiv(c, 64))
@@ -120,7 +128,7 @@ def row_chunks(m: int, c: int, device: torch.device) -> tuple[int, int]:
 # --- device side -------------------------------------------------------------------------------
 
 
-@triton.jit
+@device_function
 def rows_of(row0, M, HW, BLOCK_M: tl.constexpr):
     """Rows ``row0 + [0, BLOCK_M)`` (``row0`` int64) as ``(n, hw, valid)``; valid means ``< M``."""
     m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -128,7 +136,7 @@ def rows_of(row0, M, HW, BLOCK_M: tl.constexpr):
     return n, m - n * HW, m < M
 
 
-@triton.jit
+@device_function
 def tile_offsets(n, hw, c, s_n, s_c, s_hw, CL: tl.constexpr):
     """Element offsets (int64) of the tile rows ``(n, hw)`` x channels ``c`` in one tensor."""
     row = n * s_n + hw * s_hw
@@ -140,7 +148,7 @@ def tile_offsets(n, hw, c, s_n, s_c, s_hw, CL: tl.constexpr):
     return off
 
 
-@triton.jit
+@device_function
 def tile_mask(row_valid, c_valid, CL: tl.constexpr):
     if CL:
         mask = row_valid[:, None] & c_valid[None, :]
@@ -149,7 +157,7 @@ def tile_mask(row_valid, c_valid, CL: tl.constexpr):
     return mask
 
 
-@triton.jit
+@device_function
 def per_channel(v, CL: tl.constexpr):
     """A ``[BLOCK_C]`` vector broadcast against the tile."""
     if CL:
@@ -159,11 +167,20 @@ def per_channel(v, CL: tl.constexpr):
     return out
 
 
-@triton.jit
-def sum_rows(x, CL: tl.constexpr):
-    """Per-channel sum over the tile's rows: ``[BLOCK_C]``."""
-    if CL:
-        out = tl.sum(x, axis=0)
-    else:
-        out = tl.sum(x, axis=1)
-    return out
+if INTERPRETED:
+
+    def sum_rows(x, CL):
+        """Per-channel sum over the tile's rows: ``[BLOCK_C]``. (Interpreter: ``tl.sum`` is itself a
+        jitted function, re-patched per call; ``tl.reduce`` with its combiner maps to ``np.sum``.)"""
+        return tl.reduce(x, 0 if CL else 1, tl.standard._sum_combine)
+
+else:
+
+    @triton.jit
+    def sum_rows(x, CL: tl.constexpr):
+        """Per-channel sum over the tile's rows: ``[BLOCK_C]``."""
+        if CL:
+            out = tl.sum(x, axis=0)
+        else:
+            out = tl.sum(x, axis=1)
+        return out
