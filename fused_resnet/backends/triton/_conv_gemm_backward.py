@@ -1,0 +1,417 @@
+"""Implicit-GEMM 2-D convolution in Triton, backward: data and weight gradients with fused loads.
+
+Both gradients read the conv output gradient ``g`` through :func:`load_grad`, which builds it on
+the fly from what the forward saved, so ``g`` is never written to memory:
+
+- ``G_MODE = 0``: ``g = grad`` as given;
+- ``G_MODE = 1``: ``g = grad * (out > 0)`` (the epilogue ReLU of ``conv_bias_act``);
+- ``G_MODE = 2``: ``g = grad_y + grad_mean / M + 2 * grad_var * (y - mean) / M`` (the BN statistics
+  of ``conv_stats``, ``M = N * H_out * W_out``).
+
+dgrad, ``grad_a[n, c, h, w] = sum_{k, r, s} g[n, k, (h + p - r) / st, (w + p - s) / st] * w[k, c, r, s]``
+(terms whose division is not exact vanish), is an implicit GEMM over input pixels x ``C_in`` with
+``K = taps * C_out``. For stride ``st > 1`` the input pixels are split into ``st * st`` phases
+``(h % st, w % st)`` (grid axis 1); within a phase only the taps ``r = (h + p) mod st`` contribute, so
+each phase loops over ``ceil(KH / st) * ceil(KW / st)`` taps and no multiply is wasted on zeros.
+Its epilogue applies the forward prologue's chain rule: ``dz = grad_a * (x * scale + shift > 0)``,
+``grad_x = dz * scale`` and per-channel partial sums of ``dz * x`` and ``dz`` (grad of scale, shift).
+
+wgrad, ``grad_w[k, c, r, s] = sum_{n, ho, wo} g[n, k, ho, wo] * a[n, c, ho * st - p + r, wo * st - p + s]``,
+is a GEMM ``C_out x C_in`` per tap with the pixels as its reduction; ``a = relu?(x * scale + shift)``
+is recomputed from ``x`` while loading (never materialised). The pixels are split over grid axis 2
+so that small weight gradients still fill the GPU; the split partials are summed by one reduction.
+For ``conv_bias_act`` the same loop also sums ``g`` per output channel: the bias gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._layout import empty_activation, output_memory_format
+from ._conv_gemm import (
+    _config,
+    dot_precision,
+    interpreting,
+    launch,
+    load_activation,
+    nchw_strides,
+    prune_by_shared_memory,
+    stats_rows,
+)
+
+GPU_DGRAD_CONFIGS = [
+    _config(128, 128, 64, 8, 3, GROUP_M=8),
+    _config(128, 64, 64, 4, 4, GROUP_M=8),
+    _config(64, 128, 64, 4, 4, GROUP_M=8),
+    _config(64, 64, 64, 4, 3, GROUP_M=8),
+    _config(128, 128, 32, 4, 4, GROUP_M=8),
+]
+# wgrad: BLOCK_M over C_out, BLOCK_N over C_in, BLOCK_K over pixels.
+GPU_WGRAD_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 3),
+    _config(64, 64, 32, 4, 4),
+]
+INTERPRETER_DGRAD_CONFIG = _config(32, 32, 16, 4, 1, GROUP_M=2)
+INTERPRETER_WGRAD_CONFIG = _config(32, 32, 16, 4, 1)
+# The wgrad pixel split is a multiple of every BLOCK_K, so any config covers its range exactly.
+_GPU_SPLIT_ALIGN = 256
+_INTERPRETER_SPLIT_ALIGN = 16
+
+
+@triton.jit
+def load_grad(gy_ptr, g_offs, y_ptr, y_offs, mask, chan, chan_ok, mean_ptr, gmean_ptr, gvar_ptr, inv_count,
+              G_MODE: tl.constexpr):
+    """The conv output gradient ``g`` (fp32, zero where ``mask`` is false); see the module docstring."""
+    g = tl.load(gy_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    if G_MODE == 1:
+        out = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
+        g = tl.where(out > 0, g, 0.0)
+    elif G_MODE == 2:
+        y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + chan, mask=chan_ok, other=0.0)
+        g_mean = tl.load(gmean_ptr + chan, mask=chan_ok, other=0.0)
+        g_var = tl.load(gvar_ptr + chan, mask=chan_ok, other=0.0)
+        g = tl.where(mask, g + g_mean * inv_count + (2.0 * inv_count) * g_var * (y - mean), 0.0)
+    return g
+
+
+@triton.jit
+def _conv_gemm_dgrad_kernel(
+    gy_ptr, y_ptr,  # [N, C_out, H_out, W_out] any strides: grad and (G_MODE 1: out, 2: y)
+    mean_ptr, gmean_ptr, gvar_ptr,  # [C_out] fp32 (G_MODE 2)
+    w_ptr,  # [C_out, C_in, KH, KW] any strides
+    x_ptr, scale_ptr, shift_ptr,  # [N, C_in, H, W] and [C_in] fp32: the forward prologue
+    dx_ptr,  # [N, C_in, H, W] any strides, x's dtype
+    sum_dzx_ptr, sum_dz_ptr,  # [P * T, C_in] fp32 partial sums per STATS_ROWS pixels of each phase
+    inv_count, N, C_in, H, W, C_out, H_out, W_out,
+    sgn, sgc, sgh, sgw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, blocks_per_phase,
+    KH: tl.constexpr, KW: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    WRITE_DX: tl.constexpr, AFFINE_SUMS: tl.constexpr, STATS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Data gradient of ``conv(relu?(x * scale + shift), w)`` for one phase's ``BLOCK_M`` pixels x
+    ``BLOCK_N`` input channels. FLOPs: ``2 * N * H_out * W_out * C_out * KH * KW * C_in`` (the useful ones
+    only, thanks to the phases). Bytes: ``g``'s sources (``grad``, ``y`` or ``out``) read
+    ``ceil(C_in / BLOCK_N)`` times (mostly L2), ``w``, ``x`` once, ``grad_x`` written once, partials
+    ``2 * 4 * C_in * N * H * W / STATS_ROWS``. Saved versus eager (BN-stats backward, conv backward,
+    ReLU backward, BN-affine backward): ``g`` is neither written nor read (``2 * |y|``), ``grad_a`` is not
+    written nor read twice (``3 * |x|``), and the activation ``relu(x * scale + shift)`` is not rebuilt.
+    """
+    phase = tl.program_id(1)
+    ph = phase // stride_w
+    pw = phase % stride_w
+    hp = tl.cdiv(H - ph, stride_h)  # rows h = ph + stride_h * i of this phase
+    wp = tl.cdiv(W - pw, stride_w)
+    m_phase = N * hp * wp
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M)
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < m_phase
+    n_ok = offs_n < C_in
+    # A phase may be empty (H < stride): keep the divisors positive, m_ok masks everything then.
+    phase_pixels = tl.maximum(hp * wp, 1)
+    img = offs_m // phase_pixels
+    i = (offs_m % phase_pixels) // tl.maximum(wp, 1)
+    j = offs_m % tl.maximum(wp, 1)
+    g_img = img.to(tl.int64) * sgn
+    y_img = img.to(tl.int64) * syn
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Taps r with (h + pad - r) % stride == 0, i.e. r = r0, r0 + stride, ...; then ho = i + (ph + pad - r) / stride.
+    r0 = (ph + pad_h) % stride_h
+    s0 = (pw + pad_w) % stride_w
+    taps_w = tl.cdiv(KW - s0, stride_w)
+    taps = tl.cdiv(KH - r0, stride_h) * taps_w
+    k_blocks = tl.cdiv(C_out, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, taps * k_blocks):
+        t = kk // k_blocks
+        k0 = (kk - t * k_blocks) * BLOCK_K
+        r = r0 + (t // taps_w) * stride_h
+        s = s0 + (t % taps_w) * stride_w
+        # Exact divisions of possibly negative numbers: shift by a multiple of the stride first.
+        ho = i + (ph + pad_h - r + KH * stride_h) // stride_h - KH
+        wo = j + (pw + pad_w - s + KW * stride_w) // stride_w - KW
+        row_ok = m_ok & (ho >= 0) & (ho < H_out) & (wo >= 0) & (wo < W_out)
+        chan = k0 + offs_k
+        k_ok = chan < C_out
+        g_rows = g_img + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+        y_rows = y_img + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+        chan64 = chan.to(tl.int64)[None, :]
+        g = load_grad(gy_ptr, g_rows[:, None] + chan64 * sgc, y_ptr, y_rows[:, None] + chan64 * syc,
+                      row_ok[:, None] & k_ok[None, :], chan[None, :], k_ok[None, :],
+                      mean_ptr, gmean_ptr, gvar_ptr, inv_count, G_MODE)
+        b = tl.load(w_ptr + chan[:, None] * swo + offs_n[None, :] * swi + r * swh + s * sww,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION)
+
+    h = ph + stride_h * i
+    w = pw + stride_w * j
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    dz = acc
+    if IN_RELU or AFFINE_SUMS:
+        x_rows = img.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        x = tl.load(x_ptr + x_rows[:, None] + offs_n.to(tl.int64)[None, :] * sxc, mask=tile_ok, other=0.0)
+        x = x.to(tl.float32)
+        if IN_RELU:
+            z = x
+            if HAS_SCALE:
+                z = z * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            if HAS_SHIFT:
+                z = z + tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            dz = tl.where(z > 0, dz, 0.0)
+        if AFFINE_SUMS:
+            R: tl.constexpr = BLOCK_M // STATS_ROWS
+            blk = pid_m * R + tl.arange(0, R)
+            part = (phase * blocks_per_phase + blk).to(tl.int64)[:, None] * C_in + offs_n[None, :]
+            part_ok = (blk < blocks_per_phase)[:, None] & n_ok[None, :]
+            dz_ok = tl.where(tile_ok, dz, 0.0)
+            tl.store(sum_dz_ptr + part, tl.sum(tl.reshape(dz_ok, (R, STATS_ROWS, BLOCK_N)), axis=1), mask=part_ok)
+            if HAS_SCALE:
+                dzx = tl.reshape(dz_ok * x, (R, STATS_ROWS, BLOCK_N))
+                tl.store(sum_dzx_ptr + part, tl.sum(dzx, axis=1), mask=part_ok)
+    if WRITE_DX:
+        if HAS_SCALE:
+            dz = dz * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        dx_rows = img.to(tl.int64) * sdn + h.to(tl.int64) * sdh + w.to(tl.int64) * sdw
+        tl.store(dx_ptr + dx_rows[:, None] + offs_n.to(tl.int64)[None, :] * sdc,
+                 dz.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _conv_gemm_wgrad_kernel(
+    gy_ptr, y_ptr, mean_ptr, gmean_ptr, gvar_ptr,  # as in the dgrad kernel
+    x_ptr, scale_ptr, shift_ptr,  # [N, C_in, H, W] any strides and [C_in] fp32: the forward prologue
+    dw_ptr,  # [SPLIT, C_out, C_in, KH, KW] (strides sws, swo, swi, swh, sww): fp32 partials or grad_w
+    db_ptr,  # [SPLIT, C_out] fp32 partial bias gradient (BIAS_GRAD)
+    inv_count, M, C_in, H, W, C_out, H_out, W_out, rows_per_split,
+    sgn, sgc, sgh, sgw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sws, swo, swi, swh, sww,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Weight gradient ``g^T @ im2col(a)`` for one ``BLOCK_M`` (C_out) x ``BLOCK_N`` (C_in) tile of one tap,
+    over one split of the pixels. FLOPs: ``2 * M * C_out * KH * KW * C_in``. Bytes: ``g``'s sources read
+    ``KH * KW * ceil(C_in / BLOCK_N)`` times and ``x`` ``ceil(C_out / BLOCK_M)`` times (mostly L2),
+    partials ``4 * SPLIT * |w|``. Saved versus eager: neither ``g`` (``2 * |y|``) nor the activation
+    ``relu(x * scale + shift)`` (``2 * |x|``) is written and read back; the bias gradient costs no pass.
+    """
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    r = tap // KW
+    s = tap % KW
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = offs_co < C_out
+    ci_ok = offs_ci < C_in
+    co64 = offs_co.to(tl.int64)[:, None]
+    ci64 = offs_ci.to(tl.int64)[None, :]
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g_total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = offs_m < m_end
+        img = offs_m // (H_out * W_out)
+        pix = offs_m % (H_out * W_out)
+        ho = pix // W_out
+        wo = pix % W_out
+        g_cols = img.to(tl.int64) * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
+        y_cols = img.to(tl.int64) * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+        g = load_grad(gy_ptr, co64 * sgc + g_cols[None, :], y_ptr, co64 * syc + y_cols[None, :],
+                      co_ok[:, None] & m_ok[None, :], offs_co[:, None], co_ok[:, None],
+                      mean_ptr, gmean_ptr, gvar_ptr, inv_count, G_MODE)
+        h = ho * stride_h - pad_h + r
+        w = wo * stride_w - pad_w + s
+        in_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        x_rows = img.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        a = load_activation(x_ptr, x_rows[:, None] + ci64 * sxc, in_ok[:, None] & ci_ok[None, :],
+                            offs_ci[None, :], ci_ok[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+        acc = tl.dot(g.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        if BIAS_GRAD:
+            g_total += tl.sum(g, axis=1)
+
+    dw = dw_ptr + split.to(tl.int64) * sws + co64 * swo + ci64 * swi + r * swh + s * sww
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=co_ok[:, None] & ci_ok[None, :])
+    if BIAS_GRAD:
+        if (pid_n == 0) & (tap == 0):
+            tl.store(db_ptr + split.to(tl.int64) * C_out + offs_co, g_total, mask=co_ok)
+
+
+_KEY = ["N", "C_in", "C_out", "H", "W", "stride_h", "sxc", "KH", "KW", "G_MODE"]
+_PRUNE = {"early_config_prune": prune_by_shared_memory}
+_dgrad_tuned = triton.autotune(configs=GPU_DGRAD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_conv_gemm_dgrad_kernel)
+_wgrad_tuned = triton.autotune(configs=GPU_WGRAD_CONFIGS, key=["M", *_KEY[1:]], prune_configs_by=_PRUNE)(
+    _conv_gemm_wgrad_kernel
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _wgrad_split(rows: int, c_out: int, c_in: int, taps: int, device: torch.device) -> int:
+    """Pixels per split of the wgrad reduction: enough programs for ~2 waves of 64x64 tiles, yet at
+    least 4 aligned chunks of pixels per program (fewer, larger partials for big weights)."""
+    align = _INTERPRETER_SPLIT_ALIGN if interpreting() else _GPU_SPLIT_ALIGN
+    target = 4 if device.type != "cuda" else 2 * _sm_count(device.index or torch.cuda.current_device())
+    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * taps
+    split = max(1, min(target // tiles, rows // (4 * align)))
+    return triton.cdiv(triton.cdiv(rows, split), align) * align
+
+
+def _grad_sources(mode, grad, y, mean, grad_mean, grad_var):
+    """The ``load_grad`` arguments after ``dgrad``/``wgrad``'s first two pointers."""
+    dummy = grad
+    y = y if y is not None else grad
+    return (y, mean if mean is not None else dummy, grad_mean if grad_mean is not None else dummy,
+            grad_var if grad_var is not None else dummy)
+
+
+def _dgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_relu, need_dx, affine_sums,
+           stride, padding):
+    """Launch the dgrad kernel; returns ``(grad_x or None, sum(dz * x) or None, sum(dz) or None)``."""
+    n, c_in, h, w = x.shape
+    c_out, h_out, w_out = grad.shape[1], grad.shape[2], grad.shape[3]
+    dx = empty_activation(x, x.shape) if need_dx else None
+    rows = stats_rows()
+    phases = stride[0] * stride[1]
+    blocks = triton.cdiv(n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1]), rows)
+    sum_dz = torch.empty(phases * blocks, c_in, dtype=torch.float32, device=x.device) if affine_sums else None
+    sum_dzx = torch.empty_like(sum_dz) if affine_sums and scale is not None else None
+    dummy = grad
+    grid_rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
+
+    def grid(meta):
+        return (triton.cdiv(grid_rows, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]), phases)
+
+    launch(
+        "dgrad", _conv_gemm_dgrad_kernel, _dgrad_tuned, INTERPRETER_DGRAD_CONFIG, grid,
+        grad, *_grad_sources(mode, grad, y, mean, grad_mean, grad_var), weight,
+        x, scale if scale is not None else dummy, shift if shift is not None else dummy,
+        dx if dx is not None else dummy,
+        sum_dzx if sum_dzx is not None else dummy, sum_dz if sum_dz is not None else dummy,
+        1.0 / (n * h_out * w_out), n, c_in, h, w, c_out, h_out, w_out,
+        *grad.stride(), *nchw_strides(y), *weight.stride(), *x.stride(), *nchw_strides(dx),
+        stride[0], stride[1], padding[0], padding[1], blocks,
+        KH=weight.shape[2], KW=weight.shape[3], G_MODE=mode,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_RELU=bool(in_relu),
+        WRITE_DX=need_dx, AFFINE_SUMS=affine_sums, STATS_ROWS=rows, PRECISION=dot_precision(x),
+    )
+    return (dx, sum_dzx.sum(0) if sum_dzx is not None else None, sum_dz.sum(0) if sum_dz is not None else None)
+
+
+def _wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_relu, bias_grad, stride, padding):
+    """Launch the wgrad kernel; returns ``(grad_w, grad_bias or None)``."""
+    n, c_in, h, w = x.shape
+    c_out, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    h_out, w_out = grad.shape[2], grad.shape[3]
+    m = n * h_out * w_out
+    rows_per_split = _wgrad_split(m, c_out, c_in, kh * kw, x.device)
+    splits = triton.cdiv(m, rows_per_split)
+    grad_w = torch.empty_like(weight)
+    # One split writes grad_w directly (in its dtype and layout); several write fp32 partials.
+    partial = grad_w[None] if splits == 1 else weight.new_empty((splits, *weight.shape), dtype=torch.float32)
+    grad_b = torch.empty(splits, c_out, dtype=torch.float32, device=x.device) if bias_grad else None
+    dummy = grad
+
+    def grid(meta):
+        return (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]), kh * kw, splits)
+
+    launch(
+        "wgrad", _conv_gemm_wgrad_kernel, _wgrad_tuned, INTERPRETER_WGRAD_CONFIG, grid,
+        grad, *_grad_sources(mode, grad, y, mean, grad_mean, grad_var),
+        x, scale if scale is not None else dummy, shift if shift is not None else dummy,
+        partial, grad_b if grad_b is not None else dummy,
+        1.0 / m, m, c_in, h, w, c_out, h_out, w_out, rows_per_split,
+        *grad.stride(), *nchw_strides(y), *x.stride(), *partial.stride(),
+        stride[0], stride[1], padding[0], padding[1],
+        KH=kh, KW=kw, G_MODE=mode, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        IN_RELU=bool(in_relu), BIAS_GRAD=bias_grad, PRECISION=dot_precision(x),
+    )
+    if splits > 1:
+        grad_w.copy_(partial.sum(0))
+    return grad_w, (grad_b.sum(0) if splits > 1 else grad_b[0]) if grad_b is not None else None
+
+
+def supports_conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+                                 stride, padding, dilation, groups, output_mask) -> bool:
+    from ._conv_gemm import supports_conv
+
+    return supports_conv(x, weight, stride, padding, dilation, groups)
+
+
+def supports_conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups,
+                                    output_mask) -> bool:
+    from ._conv_gemm import supports_conv
+
+    return supports_conv(x, weight, stride, padding, dilation, groups)
+
+
+def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+                        stride, padding, dilation, groups, output_mask):
+    """Gradients of ``conv_stats`` (``reference.conv_stats_backward``): one dgrad launch (grad_x and the
+    prologue's scale/shift gradients) and one wgrad launch, both rebuilding ``g`` from
+    ``(grad_y, grad_mean, grad_var, y, mean)`` as they load it."""
+    need_x, need_affine, need_w = output_mask
+    affine = need_affine and (in_scale is not None or in_shift is not None)
+    grad_x = grad_scale = grad_shift = grad_w = None
+    sources = (2, grad_y, y, mean, grad_mean, grad_var)
+    if need_x or affine:
+        grad_x, grad_scale, grad_shift = _dgrad(*sources, weight, x, in_scale, in_shift, in_relu, need_x, affine,
+                                                stride, padding)
+        grad_shift = grad_shift if in_shift is not None else None
+    if need_w:
+        grad_w, _ = _wgrad(*sources, weight, x, in_scale, in_shift, in_relu, False, stride, padding)
+    return grad_x, grad_scale, grad_shift, grad_w
+
+
+def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+    """Gradients of ``conv_bias_act`` (``reference.conv_bias_act_backward``). ``dz = grad_out * (out > 0)``
+    is written only when the residual's gradient (which is ``dz``) is asked for; otherwise the ReLU mask is
+    applied as the GEMMs load ``grad_out``. The bias gradient comes out of the wgrad loop when it runs."""
+    need_x, need_w, need_bias, need_res = output_mask
+    grad_res = None
+    if need_res:
+        grad_res = empty_activation(out, out.shape)
+        if relu:
+            torch.where(out > 0, grad_out, grad_out.new_zeros(()), out=grad_res)
+        else:
+            grad_res.copy_(grad_out)
+        sources = (0, grad_res, None, None, None, None)
+    else:
+        sources = (1 if relu else 0, grad_out, out if relu else None, None, None, None)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x, _, _ = _dgrad(*sources, weight, x, None, None, False, True, False, stride, padding)
+    if need_w:
+        grad_w, grad_b = _wgrad(*sources, weight, x, None, None, False, need_bias, stride, padding)
+    if need_bias and grad_b is None:
+        dz = grad_res if grad_res is not None else (torch.where(out > 0, grad_out, 0.0) if relu else grad_out)
+        grad_b = dz.sum((0, 2, 3), dtype=torch.float32)
+    return grad_x, grad_w, grad_b, grad_res
