@@ -5,6 +5,9 @@ with :func:`resnet18` / :func:`resnet34` / :func:`resnet50`, or call the functio
 :mod:`fused_resnet.ops`. Which implementation runs is chosen per call: see :func:`use_backend`.
 """
 
+# The kernel subpackage ``fused_resnet.backends`` is imported first so that the public function
+# ``fused_resnet.backends()`` below, and not the subpackage, is what the name is bound to.
+from . import backends as _backend_packages  # noqa: F401
 from . import ops
 from ._backend import (
     BackendUnavailableError,

@@ -4,7 +4,7 @@ What is saved is the memory story of the library. ``conv_stats`` saves its raw i
 prologue's per-channel ``in_scale``/``in_shift``, the weight, its output ``y`` and ``mean``: the
 normalised, ReLU'd activation that fed the convolution is recomputed in backward, never kept.
 ``bn_add_relu`` saves its inputs (already kept by the ops around it) and recomputes the ReLU
-mask. ``conv_bias_act`` saves its input and output (the ReLU mask).
+mask. ``conv_bias_act`` saves its input, and its output only when it applies a ReLU (the mask).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def _bn_add_relu_backward(ctx, grad_out):
 
 def _conv_bias_act_setup(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
-    ctx.save_for_backward(x, weight, output)
+    # The output is kept only for the ReLU mask: without ReLU, a caller may modify it in place.
+    ctx.save_for_backward(x, weight, output if relu else None)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.relu = relu
 
@@ -71,7 +72,7 @@ def _conv_bias_act_backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x, grad_w, grad_bias, grad_res = _ops.conv_bias_act_backward(
-        grad_out, x, weight, out, ctx.relu, *ctx.conv, [need[0], need[1], need[2], need[3]]
+        grad_out, x, weight, grad_out if out is None else out, ctx.relu, *ctx.conv, [need[0], need[1], need[2], need[3]]
     )
     return (
         _grad_or_none(grad_x, need[0]),

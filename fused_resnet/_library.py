@@ -51,7 +51,27 @@ for _name, _schema in SCHEMAS.items():
 def _run(kernel: str, device: torch.device, *args):
     _, fn = _backend.select(kernel, device.type, args)
     with torch.autocast(device.type, enabled=False):
-        return fn(*args)
+        outputs = fn(*args)
+    return _unaliased(outputs, args)
+
+
+def _unaliased(outputs, args):
+    """Op outputs may alias neither an input nor each other (the dispatcher relies on it); a kernel
+    that returns, say, the incoming gradient unchanged gets a copy made here."""
+    if outputs is None:
+        return None
+    single = isinstance(outputs, torch.Tensor)
+    seen = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
+    fresh = []
+    for out in (outputs,) if single else outputs:
+        if out is not None and out.numel():
+            ptr = out.untyped_storage().data_ptr()
+            if ptr in seen:
+                out = out.clone()
+                ptr = out.untyped_storage().data_ptr()
+            seen.add(ptr)
+        fresh.append(out)
+    return fresh[0] if single else tuple(fresh)
 
 
 def _fill(outputs, likes):
@@ -147,10 +167,8 @@ def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_sh
 @_fake("bn_add_relu_backward")
 def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
     need_y, need_affine, need_res, need_res_affine = output_mask
-    none = y.new_empty(0, dtype=stat_dtype(y.dtype))
-
     def like(t, needed):
-        return torch.empty_like(t) if needed and t is not None else none
+        return torch.empty_like(t) if needed and t is not None else y.new_empty(0, dtype=stat_dtype(y.dtype))
 
     return (
         empty_activation(y, y.shape) if need_y else y.new_empty(0),

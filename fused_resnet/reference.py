@@ -101,7 +101,7 @@ def conv_stats_backward(
                 grad_scale = (dz * x.to(sdt)).sum(_REDUCE_DIMS)
             if in_shift is not None:
                 grad_shift = dz.sum(_REDUCE_DIMS)
-    grad_w = grad_w.to(weight.dtype) if need_w else None
+    grad_w = _finish(grad_w, weight) if need_w else None
     return grad_x, grad_scale, grad_shift, grad_w
 
 
@@ -174,7 +174,7 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
     )
     return (
         _finish(grad_x, x) if need_x else None,
-        grad_w.to(weight.dtype) if need_w else None,
+        _finish(grad_w, weight) if need_w else None,
         dz.sum(_REDUCE_DIMS) if need_bias else None,
         _finish(dz, out) if need_res else None,
     )

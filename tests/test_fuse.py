@@ -1,0 +1,138 @@
+"""fuse(model) on torchvision-structured models: identical outputs, gradients and running statistics."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from fused_resnet import FusedBasicBlock, FusedBottleneck
+from fused_resnet._tolerances import assert_close
+from fused_resnet.modules import FusedAwayBatchNorm2d, FusedConvBN2d
+
+from _tv_resnet import TVBasicBlock, TVBottleneck, TVResNet, tv_resnet18, tv_resnet50
+
+FP64_MODEL_TOL = 1e-9  # the issue's bar for whole fused models in fp64
+
+
+def _pair(ctor, dtype=torch.float64, memory_format=torch.contiguous_format, **kw):
+    plain = ctor(**kw).to(dtype=dtype, memory_format=memory_format)
+    return plain, fused_resnet.fuse(copy.deepcopy(plain))
+
+
+def _compare_step(plain, fused, x, tol, steps=1):
+    """Run ``steps`` SGD steps on both and compare outputs, every gradient and every buffer."""
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        out_p, out_f = plain(x), fused(x)
+        assert_close(out_f, out_p, tol=tol, name="output")
+        (out_p.square().sum()).backward()
+        (out_f.square().sum()).backward()
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+            if p.grad is None:
+                assert q.grad is None, name
+                continue
+            assert_close(q.grad, p.grad, tol=tol, name=f"grad {name}")
+        opt_p.step(), opt_f.step()
+        opt_p.zero_grad(), opt_f.zero_grad()
+    for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
+        if b.is_floating_point():
+            assert_close(c, b, tol=tol, name=name)
+        else:
+            assert torch.equal(c, b), name
+
+
+@pytest.mark.parametrize("ctor", [tv_resnet18, tv_resnet50], ids=["resnet18", "resnet50"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_model_matches_fp64(ctor, train):
+    plain, fused = _pair(ctor, width=8)
+    assert fused_resnet.find_fusable(fused) == []
+    plain.train(train), fused.train(train)
+    x = torch.randn(3, 3, 64, 48, dtype=torch.float64)
+    _compare_step(plain, fused, x, FP64_MODEL_TOL, steps=2)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fused_model_matches_fp32(memory_format):
+    plain, fused = _pair(tv_resnet18, torch.float32, memory_format, width=8)
+    x = torch.randn(4, 3, 40, 40).to(memory_format=memory_format)
+    # Whole-model fp32 errors accumulate over ~20 layers: 10x the per-op bar.
+    _compare_step(plain, fused, x, tol=1e-4, steps=2)
+    out = fused(x)
+    assert out.shape == (4, 10)
+
+
+def test_fuse_swaps_blocks_and_stem_keeping_tensors():
+    plain = tv_resnet50(width=8)
+    before = {k: v for k, v in plain.state_dict(keep_vars=True).items()}
+    names = fused_resnet.find_fusable(plain)
+    assert len(names) == 3 + 4 + 6 + 3 + 1
+    fused_resnet.fuse(plain)
+    after = plain.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    assert all(after[k] is before[k] for k in before)  # the very same tensors
+    assert isinstance(plain.layer1[0], FusedBottleneck)
+    assert isinstance(plain.conv1, FusedConvBN2d) and isinstance(plain.bn1, FusedAwayBatchNorm2d)
+    assert type(plain.relu) is nn.ReLU  # unknown forward: the stem ReLU stays
+    assert fused_resnet.find_fusable(plain) == []
+
+
+def test_fuse_known_resnet_forward_fuses_stem_relu():
+    model = fused_resnet.models.resnet18(fused=False, num_classes=5)
+    fused_resnet.fuse(model)
+    assert model.conv1.fused_relu and type(model.relu) is not nn.ReLU
+
+
+def test_fuse_leaves_unrecognised_modules_alone():
+    class PreAct(nn.Module):  # same child names, pre-activation order: bn1 sees the block input
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3, padding=1, bias=False)
+            self.relu = nn.ReLU()
+
+    model = nn.Sequential(
+        PreAct(),
+        TVBasicBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+    )
+    kinds = [type(m) for m in model.modules()]
+    fused_resnet.fuse(model)
+    assert [type(m) for m in model.modules()] == kinds
+
+
+def test_fuse_users_own_block_copy_and_top_level_block():
+    block = TVBottleneck(16, 4)  # no downsample needed: 16 -> 16 channels
+    fused = fused_resnet.fuse(block)
+    assert isinstance(fused, FusedBottleneck) and fused.conv1 is block.conv1
+    x = torch.randn(2, 16, 9, 9)
+    assert_close(fused(x), block(x), name="block")
+
+
+def test_fuse_verbose_reports(capsys):
+    fused_resnet.fuse(tv_resnet18(width=8), verbose=True)
+    assert "swapped 9 module(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("groups, width_per_group", [(4, 16), (1, 128)], ids=["resnext", "wide"])
+def test_fuse_grouped_and_wide_bottlenecks(groups, width_per_group):
+    plain, fused = _pair(TVResNet, block=TVBottleneck, layers=[1, 1, 1, 1], width=8, groups=groups,
+                         width_per_group=width_per_group)
+    assert isinstance(fused.layer1[0], FusedBottleneck)
+    _compare_step(plain, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64), FP64_MODEL_TOL)
+
+
+def test_state_dict_round_trip_both_ways():
+    tv = tv_resnet18(num_classes=7, width=64)
+    ours = fused_resnet.resnet18(num_classes=7)
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    ours.load_state_dict(tv.state_dict())
+    back = tv_resnet18(num_classes=7, width=64)
+    back.load_state_dict(ours.state_dict())
+    for k, v in tv.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert isinstance(ours.layer1[0], FusedBasicBlock)
+    ours50, tv50 = fused_resnet.resnet50(), tv_resnet50(num_classes=1000)
+    assert {k: v.shape for k, v in ours50.state_dict().items()} == {k: v.shape for k, v in tv50.state_dict().items()}

@@ -1,0 +1,114 @@
+"""The op-library triplet for every registered op: opcheck, float64 gradcheck, torch.compile."""
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import ops
+from fused_resnet._library import SCHEMAS
+from fused_resnet._tolerances import assert_close
+
+from _cases import CONV_SHAPES, LAYOUTS, activation, conv_case, per_channel
+
+OPS = torch.ops.fused_resnet
+
+
+def _grad(args):
+    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def _op_samples(dtype=torch.float64, layout="nchw"):
+    """(op name, args) covering every op with and without its optional inputs."""
+    samples = []
+    for prologue in (True, False):
+        args = conv_case(CONV_SHAPES[1], dtype, layout, prologue=prologue)
+        samples.append(("conv_stats", args))
+        y, mean, var = OPS.conv_stats(*args)
+        grads = (torch.randn_like(y), torch.randn_like(mean), torch.randn_like(var))
+        samples.append(("conv_stats_backward", (*grads, *args[:5], y, mean, *args[5:], [True, True, True])))
+    y = activation((2, 6, 5, 7), dtype, layout)
+    r = activation((2, 6, 5, 7), dtype, layout)
+    s, t, rs, rt = (per_channel(6, dtype) for _ in range(4))
+    for tail in ((y, s, t, r, rs, rt, True), (y, s, t, r, None, None, True), (y, s, t, None, None, None, False),
+                 (y, None, None, r, None, None, True)):
+        samples.append(("bn_add_relu", tail))
+        samples.append(("bn_add_relu_backward", (torch.randn_like(y), *tail, [True, True, True, True])))
+    x, _, _, _, w, stride, padding, dilation, groups = conv_case(CONV_SHAPES[0], dtype, layout)
+    bias = per_channel(w.shape[0], dtype)
+    out_shape = OPS.conv_bias_act(x, w, None, None, stride, padding, dilation, groups, False).shape
+    res = activation(out_shape, dtype, layout)
+    for b, rr, relu in ((bias, res, True), (None, None, False), (bias, None, True)):
+        fwd = (x, w, b, rr, stride, padding, dilation, groups, relu)
+        samples.append(("conv_bias_act", fwd))
+        out = OPS.conv_bias_act(*fwd)
+        mask = [True, True, b is not None, rr is not None]
+        samples.append(("conv_bias_act_backward",
+                        (torch.randn_like(out), x, w, out, relu, stride, padding, dilation, groups, mask)))
+    return samples
+
+
+def test_every_schema_is_sampled():
+    assert {name for name, _ in _op_samples()} | {"update_running_stats_"} == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index", range(len(_op_samples())))
+def test_opcheck(index, layout):
+    name, args = _op_samples(torch.float32, layout)[index]
+    if not name.endswith("backward"):
+        args = _grad(args)
+    torch.library.opcheck(getattr(OPS, name), args)
+
+
+def test_opcheck_update_running_stats():
+    c = 5
+    args = (torch.randn(c), torch.rand(c) + 0.5, torch.tensor(3), torch.randn(c), torch.rand(c), 40, 0.1)
+    torch.library.opcheck(OPS.update_running_stats_, args)
+    torch.library.opcheck(OPS.update_running_stats_, args[:-1] + (None,))
+
+
+@pytest.mark.parametrize("index", [i for i, (n, _) in enumerate(_op_samples()) if not n.endswith("backward")])
+def test_gradcheck_float64(index):
+    name, args = _op_samples(torch.float64)[index]
+    args = _grad(args)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        full = [next(it) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return getattr(OPS, name)(*full)
+
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    with fused_resnet.use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_update_running_stats_matches_batchnorm():
+    bn = torch.nn.BatchNorm2d(4, momentum=None).double()
+    running = [b.clone() for b in bn.buffers()]
+    for _ in range(3):
+        y = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 1
+        bn(y)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        OPS.update_running_stats_(*running, mean, var, 75, None)
+    for got, want in zip(running, bn.buffers()):
+        assert_close(got.double(), want.double())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_compile_fullgraph_no_graph_break(block, train):
+    torch._dynamo.reset()
+    if block == "basic":
+        downsample = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+        module = fused_resnet.FusedBasicBlock(8, 16, 2, downsample)
+    else:
+        module = fused_resnet.FusedBottleneck(16, 4)
+    module.train(train)
+    x = activation((2, module.conv1.in_channels, 9, 9))
+    eager_out = module(x)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert_close(out, eager_out if not train else module(x), name="compiled")
+    out.sum().backward()
+    assert module.conv1.weight.grad is not None
