@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import _autograd  # noqa: F401  (registers the ops' autograd formulas)
+from . import distributed
 from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE
@@ -94,6 +95,7 @@ def conv_bn(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     in_relu: bool = True,
+    process_group=None,
 ) -> DeferredBN:
     """``conv2d`` then ``batch_norm`` with the BN left deferred (see :class:`DeferredBN`).
 
@@ -101,7 +103,10 @@ def conv_bn(
     applies while loading its input (``in_relu``). In training the batch statistics are computed
     in the conv's epilogue and the running statistics updated in place exactly as
     ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
-    statistics are used.
+    statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
+    those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
+    :mod:`fused_resnet.distributed`: one all-gather of ``2C + 1`` values forward, one all-reduce
+    of ``2C`` backward).
     """
     in_scale = in_shift = None
     if isinstance(x, DeferredBN):
@@ -115,16 +120,18 @@ def conv_bn(
         y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
         return DeferredBN(y, *batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, sdt))
     y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
-    check_batch_statistics(y.shape, True)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    if training and process_group is not None:
+        mean, var, count = distributed.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
+    else:
+        check_batch_statistics(y.shape, True)
     if training and running_mean is not None and running_var is not None:
         if num_batches_tracked is None:
             if momentum is None:
                 raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
             num_batches_tracked = torch.zeros((), dtype=torch.long, device=y.device)
-        count = y.shape[0] * y.shape[2] * y.shape[3]
-        _ops.update_running_stats_(
-            running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum
-        )
+        update = distributed.update_running_stats_ if isinstance(count, torch.Tensor) else _ops.update_running_stats_
+        update(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
     return DeferredBN(y, *batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps, sdt))
 
 
@@ -199,15 +206,16 @@ def conv_bn_relu(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     relu: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """``relu?(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
     ``nn.BatchNorm2d`` + ``nn.ReLU`` semantics, running statistics updated in place in training.
     In eval (running statistics) the BN is folded into the conv: one conv with a bias+ReLU
-    epilogue."""
+    epilogue. ``process_group``: synchronised statistics, as in :func:`conv_bn`."""
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if not _uses_batch_stats(training, running_mean, running_var):
         folded_weight, bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
         return conv_bias_act(x, folded_weight, bias, relu=relu, **conv)
     deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                       training=training, momentum=momentum, eps=eps, **conv)
+                       training=training, momentum=momentum, eps=eps, process_group=process_group, **conv)
     return bn_add_relu(deferred, relu=relu)
