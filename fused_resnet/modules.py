@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import models, ops
+from . import distributed, models, ops
+
+_SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
 
 def is_fusable_conv(conv: nn.Module) -> bool:
@@ -32,8 +34,11 @@ def is_fusable_conv(conv: nn.Module) -> bool:
 
 
 def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
-    """A plain ``nn.BatchNorm2d`` over ``channels`` channels."""
-    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward and bn.num_features == channels
+    """A plain ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` or ``distributed.SyncBatchNorm2d`` over ``channels``
+    channels (synchronised ones merge their statistics across their process group, see ``distributed.py``)."""
+    plain = isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward
+    synced = distributed.is_sync_batch_norm(bn) and type(bn).forward in _SYNC_FORWARDS
+    return (plain or synced) and bn.num_features == channels
 
 
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -63,9 +68,10 @@ def _momentum(bn: nn.BatchNorm2d) -> float | None:
 
 def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ops.DeferredBN:
     """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn``."""
+    group = distributed.sync_group(bn, (x.y if isinstance(x, ops.DeferredBN) else x).dtype)
     return ops.conv_bn(
         x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-        training=bn.training, momentum=_momentum(bn), eps=bn.eps,
+        training=bn.training, momentum=_momentum(bn), eps=bn.eps, process_group=group,
         **_conv_kwargs(conv),
     )
 
