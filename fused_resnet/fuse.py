@@ -17,7 +17,8 @@ import sys
 
 from torch import nn
 
-from . import models
+from . import distributed, models
+from .distributed import FusedAwaySyncBatchNorm2d
 from .modules import (
     FusedAwayBatchNorm2d,
     FusedAwayReLU,
@@ -98,7 +99,7 @@ def _fuse_stem(model: nn.Module) -> bool:
     conv.__class__ = FusedConvBN2d
     conv.__dict__["fused_bn"] = bn  # unregistered: the BN's state_dict keys stay model.bn1.*
     conv.__dict__["fused_relu"] = fuse_relu
-    bn.__class__ = FusedAwayBatchNorm2d
+    bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
     if fuse_relu:
         relu.__class__ = FusedAwayReLU
     return True
@@ -119,13 +120,16 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     (sharing its tensors) is returned instead."""
     top = _block_class(model)
     if top is not None:
-        return top.from_block(model)
+        fused = top.from_block(model)
+        distributed.adopt_sync_batch_norms(fused)  # nn.SyncBatchNorm -> SyncBatchNorm2d: runs on CPU/DDP too
+        return fused
     swapped: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             fused_cls = _block_class(child)
             if fused_cls is not None:
                 setattr(parent, child_name, fused_cls.from_block(child))
+                distributed.adopt_sync_batch_norms(getattr(parent, child_name))
                 swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     for name, module in list(model.named_modules()):
         if _fuse_stem(module):
