@@ -58,11 +58,11 @@ GPU_WGRAD_CONFIGS = [
     _config(64, 64, 64, 4, 3),
     _config(64, 64, 32, 4, 4),
 ]
-INTERPRETER_DGRAD_CONFIG = _config(32, 32, 16, 4, 1, GROUP_M=2)
-INTERPRETER_WGRAD_CONFIG = _config(32, 32, 16, 4, 1)
+INTERPRETER_DGRAD_CONFIG = _config(64, 64, 32, 4, 1, GROUP_M=2)
+INTERPRETER_WGRAD_CONFIG = _config(64, 64, 32, 4, 1)
 # The wgrad pixel split is a multiple of every BLOCK_K, so any config covers its range exactly.
 _GPU_SPLIT_ALIGN = 256
-_INTERPRETER_SPLIT_ALIGN = 16
+_INTERPRETER_SPLIT_ALIGN = 32
 
 
 @triton.jit
