@@ -132,7 +132,7 @@ def _bn_stats_combine_kernel(
     if HAS_SHIFT:
         mean += tl.load(shift_ptr + c.to(tl.int64) * s_shift, mask=c_valid, other=0.0).to(tl.float32)
     tl.store(mean_out_ptr + c, mean, mask=c_valid)
-    tl.store(var_out_ptr + c, m2 / count, mask=c_valid)
+    tl.store(var_out_ptr + c, m2 / tl.where(c_valid, count, 1.0), mask=c_valid)
 
 
 _COMBINE_BLOCK_T = 32
