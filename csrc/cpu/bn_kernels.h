@@ -1,0 +1,380 @@
+// CPU kernels of the fused BN / residual / ReLU passes (the interface is ../kernels.h).
+//
+// This header is compiled once per instruction set (bn_kernels_default.cpp, bn_kernels_avx2.cpp)
+// inside the namespace `CPU_CAPABILITY`, as ATen's own kernels are; register_cpu.cpp picks one
+// at run time. Everything is fp32 arithmetic on at::vec vectors: half-precision data are widened
+// on load and rounded once on store. Work is split with at::parallel_for:
+//  * NHWC: over rows of C channels (a row is a pixel), per-channel parameters as vectors;
+//  * NCHW: over planes of H*W pixels of one channel, per-channel parameters as scalars.
+// Reductions are two-level: fp32 partial sums over at most kChunk values per channel and lane,
+// then fp64 over the partials, in a fixed order.
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "../kernels.h"
+
+namespace fused_resnet_native::cpu {
+inline namespace CPU_CAPABILITY {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kW = fVec::size();
+constexpr int64_t kStep = 2 * kW;      // elements per iteration: one vector of 16-bit data, two of fp32
+constexpr int64_t kGrain = 32768;      // elements per parallel task (~128 KiB of fp32)
+constexpr int64_t kChunkRows = 128;    // NHWC: rows summed in fp32 before the fp64 partial
+constexpr int64_t kChunkPlane = 4096;  // NCHW: elements of a plane summed in fp32 lanes
+
+template <typename T>
+inline void load2(const T* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kW);
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == kStep, "16-bit vector must widen to two fp32 vectors");
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kW);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+inline float relu_s(float z) { return z < 0.f ? 0.f : z; }  // NaN stays NaN, as torch.relu
+
+// Per-channel parameters as seen by a span: NHWC spans walk channels (vectors from arrays),
+// NCHW spans stay in one channel (broadcast scalars).
+struct ChannelArrays {
+  std::vector<float> v[5];  // centre, scale, shift, res_scale, res_shift
+  ChannelArrays(int64_t c, const float* cen, const float* sc, const float* sh, const float* rsc, const float* rsh) {
+    const float* src[5] = {cen, sc, sh, rsc, rsh};
+    const float dflt[5] = {0.f, 1.f, 0.f, 1.f, 0.f};
+    for (int j = 0; j < 5; ++j) v[j] = src[j] ? std::vector<float>(src[j], src[j] + c) : std::vector<float>(c, dflt[j]);
+  }
+};
+
+struct RowParams {  // NHWC: element i of a row is channel i
+  const float* p[5];
+  RowParams(const ChannelArrays& a) {
+    for (int j = 0; j < 5; ++j) p[j] = a.v[j].data();
+  }
+  fVec v(int j, int64_t i) const { return fVec::loadu(p[j] + i); }
+  float s(int j, int64_t i) const { return p[j][i]; }
+};
+
+struct PlaneParams {  // NCHW: every element of a plane is the same channel
+  float p[5];
+  PlaneParams(const ChannelArrays& a, int64_t c) {
+    for (int j = 0; j < 5; ++j) p[j] = a.v[j][c];
+  }
+  fVec v(int j, int64_t) const { return fVec(p[j]); }
+  float s(int j, int64_t) const { return p[j]; }
+};
+enum { kCentre = 0, kScale = 1, kShift = 2, kResScale = 3, kResShift = 4 };
+
+// Accumulators of per-channel sums. NHWC: arrays indexed by channel; NCHW: vector lanes.
+template <int NS>
+struct RowAcc {
+  float* a[NS];
+  void add(int j, int64_t i, const fVec& x) { (fVec::loadu(a[j] + i) + x).store(a[j] + i); }
+  void add_s(int j, int64_t i, float x) { a[j][i] += x; }
+};
+
+template <int NS>
+struct LaneAcc {
+  fVec v[NS];
+  float s[NS];
+  LaneAcc() {
+    for (int j = 0; j < NS; ++j) {
+      v[j] = fVec(0.f);
+      s[j] = 0.f;
+    }
+  }
+  void add(int j, int64_t, const fVec& x) { v[j] = v[j] + x; }
+  void add_s(int j, int64_t, float x) { s[j] += x; }
+  double total(int j) const {
+    float lanes[kW];
+    v[j].store(lanes);
+    double t = s[j];
+    for (int64_t l = 0; l < kW; ++l) t += lanes[l];
+    return t;
+  }
+};
+
+// Runs `span(offset, length, params, acc)` over every row (NHWC) or plane (NCHW) and reduces
+// NS per-channel sums into fp64 `out[j][c]`.
+template <int NS, class Span>
+void reduce_channels(const Shape& s, const ChannelArrays& arrays, std::vector<double>* out, const Span& span) {
+  const int64_t C = s.c;
+  for (int j = 0; j < NS; ++j) out[j].assign(C, 0.0);
+  if (s.nhwc) {
+    const RowParams rp(arrays);
+    const int64_t rows = s.n * s.hw;
+    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+    std::vector<double> part(chunks * NS * C);
+    at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / (kChunkRows * C)), [&](int64_t b, int64_t e) {
+      std::vector<float> acc(NS * C);
+      RowAcc<NS> ra;
+      for (int j = 0; j < NS; ++j) ra.a[j] = acc.data() + j * C;
+      for (int64_t ch = b; ch < e; ++ch) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        const int64_t r1 = std::min(rows, (ch + 1) * kChunkRows);
+        for (int64_t r = ch * kChunkRows; r < r1; ++r) span(r * C, C, rp, ra);
+        for (int64_t k = 0; k < NS * C; ++k) part[ch * NS * C + k] = acc[k];
+      }
+    });
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int j = 0; j < NS; ++j)
+        for (int64_t c = 0; c < C; ++c) out[j][c] += part[(ch * NS + j) * C + c];
+  } else {
+    const int64_t planes = s.n * C;
+    std::vector<double> part(planes * NS);
+    at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.hw, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const PlaneParams pp(arrays, p % C);
+        double tot[NS] = {};
+        for (int64_t i = 0; i < s.hw; i += kChunkPlane) {
+          LaneAcc<NS> la;
+          span(p * s.hw + i, std::min(kChunkPlane, s.hw - i), pp, la);
+          for (int j = 0; j < NS; ++j) tot[j] += la.total(j);
+        }
+        for (int j = 0; j < NS; ++j) part[p * NS + j] = tot[j];
+      }
+    });
+    for (int64_t p = 0; p < planes; ++p)
+      for (int j = 0; j < NS; ++j) out[j][p % C] += part[p * NS + j];
+  }
+}
+
+// Runs `span(offset, length, params)` over every row (NHWC) or plane (NCHW), in parallel.
+template <class Span>
+void for_each_span(const Shape& s, const ChannelArrays& arrays, const Span& span) {
+  if (s.nhwc) {
+    const RowParams rp(arrays);
+    at::parallel_for(0, s.n * s.hw, std::max<int64_t>(1, kGrain / s.c), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) span(r * s.c, s.c, rp);
+    });
+  } else {
+    at::parallel_for(0, s.n * s.c, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.hw, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) span(p * s.hw, s.hw, PlaneParams(arrays, p % s.c));
+    });
+  }
+}
+
+// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)): one read of y and
+// res, one write of out (the unfused sequence reads and writes the tensor once per operator).
+template <typename Y, typename R, typename O>
+void apply_kernel(const ApplyArgs& a) {
+  const ChannelArrays arr(a.shape.c, a.centre, a.scale, a.shift, a.res_scale, a.res_shift);
+  const Y* y = static_cast<const Y*>(a.y);
+  const R* res = static_cast<const R*>(a.res);
+  O* out = static_cast<O*>(a.out);
+  const bool relu = a.relu;
+  for_each_span(a.shape, arr, [&](int64_t off, int64_t len, const auto& p) {
+    const Y* yp = y + off;
+    const R* rp = res ? res + off : nullptr;
+    O* op = out + off;
+    const fVec zero(0.f);
+    int64_t i = 0;
+    for (; i + kStep <= len; i += kStep) {
+      fVec y0, y1;
+      load2(yp + i, y0, y1);
+      fVec z0 = (y0 - p.v(kCentre, i)) * p.v(kScale, i) + p.v(kShift, i);
+      fVec z1 = (y1 - p.v(kCentre, i + kW)) * p.v(kScale, i + kW) + p.v(kShift, i + kW);
+      if (rp) {
+        fVec r0, r1;
+        load2(rp + i, r0, r1);
+        z0 = z0 + (r0 * p.v(kResScale, i) + p.v(kResShift, i));
+        z1 = z1 + (r1 * p.v(kResScale, i + kW) + p.v(kResShift, i + kW));
+      }
+      if (relu) {
+        z0 = at::vec::maximum(z0, zero);
+        z1 = at::vec::maximum(z1, zero);
+      }
+      store2(op + i, z0, z1);
+    }
+    for (; i < len; ++i) {
+      float z = (static_cast<float>(yp[i]) - p.s(kCentre, i)) * p.s(kScale, i) + p.s(kShift, i);
+      if (rp) z += static_cast<float>(rp[i]) * p.s(kResScale, i) + p.s(kResShift, i);
+      op[i] = static_cast<O>(relu ? relu_s(z) : z);
+    }
+  });
+}
+
+// Mean and biased variance per channel, from sums of d = y - y[0, c, 0, 0] and d * d: shifting
+// by a sample of the channel keeps the fp32 sums free of the cancellation of E[y^2] - E[y]^2.
+template <typename Y>
+void stats_kernel(const StatsArgs& a) {
+  const Shape& s = a.shape;
+  const Y* y = static_cast<const Y*>(a.y);
+  std::vector<float> pivot(s.c);
+  for (int64_t c = 0; c < s.c; ++c) pivot[c] = static_cast<float>(y[s.nhwc ? c : c * s.hw]);
+  const ChannelArrays arr(s.c, pivot.data(), nullptr, nullptr, nullptr, nullptr);
+  std::vector<double> sums[2];
+  reduce_channels<2>(s, arr, sums, [&](int64_t off, int64_t len, const auto& p, auto& acc) {
+    const Y* yp = y + off;
+    int64_t i = 0;
+    for (; i + kStep <= len; i += kStep) {
+      fVec y0, y1;
+      load2(yp + i, y0, y1);
+      const fVec d0 = y0 - p.v(kCentre, i), d1 = y1 - p.v(kCentre, i + kW);
+      acc.add(0, i, d0);
+      acc.add(0, i + kW, d1);
+      acc.add(1, i, d0 * d0);
+      acc.add(1, i + kW, d1 * d1);
+    }
+    for (; i < len; ++i) {
+      const float d = static_cast<float>(yp[i]) - p.s(kCentre, i);
+      acc.add_s(0, i, d);
+      acc.add_s(1, i, d * d);
+    }
+  });
+  const double m = static_cast<double>(s.per_channel());
+  for (int64_t c = 0; c < s.c; ++c) {
+    const double d = sums[0][c] / m;
+    a.mean[c] = static_cast<float>(pivot[c] + d);
+    a.var[c] = static_cast<float>(std::max(sums[1][c] / m - d * d, 0.0));
+  }
+}
+
+// dz = grad * [z > 0] (z the recomputed pre-activation); grad_y = dz * scale, grad_res =
+// dz * res_scale, and sum(dz), sum(dz * y), sum(dz * res): one read of grad, y and res, one write
+// per gradient, instead of a mask tensor, a multiply per gradient and a reduction per sum.
+template <typename G, typename Y, typename O>
+void apply_backward_kernel(const ApplyBackwardArgs& a) {
+  const ChannelArrays arr(a.shape.c, nullptr, a.scale, a.shift, a.res_scale, a.res_shift);
+  const G* g = static_cast<const G*>(a.grad);
+  const Y* y = static_cast<const Y*>(a.y);
+  const Y* res = static_cast<const Y*>(a.res);
+  O* gy = static_cast<O*>(a.grad_y);
+  Y* gr = static_cast<Y*>(a.grad_res);
+  const bool relu = a.relu, want_dz = a.sum_dz, want_dzy = a.sum_dz_y, want_dzr = a.sum_dz_res && res;
+  std::vector<double> sums[3];
+  reduce_channels<3>(a.shape, arr, sums, [&](int64_t off, int64_t len, const auto& p, auto& acc) {
+    const G* gp = g + off;
+    const Y* yp = y + off;
+    const Y* rp = res ? res + off : nullptr;
+    O* gyp = gy ? gy + off : nullptr;
+    Y* grp = gr ? gr + off : nullptr;
+    const fVec zero(0.f);
+    int64_t i = 0;
+    for (; i + kStep <= len; i += kStep) {
+      fVec g0, g1, y0, y1, r0(0.f), r1(0.f);
+      load2(gp + i, g0, g1);
+      load2(yp + i, y0, y1);
+      if (rp) load2(rp + i, r0, r1);
+      fVec dz0 = g0, dz1 = g1;
+      if (relu) {
+        fVec z0 = y0 * p.v(kScale, i) + p.v(kShift, i);
+        fVec z1 = y1 * p.v(kScale, i + kW) + p.v(kShift, i + kW);
+        if (rp) {
+          z0 = z0 + (r0 * p.v(kResScale, i) + p.v(kResShift, i));
+          z1 = z1 + (r1 * p.v(kResScale, i + kW) + p.v(kResShift, i + kW));
+        }
+        dz0 = fVec::blendv(zero, g0, z0 > zero);
+        dz1 = fVec::blendv(zero, g1, z1 > zero);
+      }
+      if (gyp) store2(gyp + i, dz0 * p.v(kScale, i), dz1 * p.v(kScale, i + kW));
+      if (grp) store2(grp + i, dz0 * p.v(kResScale, i), dz1 * p.v(kResScale, i + kW));
+      if (want_dz) {
+        acc.add(0, i, dz0);
+        acc.add(0, i + kW, dz1);
+      }
+      if (want_dzy) {
+        acc.add(1, i, dz0 * y0);
+        acc.add(1, i + kW, dz1 * y1);
+      }
+      if (want_dzr) {
+        acc.add(2, i, dz0 * r0);
+        acc.add(2, i + kW, dz1 * r1);
+      }
+    }
+    for (; i < len; ++i) {
+      const float yv = static_cast<float>(yp[i]), rv = rp ? static_cast<float>(rp[i]) : 0.f;
+      float dz = static_cast<float>(gp[i]);
+      if (relu) {
+        float z = yv * p.s(kScale, i) + p.s(kShift, i);
+        if (rp) z += rv * p.s(kResScale, i) + p.s(kResShift, i);
+        dz = z > 0.f ? dz : 0.f;
+      }
+      if (gyp) gyp[i] = static_cast<O>(dz * p.s(kScale, i));
+      if (grp) grp[i] = static_cast<Y>(dz * p.s(kResScale, i));
+      acc.add_s(0, i, dz);
+      acc.add_s(1, i, dz * yv);
+      acc.add_s(2, i, dz * rv);
+    }
+  });
+  for (int64_t c = 0; c < a.shape.c; ++c) {
+    if (want_dz) a.sum_dz[c] = static_cast<float>(sums[0][c]);
+    if (want_dzy) a.sum_dz_y[c] = static_cast<float>(sums[1][c]);
+    if (want_dzr) a.sum_dz_res[c] = static_cast<float>(sums[2][c]);
+  }
+}
+
+// The dtype combinations the op layer uses, for T in {fp32, bf16, fp16}: (T, T, T), (T, T, fp32)
+// (a 16-bit tensor into an fp32 convolution) and (fp32, T, T) (an fp32 convolution's output or
+// gradient back to T).
+template <class F>
+void dispatch_one(DType t, const F& f) {
+  switch (t) {
+    case DType::kFloat32: return f(float{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+    case DType::kFloat16: return f(c10::Half{});
+  }
+}
+
+template <class F>
+void dispatch3(DType a, DType b, DType c, const F& f) {
+  dispatch_one(b, [&](auto tb) {
+    using B = decltype(tb);
+    if (a == b && c == b) return f(B{}, B{}, B{});
+    if (a == b && c == DType::kFloat32) return f(B{}, B{}, float{});
+    if (a == DType::kFloat32 && c == b) return f(float{}, B{}, B{});
+    TORCH_CHECK(false, "fused_resnet_native: unsupported dtype combination");
+  });
+}
+
+inline void apply(const ApplyArgs& a) {
+  DType r = a.res ? a.res_dtype : (a.y_dtype == DType::kFloat32 ? a.out_dtype : a.y_dtype);
+  dispatch3(a.y_dtype, r, a.out_dtype, [&](auto ty, auto tr, auto to) {
+    apply_kernel<decltype(ty), decltype(tr), decltype(to)>(a);
+  });
+}
+
+inline void apply_backward(const ApplyBackwardArgs& a) {
+  DType o = a.grad_y ? a.grad_y_dtype : a.y_dtype;
+  dispatch3(a.grad_dtype, a.y_dtype, o, [&](auto tg, auto ty, auto to) {
+    apply_backward_kernel<decltype(tg), decltype(ty), decltype(to)>(a);
+  });
+}
+
+inline void stats(const StatsArgs& a) {
+  dispatch_one(a.dtype, [&](auto t) { stats_kernel<decltype(t)>(a); });
+}
+
+inline int64_t no_workspace(const Shape&) { return 0; }
+
+// This instruction set's kernel table (register_cpu.cpp chooses among them). Half-precision
+// convolutions run in fp32 on the CPU, as in the reference: oneDNN's 16-bit convolutions need
+// AVX512-BF16/FP16 to be fast, and fp32 rounds once instead of per op.
+const Kernels& isa_kernels() {
+  static const Kernels k{&apply, &apply_backward, &stats, &no_workspace, /*half_conv_in_fp32=*/true};
+  return k;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_resnet_native::cpu

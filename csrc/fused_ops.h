@@ -1,0 +1,112 @@
+// The native ops, written once for every device: ATen's convolution (oneDNN on the CPU, cuDNN on
+// the GPU) with everything around it (prologue, statistics, epilogue, backward reductions) done
+// by the device's fused kernels, given as a `Kernels` table. `register_impls<Device>` binds them
+// to a dispatch key; Device::kernels() returns the table.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace fused_resnet_native {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using IntList = c10::IntArrayRef;
+
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x, const OptTensor& in_scale,
+                                              const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+                                              IntList stride, IntList padding, IntList dilation, int64_t groups);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
+    const Kernels& k, const Tensor& grad_y, const Tensor& grad_mean, const Tensor& grad_var, const Tensor& x,
+    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
+    std::array<bool, 3> output_mask);
+
+Tensor bn_add_relu(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
+                   const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
+    const Kernels& k, const Tensor& grad_out, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+    std::array<bool, 4> output_mask);
+
+Tensor conv_bias_act(const Kernels& k, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                     const OptTensor& residual, IntList stride, IntList padding, IntList dilation, int64_t groups,
+                     bool relu);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
+    const Kernels& k, const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& out, bool relu,
+    IntList stride, IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask);
+
+void update_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
+                           const Tensor& mean, const Tensor& var, int64_t count, std::optional<double> momentum);
+
+// Thin adapters from the dispatcher's calling convention to the functions above, per device.
+template <class Device>
+struct Impls {
+  static std::tuple<Tensor, Tensor, Tensor> conv_stats_(const Tensor& x, const OptTensor& s, const OptTensor& b,
+                                                         bool r, const Tensor& w, IntList st, IntList p, IntList d,
+                                                         int64_t g) {
+    typename Device::Guard guard(x);
+    return conv_stats(Device::kernels(), x, s, b, r, w, st, p, d, g);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_(
+      const Tensor& gy, const Tensor& gm, const Tensor& gv, const Tensor& x, const OptTensor& s, const OptTensor& b,
+      bool r, const Tensor& w, const Tensor& y, const Tensor& mean, IntList st, IntList p, IntList d, int64_t g,
+      std::array<bool, 3> mask) {
+    typename Device::Guard guard(x);
+    return conv_stats_backward(Device::kernels(), gy, gm, gv, x, s, b, r, w, y, mean, st, p, d, g, mask);
+  }
+  static Tensor bn_add_relu_(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
+                             const OptTensor& rs, const OptTensor& rb, bool relu) {
+    typename Device::Guard guard(y);
+    return bn_add_relu(Device::kernels(), y, s, b, res, rs, rb, relu);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward_(
+      const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
+      const OptTensor& rs, const OptTensor& rb, bool relu, std::array<bool, 4> mask) {
+    typename Device::Guard guard(y);
+    return bn_add_relu_backward(Device::kernels(), go, y, s, b, res, rs, rb, relu, mask);
+  }
+  static Tensor conv_bias_act_(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,
+                               IntList st, IntList p, IntList d, int64_t g, bool relu) {
+    typename Device::Guard guard(x);
+    return conv_bias_act(Device::kernels(), x, w, bias, res, st, p, d, g, relu);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward_(
+      const Tensor& go, const Tensor& x, const Tensor& w, const Tensor& out, bool relu, IntList st, IntList p,
+      IntList d, int64_t g, std::array<bool, 4> mask) {
+    typename Device::Guard guard(x);
+    return conv_bias_act_backward(Device::kernels(), go, x, w, out, relu, st, p, d, g, mask);
+  }
+  static void update_running_stats(const Tensor& rm, const Tensor& rv, const Tensor& nbt, const Tensor& mean,
+                                   const Tensor& var, int64_t count, std::optional<double> momentum) {
+    typename Device::Guard guard(mean);
+    update_running_stats_(rm, rv, nbt, mean, var, count, momentum);
+  }
+};
+
+template <class Device>
+void register_impls(torch::Library& m) {
+  using I = Impls<Device>;
+  m.impl("conv_stats", &I::conv_stats_);
+  m.impl("conv_stats_backward", &I::conv_stats_backward_);
+  m.impl("bn_add_relu", &I::bn_add_relu_);
+  m.impl("bn_add_relu_backward", &I::bn_add_relu_backward_);
+  m.impl("conv_bias_act", &I::conv_bias_act_);
+  m.impl("conv_bias_act_backward", &I::conv_bias_act_backward_);
+  m.impl("update_running_stats_", &I::update_running_stats);
+}
+
+// Device guard that does nothing (CPU, Meta).
+struct NoGuard {
+  explicit NoGuard(const Tensor&) {}
+};
+
+}  // namespace fused_resnet_native

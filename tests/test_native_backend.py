@@ -1,0 +1,171 @@
+"""The native backend as a whole: it loads (or says why not), the public ops dispatch to it,
+the dispatcher sees its ops (opcheck, torch.compile), and fused models match the reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _native_helpers import act, device_params, per_channel, require_native, skip_unless_native
+from _native_helpers import poison_outputs  # noqa: F401  (autouse fixture)
+
+import fused_resnet
+from fused_resnet import _backend, ops, reference
+from fused_resnet._tolerances import assert_close
+
+require_native()
+native_ops = torch.ops.fused_resnet_native
+
+
+def _sample_args(device, dtype=torch.float32, layout="nhwc"):
+    """One argument tuple per native op (conv: 3x3 stride 2 with a BN+ReLU prologue)."""
+    x = act((2, 8, 9, 7), dtype, layout, device)
+    w = (torch.randn(12, 8, 3, 3, device=device) / 8).to(dtype)
+    s, b = per_channel(8, device, around=1.0), per_channel(8, device)
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+    y, mean, var = reference.conv_stats(x, s, b, True, w, *conv)
+    c = y.shape[1]
+    r = act(y.shape, dtype, layout, device)
+    rs, rb, bs, bb = (per_channel(c, device, around=1.0), per_channel(c, device), per_channel(c, device, around=1.0),
+                      per_channel(c, device))
+    out = reference.conv_bias_act(x, w, bb, r, *conv, True)
+    return {
+        "conv_stats": (x, s, b, True, w, *conv),
+        "conv_stats_backward": (act(y.shape, dtype, layout, device), torch.randn_like(mean), torch.randn_like(var),
+                                x, s, b, True, w, y, mean, *conv, [True, True, True]),
+        "bn_add_relu": (y, bs, bb, r, rs, rb, True),
+        "bn_add_relu_backward": (act(y.shape, dtype, layout, device), y, bs, bb, r, rs, rb, True,
+                                 [True, True, True, True]),
+        "conv_bias_act": (x, w, bb, r, *conv, True),
+        "conv_bias_act_backward": (act(y.shape, dtype, layout, device), x, w, out, True, *conv,
+                                   [True, True, True, True]),
+        "update_running_stats_": (torch.randn(c, device=device), torch.rand(c, device=device) + 0.5,
+                                  torch.tensor(2, device=device), mean, var, 126, 0.1),
+    }
+
+
+def test_backend_is_available_on_cpu():
+    assert _backend.unavailable_reason("native", "cpu") is None
+    assert "native" in fused_resnet.backends("cpu")
+
+
+def test_cuda_availability_reason_is_explicit():
+    reason = _backend.unavailable_reason("native", "cuda")
+    if torch.cuda.is_available():
+        assert reason is None or "without CUDA" in reason
+    else:
+        assert reason  # says why (no GPU, or built without CUDA)
+
+
+def test_unloadable_extension_degrades_with_a_reason():
+    """With the extension unimportable the package still imports, `native` is unavailable with a
+    reason, `auto` runs the reference and naming `native` raises an error that says how to fix it."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["fused_resnet._C"] = None  # makes `import fused_resnet._C` fail
+        import torch, fused_resnet
+        from fused_resnet import _backend, ops
+        reason = _backend.unavailable_reason("native", "cpu")
+        assert reason and "not built" in reason, reason
+        with fused_resnet.trace_dispatch() as log:
+            ops.add_relu(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3))
+        assert log == [("bn_add_relu", "reference")], log
+        try:
+            with fused_resnet.use_backend("native"):
+                ops.add_relu(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3))
+        except fused_resnet.BackendUnavailableError as exc:
+            assert "build" in str(exc), exc
+        else:
+            raise AssertionError("no error")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(_sample_args("cpu")))
+def test_opcheck_native_ops(name, device):
+    skip_unless_native(device)
+    args = _sample_args(device)[name]
+    torch.library.opcheck(getattr(native_ops, name), args)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_public_ops_run_native_and_pass_opcheck(device):
+    skip_unless_native(device)
+    x = act((2, 8, 6, 6), torch.float32, "nhwc", device)
+    w = torch.randn(8, 8, 3, 3, device=device) / 8
+    s, b = per_channel(8, device, around=1.0), per_channel(8, device)
+    public = torch.ops.fused_resnet
+    with fused_resnet.use_backend("native"), fused_resnet.trace_dispatch() as log:
+        torch.library.opcheck(public.conv_stats, (x, s, b, True, w, [1, 1], [1, 1], [1, 1], 1))
+        torch.library.opcheck(public.bn_add_relu, (x, s, b, x.clone(), None, None, True))
+        torch.library.opcheck(public.conv_bias_act, (x, w, b, x.clone(), [1, 1], [1, 1], [1, 1], 1, True))
+    kernels = {k for k, backend in log if backend == "native"}
+    assert {"conv_stats", "bn_add_relu", "conv_bias_act"} <= kernels, log
+    assert all(backend == "native" for _, backend in log), log
+
+
+def test_float64_falls_back_to_the_reference():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with fused_resnet.use_backend("native"), fused_resnet.trace_dispatch() as log:
+        ops.add_relu(x, x)
+    assert log == [("bn_add_relu", "reference")]
+
+
+def test_torch_compile_traces_native_ops():
+    x = act((2, 8, 6, 6), torch.float32, "nhwc", "cpu")
+    w = torch.randn(8, 8, 3, 3) / 8
+    b = per_channel(8, "cpu")
+
+    def f(x):
+        y, mean, var = native_ops.conv_stats(x, None, None, False, w, [1, 1], [1, 1], [1, 1], 1)
+        return native_ops.conv_bias_act(y, w, b, y, [1, 1], [1, 1], [1, 1], 1, True), mean, var
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x), f(x)):
+        assert_close(got, want, torch.float32)
+
+
+def _models(dtype, layout, device):
+    torch.manual_seed(1)
+    model = fused_resnet.resnet18(fused=True, num_classes=10).to(device=device, dtype=dtype)
+    if layout == "nhwc":
+        model = model.to(memory_format=torch.channels_last)
+    x = act((2, 3, 40, 40), dtype, layout, device)
+    return model, x
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_resnet18_matches_reference(training, dtype, layout, device):
+    skip_unless_native(device)
+    results = {}
+    for backend in ("native", "reference"):
+        model, x = _models(dtype, layout, device)
+        model.train(training)
+        x.requires_grad_(training)
+        with fused_resnet.use_backend(backend), fused_resnet.trace_dispatch() as log:
+            out = model(x)
+            grads = []
+            if training:
+                out.float().square().mean().backward()
+                grads = [x.grad] + [p.grad for p in model.parameters()]
+        ran = {b for _, b in log}
+        assert ran == {backend}, f"{backend} run dispatched to {ran}"
+        buffers = [b.clone() for b in model.buffers() if b.is_floating_point()]
+        results[backend] = (out.detach(), grads, buffers)
+    (out, grads, buffers), (out_ref, grads_ref, buffers_ref) = results["native"], results["reference"]
+    # A whole network compounds rounding: allow the per-dtype tolerance times the depth (~20 ops).
+    tol = 20 * fused_resnet._tolerances.tolerance(dtype)
+    assert_close(out, out_ref, dtype, tol=tol, name="logits")
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert_close(g, g_ref, dtype, tol=tol, name=f"grad {i}")
+    for i, (b, b_ref) in enumerate(zip(buffers, buffers_ref)):
+        assert_close(b, b_ref, dtype, tol=tol, name=f"buffer {i}")
