@@ -118,7 +118,7 @@ def is_sync_batch_norm(bn: nn.Module) -> bool:
     return isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm2d))
 
 
-def sync_group(bn: nn.Module, dtype: torch.dtype):
+def sync_group(bn: nn.Module, x: torch.Tensor):
     """The process group over which ``bn`` must merge its batch statistics now, or None.
 
     The conditions are ``nn.SyncBatchNorm.forward``'s: training, ``torch.distributed`` initialised,
@@ -126,7 +126,8 @@ def sync_group(bn: nn.Module, dtype: torch.dtype):
     falls back to per-rank statistics, a ``process_group`` that is not a process group or that this
     rank is not a member of is an error. In eager mode, the first synchronised call of each module
     checks that every rank has the same channel count and statistics dtype (a mismatched
-    collective would abort or hang instead of raising); ``dtype`` is the activation dtype.
+    collective would abort or hang instead of raising); ``x`` is the activation ``bn`` normalises
+    (its dtype and device).
     """
     if not (is_sync_batch_norm(bn) and bn.training and dist.is_available() and dist.is_initialized()):
         return None
@@ -137,7 +138,7 @@ def sync_group(bn: nn.Module, dtype: torch.dtype):
     if dist.get_world_size(group) <= 1:
         return None
     if not compiling:
-        _check_peers_once(bn, group, stat_dtype(dtype))
+        _check_peers_once(bn, group, stat_dtype(x.dtype), x.device)
     return group
 
 
@@ -155,15 +156,13 @@ def _check_group(group) -> None:
                         f"got {type(group).__name__}")
 
 
-def _check_peers_once(bn: nn.Module, group, dtype: torch.dtype) -> None:
+def _check_peers_once(bn: nn.Module, group, dtype: torch.dtype, device: torch.device) -> None:
     """One small all-gather per module and group: every rank must sync ``num_features`` channels
     in the same dtype, else all ranks raise (they all see the same gathered table)."""
-    key = (dist.distributed_c10d._get_process_group_name(group), bn.num_features, dtype)
+    key = (group.group_name, bn.num_features, dtype)
     if bn.__dict__.get(_CHECKED) == key:
         return
-    device = next((t.device for t in (bn.weight, bn.running_mean) if t is not None), torch.device("cpu"))
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    # On the activations' device: the statistics' own collective will run there too.
     mine = torch.tensor([bn.num_features, torch.finfo(dtype).bits], dtype=torch.int64, device=device)
     table = torch.empty(dist.get_world_size(group) * 2, dtype=torch.int64, device=device)
     try:
@@ -205,7 +204,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = sync_group(self, x.dtype)
+        group = sync_group(self, x)
         if group is None:
             return super().forward(x)
         self._check_input_dim(x)

@@ -66,7 +66,7 @@ def _sync_fused(plain: nn.Module) -> nn.Module:
     model = fused_resnet.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)))
     leftover = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     assert not leftover, f"fuse left nn.SyncBatchNorm modules (DDP refuses them on the CPU): {leftover}"
-    assert any(isinstance(m, fused_resnet.FusedBottleneck) for m in model.modules())
+    assert any(isinstance(m, (fused_resnet.FusedBasicBlock, fused_resnet.FusedBottleneck)) for m in model.modules())
     assert all(not isinstance(m, nn.BatchNorm2d) or isinstance(m, fdist.SyncBatchNorm2d) for m in model.modules())
     return model
 
@@ -185,6 +185,24 @@ def _channel_mismatch(rank, sizes, dtype):
         bn(torch.randn(2, 4 + 2 * rank, 3, 3))
 
 
+def _fused_channel_mismatch(rank, sizes, dtype):
+    width = 4 + 2 * rank
+    block = _sync_fused(nn.Sequential(models.BasicBlock(width, width)))
+    with pytest.raises(RuntimeError, match="disagree across the ranks"):
+        block(torch.randn(2, width, 3, 3))
+
+
+def _absent_peer(rank, sizes, dtype):
+    """A rank that never joins: the others fail with a clear error once the group's timeout passes."""
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(4)  # not taking part; rank 0 must raise, not wait forever
+        return
+    bn = fdist.SyncBatchNorm2d(4, process_group=group)
+    with pytest.raises(RuntimeError, match="shape check on rank 0 of the process group failed"):
+        bn(torch.randn(2, 4, 3, 3))
+
+
 def _bad_group_type(rank, sizes, dtype):
     bn = fdist.SyncBatchNorm2d(4, process_group="world")
     with pytest.raises(TypeError, match="process_group must be a ProcessGroup"):
@@ -214,6 +232,8 @@ SCENARIOS = {
     "channel_mismatch": lambda r: _channel_mismatch(r, None, None),
     "bad_group_type": lambda r: _bad_group_type(r, None, None),
     "not_a_member": lambda r: _not_a_member(r, None, None),
+    "fused_channel_mismatch": lambda r: _fused_channel_mismatch(r, None, None),
+    "absent_peer": lambda r: _absent_peer(r, None, None),  # last: it leaves its group unusable
 }
 
 
