@@ -68,7 +68,7 @@ def _momentum(bn: nn.BatchNorm2d) -> float | None:
 
 def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ops.DeferredBN:
     """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn``."""
-    group = distributed.sync_group(bn, (x.y if isinstance(x, ops.DeferredBN) else x).dtype)
+    group = distributed.sync_group(bn, x.y if isinstance(x, ops.DeferredBN) else x)
     return ops.conv_bn(
         x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
         training=bn.training, momentum=_momentum(bn), eps=bn.eps, process_group=group,
