@@ -17,7 +17,7 @@ from fused_resnet import reference
 from fused_resnet._tolerances import assert_close
 
 triton = pytest.importorskip("triton")
-from fused_resnet.backends.triton import _choice, _stats, _tiling  # noqa: E402
+from fused_resnet.backends.triton import _choice, _stats, _tiling
 
 ops = torch.ops.fused_resnet
 if _tiling.INTERPRETED:

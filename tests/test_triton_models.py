@@ -22,7 +22,7 @@ from fused_resnet._tolerances import assert_close
 from fused_resnet.models import BasicBlock, Bottleneck, ResNet
 
 pytest.importorskip("triton")
-from fused_resnet.backends.triton import _tiling  # noqa: E402
+from fused_resnet.backends.triton import _tiling
 
 # A whole network accumulates fp32 round-off through ~20 layers of BN: the bar is 1e-4.
 MODEL_TOL = 1e-4

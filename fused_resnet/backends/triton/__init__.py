@@ -43,7 +43,10 @@ def availability(device_type: str) -> str | None:
     if device_type == "cpu":
         if INTERPRETED:
             return None
-        return "Triton kernels need a CUDA GPU; for CPU tensors (slow, for tests) set TRITON_INTERPRET=1 before importing triton"
+        return (
+            "Triton kernels need a CUDA GPU; for CPU tensors (slow, for tests) set TRITON_INTERPRET=1 "
+            "before importing triton"
+        )
     return f"Triton kernels run on CUDA GPUs, not on {device_type}"
 
 
@@ -87,6 +90,12 @@ if _IMPORT_ERROR is None:
         residual = as_mergeable(residual) if residual is not None else None
         return _elementwise.bn_add_relu(as_mergeable(y), scale, shift, residual, res_scale, res_shift, relu)
 
+    def _res_shift_grad(sum_dz, shared: bool, needed: bool):
+        # The same sum as grad_shift's: a copy when both are returned, so no two outputs share memory.
+        if not needed:
+            return None
+        return sum_dz.clone() if shared else sum_dz
+
     @register_kernel(NAME, "bn_add_relu_backward", supports=lambda grad_out, y, *rest: _activation_ok(y))
     def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
         """``reference.bn_add_relu_backward`` in one pass plus a tiny ``[T, C]`` sum (``_elementwise``)."""
@@ -107,10 +116,25 @@ if _IMPORT_ERROR is None:
             sum_dz if need_affine and shift is not None else None,
             grad_res,
             sum_dzr,
-            # The same sum as grad_shift's: a copy, so that no two outputs share memory.
-            (sum_dz.clone() if need_affine and shift is not None else sum_dz) if need_res_affine and res_shift is not None else None,
+            _res_shift_grad(sum_dz, need_affine and shift is not None, need_res_affine and res_shift is not None),
         )
 
     register_kernel(NAME, "update_running_stats_", supports=_running_stats.supports)(
         _running_stats.update_running_stats_
     )
+
+
+def info_lines() -> list[str]:
+    """Lines for ``python -m fused_resnet info``: the conv path in force and every cached choice."""
+    if _IMPORT_ERROR is not None:
+        return [availability("cuda")]
+    lines = [
+        f"triton conv path: {_choice.mode()} ({_choice.MODE_ENV}); choices cached in {_choice.cache_path()}",
+        _choice.gemm_status(),
+    ]
+    lines += [
+        f"  {key} -> {rec['path']}"
+        + (f" (torch {rec['torch_ms']:.3f} ms, gemm {rec['gemm_ms']:.3f} ms)" if "gemm_ms" in rec else "")
+        for key, rec in sorted(_choice.decisions().items())
+    ]
+    return lines

@@ -56,7 +56,7 @@ def _gemm_module():
         try:
             _gemm_state["module"] = importlib.import_module(f"{__package__}._conv_gemm")
             _gemm_state["reason"] = None
-        except Exception as exc:  # absent or broken: the torch path covers everything
+        except Exception as exc:  # noqa: BLE001 (absent or broken: the torch path covers everything)
             _gemm_state["module"] = None
             _gemm_state["reason"] = f"{type(exc).__name__}: {exc}"
     return _gemm_state["module"]
@@ -67,7 +67,7 @@ def gemm_status() -> str:
     module = _gemm_module()
     if module is None:
         return f"implicit-GEMM conv path unavailable ({_gemm_state['reason']})"
-    have = [k for k in KERNELS if callable(getattr(module, k, None)) and callable(getattr(module, f"supports_{k}", None))]
+    have = [k for k in KERNELS if _gemm_kernel(k) is not None]
     return f"implicit-GEMM conv path: {', '.join(have) or 'no kernels'}"
 
 
@@ -131,7 +131,7 @@ def _measure(torch_fn: Callable, gemm_fn: Callable, args: tuple) -> dict:
     record = {"torch_ms": do_bench(lambda: torch_fn(*args), return_mode="median")}
     try:
         record["gemm_ms"] = do_bench(lambda: gemm_fn(*args), return_mode="median")
-    except Exception as exc:  # a GEMM kernel that fails to build or run loses the race
+    except Exception as exc:  # noqa: BLE001 (a GEMM kernel that fails to build or run loses the race)
         warnings.warn(f"fused_resnet: implicit-GEMM conv failed, using torch's conv: {exc}", stacklevel=3)
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["path"] = "torch"

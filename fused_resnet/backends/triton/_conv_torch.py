@@ -130,7 +130,8 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
     grad_x = grad_w = None
     if need_conv:
         grad_x, grad_w, _ = _aten.convolution_backward(
-            dz, x.to(cdt), weight.to(cdt), None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+            dz, x.to(cdt), weight.to(cdt), None, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_w, False],
         )
         grad_x = _finish(grad_x, x) if need_x else None
         grad_w = _finish(grad_w, weight) if need_w else None

@@ -202,7 +202,8 @@ def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shi
     dummy = next((p for p in partials if p is not None), y)
     _bn_add_relu_bwd_kernel[lambda meta: (t, triton.cdiv(c, meta["BLOCK_C"]))](
         grad_out, y, _vec(scale, y), _vec(shift, y), res, _vec(res_scale, y), _vec(res_shift, y),
-        dy if dy is not None else y, dres if dres is not None else y, *(p if p is not None else dummy for p in partials),
+        dy if dy is not None else y, dres if dres is not None else y,
+        *(p if p is not None else dummy for p in partials),
         m, c, h * w, rows,
         *strides(grad_out), *strides(y), *strides(res), *strides(dy if dy is not None else y),
         *strides(dres if dres is not None else y),
