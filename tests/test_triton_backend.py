@@ -343,11 +343,21 @@ def test_both_conv_paths_match_reference(mode, monkeypatch):
     device = "cpu" if _tiling.INTERPRETED else "cuda"
     args = _conv_args("3x3s2", torch.float32, "nhwc", device)
     _compare(_run("conv_stats", *args), reference.conv_stats(*args), torch.float32, ("y", "mean", "var"))
-    x, _, _, _, weight, *conv = args
-    cargs = (x, weight, _vec(weight.shape[0], device), None, *conv, True)
+    y, mean, _ = reference.conv_stats(*args)
+    x, scale, shift, in_relu, weight, *conv = args
+    bargs = (torch.randn_like(y), _vec(y.shape[1], device), _vec(y.shape[1], device), x, scale, shift, in_relu,
+             weight, y, mean, *conv, [True, True, True])
+    _compare(_run("conv_stats_backward", *bargs), reference.conv_stats_backward(*bargs), torch.float32,
+             ("grad_x", "grad_scale", "grad_shift", "grad_w"))
+    cargs = (x, weight, _vec(weight.shape[0], device), torch.randn_like(y), *conv, True)
     _compare(_run("conv_bias_act", *cargs), (reference.conv_bias_act(*cargs),), torch.float32, ("out",))
+    out = reference.conv_bias_act(*cargs)
+    cbargs = (torch.randn_like(out), x, weight, out, True, *conv, [True, True, True, True])
+    _compare(_run("conv_bias_act_backward", *cbargs), reference.conv_bias_act_backward(*cbargs), torch.float32,
+             ("grad_x", "grad_w", "grad_bias", "grad_res"))
     expected = []
-    for kernel, kargs in (("conv_stats", args), ("conv_bias_act", cargs)):
+    for kernel, kargs in (("conv_stats", args), ("conv_stats_backward", bargs), ("conv_bias_act", cargs),
+                          ("conv_bias_act_backward", cbargs)):
         gemm = _choice._gemm_kernel(kernel)
         expected.append((kernel, "gemm" if mode == "gemm" and gemm is not None and gemm[1](*kargs) else "torch"))
     assert ran == expected

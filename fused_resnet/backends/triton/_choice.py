@@ -1,8 +1,9 @@
 """Per-shape choice between the Triton backend's two conv paths, from measurements, never guesses.
 
 Path ``torch``: torch's convolution (cuDNN) with the non-GEMM work in Triton (``_conv_torch``).
-Path ``gemm``: the implicit-GEMM Triton kernels of ``_conv_gemm`` (conv with the prologue,
-epilogue and statistics fused in), where they exist and ``supports_<kernel>(*args)`` says yes.
+Path ``gemm``: the implicit-GEMM Triton kernels of ``_conv_gemm`` / ``_conv_gemm_backward`` (conv
+with the prologue, epilogue and statistics fused in), where a module defines the kernel and its
+``supports_<kernel>(*args)`` says yes.
 
 ``FUSED_RESNET_TRITON_CONV`` = ``torch`` | ``gemm`` | ``auto`` (default) forces a path or lets
 measurements decide. In ``auto`` on a GPU each new key (device name, kernel, dtypes, shapes,
@@ -11,7 +12,7 @@ layouts, conv parameters, flags, Triton version) is timed once both ways with
 ``$FUSED_RESNET_CACHE_DIR/choices.json`` (default ``~/.cache/fused_resnet``), shared across
 processes. Nothing is measured during CUDA-graph capture (the torch path runs then, undecided),
 off a GPU (the interpreter's timings mean nothing: the torch path runs), or in deterministic
-mode unless ``_conv_gemm.DETERMINISTIC`` promises no atomics. :func:`decisions` lists the
+mode unless the GEMM kernel's module sets ``DETERMINISTIC = True`` (no atomics). :func:`decisions` lists the
 cache, for ``python -m fused_resnet info``.
 """
 
@@ -33,9 +34,11 @@ MODE_ENV = "FUSED_RESNET_TRITON_CONV"
 CACHE_ENV = "FUSED_RESNET_CACHE_DIR"
 _MODES = ("torch", "gemm", "auto")
 
+_GEMM_MODULES = ("_conv_gemm", "_conv_gemm_backward")
+
 _lock = threading.Lock()
 _decisions: dict[str, dict] | None = None
-_gemm_state: dict = {}
+_gemm_state: dict[str, tuple] = {}
 
 
 def mode() -> str:
@@ -50,32 +53,32 @@ def cache_path() -> Path:
     return Path(root) / "choices.json"
 
 
-def _gemm_module():
-    """``_conv_gemm`` if it imports (it is optional), else None and the reason in ``gemm_status``."""
-    if "module" not in _gemm_state:
-        try:
-            _gemm_state["module"] = importlib.import_module(f"{__package__}._conv_gemm")
-            _gemm_state["reason"] = None
-        except Exception as exc:  # noqa: BLE001 (absent or broken: the torch path covers everything)
-            _gemm_state["module"] = None
-            _gemm_state["reason"] = f"{type(exc).__name__}: {exc}"
-    return _gemm_state["module"]
+def _gemm_modules() -> list:
+    """The implicit-GEMM modules that import (they are optional); failures are kept for ``gemm_status``."""
+    for name in _GEMM_MODULES:
+        if name not in _gemm_state:
+            try:
+                _gemm_state[name] = (importlib.import_module(f"{__package__}.{name}"), None)
+            except Exception as exc:  # noqa: BLE001 (absent or broken: the torch path covers everything)
+                _gemm_state[name] = (None, f"{type(exc).__name__}: {exc}")
+    return [_gemm_state[name][0] for name in _GEMM_MODULES if _gemm_state[name][0] is not None]
 
 
 def gemm_status() -> str:
-    """A line on the implicit-GEMM path: which kernels it has, or why it is missing."""
-    module = _gemm_module()
-    if module is None:
-        return f"implicit-GEMM conv path unavailable ({_gemm_state['reason']})"
+    """A line on the implicit-GEMM path: which kernels it has, and which modules failed to import."""
+    _gemm_modules()
     have = [k for k in KERNELS if _gemm_kernel(k) is not None]
-    return f"implicit-GEMM conv path: {', '.join(have) or 'no kernels'}"
+    failed = [f"{name}: {state[1]}" for name, state in _gemm_state.items() if state[1] is not None]
+    return f"implicit-GEMM conv path: {', '.join(have) or 'no kernels'}" + (f" ({'; '.join(failed)})" if failed else "")
 
 
 def _gemm_kernel(kernel: str):
-    module = _gemm_module()
-    fn = getattr(module, kernel, None) if module is not None else None
-    supports = getattr(module, f"supports_{kernel}", None) if module is not None else None
-    return (fn, supports) if callable(fn) and callable(supports) else None
+    """``(fn, supports)`` of the implicit-GEMM ``kernel``, or None where no module has both."""
+    for module in _gemm_modules():
+        fn, supports = getattr(module, kernel, None), getattr(module, f"supports_{kernel}", None)
+        if callable(fn) and callable(supports):
+            return fn, supports
+    return None
 
 
 def _describe(arg) -> str:
@@ -151,7 +154,9 @@ def choose(kernel: str, args: tuple, torch_fn: Callable) -> Callable:
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     if device.type != "cuda":
         return torch_fn
-    if torch.are_deterministic_algorithms_enabled() and not getattr(_gemm_module(), "DETERMINISTIC", False):
+    if torch.are_deterministic_algorithms_enabled() and not getattr(
+        importlib.import_module(gemm[0].__module__), "DETERMINISTIC", False
+    ):
         return torch_fn
     k = key(kernel, args, device)
     record = _load().get(k)
