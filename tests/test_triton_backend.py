@@ -118,6 +118,50 @@ def test_conv_stats_scale_only_prologue_and_mixed_layout_grad(layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_conv_stats_groups_dilation(device):
+    """Grouped, dilated convs (ResNeXt, dilated ResNets) go through torch's conv unchanged."""
+    x = _act((2, 8, 9, 9), torch.float32, "nhwc", device)
+    weight = torch.randn(12, 4, 3, 3, device=device) / 6.0
+    args = (x, _vec(8, device, True), _vec(8, device), True, weight, [1, 1], [2, 2], [2, 2], 2)
+    _compare(_run("conv_stats", *args), reference.conv_stats(*args), torch.float32, ("y", "mean", "var"))
+    y, mean, _ = reference.conv_stats(*args)
+    bargs = (torch.randn_like(y), _vec(12, device), _vec(12, device), *args[:5], y, mean, *args[5:], [True] * 3)
+    _compare(_run("conv_stats_backward", *bargs), reference.conv_stats_backward(*bargs), torch.float32,
+             ("grad_x", "grad_scale", "grad_shift", "grad_w"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_repeat(device):
+    """No atomics anywhere: the same call twice gives the same bits (also in deterministic mode)."""
+    args = _conv_args("3x3s1_odd", torch.float32, "nhwc", device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _run("conv_stats", *args), _run("conv_stats", *args)
+        y, mean, _ = first
+        tail = (y, mean, mean, y, None, None, True)
+        grads = [_run("bn_add_relu_backward", torch.ones_like(y), *tail, [True] * 4) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first + grads[0], second + grads[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_on_triton(device):
+    """The ops' fakes agree with what the Triton kernels return; no output aliases an input."""
+    args = _conv_args("3x3s2", torch.float32, "nhwc", device)
+    y, mean, _ = reference.conv_stats(*args)
+    tail = (y, _vec(12, device, True), _vec(12, device), torch.randn_like(y), None, None, True)
+    x, _, _, _, weight, *conv = args
+    with fused_resnet.use_backend("triton"):
+        torch.library.opcheck(ops.conv_stats, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(ops.bn_add_relu, tail, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(ops.conv_bias_act, (x, weight, _vec(12, device), None, *conv, True),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_conv_stats_large_mean(layout, device):
     """|mean| / std = 1e4: the statistics must keep the variance's digits (no E[y^2] - E[y]^2)."""

@@ -76,8 +76,9 @@ def _bn_add_relu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``out = relu?(y * scale + shift + res * res_scale + res_shift)``: one read of ``y`` (and of
-    ``res``), one write of ``out``, ~5 FLOPs per element. Eager PyTorch takes up to 5 passes over
-    the activations (two BN applications, add, ReLU), each a read and a write."""
+    ``res``), one write of ``out``: ``(2 or 3) * M * C * elem`` bytes, ~5 FLOPs per element.
+    Eager PyTorch takes up to 5 passes over the activations (two BN applications, add, ReLU),
+    each a read and a write: up to ``11 * M * C * elem`` bytes for the block tail."""
     n, hw, row_valid = rows_of(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = c < C
@@ -109,8 +110,10 @@ def _bn_add_relu_bwd_kernel(
 ):
     """Chunk ``t`` of rows x a channel block: ``dz = grad_out * (z > 0)`` with ``z`` recomputed,
     then every output above in the same pass. One read of ``grad_out``, ``y`` (and ``res`` when
-    the mask or ``sum(dz*res)`` needs it), one write of each gradient asked for. Eager PyTorch
-    needs separate passes for the mask, each product and each reduction (5 to 9 of them)."""
+    the mask or ``sum(dz*res)`` needs it), one write of each gradient asked for: at most
+    ``5 * M * C * elem`` bytes plus ``3 * T * C`` fp32 partials; ~12 FLOPs per element. Eager
+    PyTorch needs separate passes for the mask, each product and each reduction (5 to 9 of
+    them, ~2 activation-sized reads or writes each)."""
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = c < C

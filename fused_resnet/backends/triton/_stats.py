@@ -100,7 +100,9 @@ def _bn_stats_combine_kernel(
     HAS_COUNTS: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Chan merge of ``T`` partials per channel, ``BLOCK_T`` at a time in a fixed order. Without
-    ``counts_ptr`` the counts are those of ``row_chunks``: ``clamp(M - t*ROWS, 0, ROWS)``."""
+    ``counts_ptr`` the counts are those of ``row_chunks``: ``clamp(M - t*ROWS, 0, ROWS)``.
+    Reads ``(2 or 3) * T * C`` fp32, writes ``2 * C``; ~10 FLOPs per partial. Negligible next to
+    level 1 (``T`` is a few hundred at most), but it replaces a chain of small torch ops."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = c < C
     count = tl.full([BLOCK_C], 0.0, tl.float32)

@@ -40,7 +40,7 @@ def _bn_stats_grad_kernel(
     CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``g = grad_y + grad_mean / M + 2 * grad_var / M * (y - mean)``: reads ``grad_y`` and ``y``,
-    writes ``g``; 4 FLOPs per element."""
+    writes ``g``: ``3 * M * C * elem`` bytes, 4 FLOPs per element (eager: ~12 * M * C * elem)."""
     n, hw, row_valid = rows_of(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = c < C
