@@ -1,0 +1,252 @@
+"""The classic ResNet training loop (cross-entropy, SGD with momentum and weight decay, cosine
+learning rate, per-epoch loss and test accuracy), used by ``python -m fused_resnet train``.
+
+Everything random is drawn from the seed: the initial weights (``torch.manual_seed`` before the
+model is built), the data order (``DistributedSampler(seed=...)``, also with one process) and the
+augmentation (a ``torch.Generator``). Two runs with one seed therefore see the same weights and
+the same batches, which is what ``--compare`` relies on to set the fused model beside the ``nn``
+one. Under ``torchrun`` each process trains on its shard, gradients are averaged by
+``DistributedDataParallel``, ``batch_size`` is per process, and metrics are summed over processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import _distributed, models
+from ._backend import use_backend
+from .data import ImageDataset, collate_batch, random_crop_flip
+from .fuse import find_fusable, fuse
+from .small_resnet import small_resnet
+
+MODELS = ("small", "resnet18", "resnet34", "resnet50")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    model: str = "small"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    image_size: int = 16
+    augment: bool = False
+    seed: int = 0
+    backend: str = "auto"
+    dtype: str = "fp32"
+    channels_last: bool = False
+    sync_bn: bool = False
+    init_from: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class History:
+    """Per-epoch metrics (means over the whole epoch and all processes) and the main process's
+    per-step training losses."""
+
+    fused: bool
+    epoch_loss: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    images_per_s: list[float] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """An unfused model (``fuse`` comes later, after checkpoint loading and SyncBatchNorm)."""
+    if name == "small":
+        return small_resnet(fused=False, num_classes=num_classes)
+    if name in MODELS:
+        return getattr(models, name)(fused=False, num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def load_checkpoint(model: nn.Module, path: str) -> str:
+    """Load a torchvision-format ``state_dict`` (plain, or under ``state_dict``/``model``, keys
+    possibly prefixed ``module.``) into ``model``. When the classifier's shape differs (another
+    class count) the checkpoint's ``fc`` is dropped and the model keeps its fresh one. Returns a
+    one-line summary; raises ``ValueError`` naming the keys that do not match."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise TypeError(f"{path}: expected a state_dict (a dict of tensors), found {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    replaced = [k for k in ("fc.weight", "fc.bias") if k in state and k in own and state[k].shape != own[k].shape]
+    note = ""
+    if replaced:
+        note = f"; classifier replaced ({state['fc.weight'].shape[0]} -> {own['fc.weight'].shape[0]} classes)"
+        for k in replaced:
+            del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in replaced]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shapes differ for {bad[:8]}")
+    return f"loaded {len(state)} tensors from {path}{note}"
+
+
+def prepare_model(config: TrainConfig, num_classes: int, fused: bool, place: _distributed.Place,
+                  log: Callable[[str], None] = print) -> nn.Module:
+    """Seeded initial weights, then the checkpoint, SyncBatchNorm, ``fuse``, device/layout and DDP,
+    in that order (SyncBatchNorm must exist before ``fuse`` decides what it can swap)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes)
+    if config.init_from:
+        log(load_checkpoint(model, config.init_from))
+    if config.sync_bn and place.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if fused:
+        fuse(model)
+        left = find_fusable(model)
+        log(f"fused model: {_count_fused(model)} fused blocks/stems" + (f"; not fused: {left}" if left else ""))
+        if config.sync_bn and place.distributed and place.device.type == "cpu" and _runs_sync_bn(model):
+            raise RuntimeError("--sync-bn on CPU: torch's SyncBatchNorm only runs on GPUs and these blocks "
+                               "were not fused; drop --sync-bn or train on CUDA")
+    model = model.to(place.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if place.distributed:
+        ids = [place.device.index] if place.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def _count_fused(model: nn.Module) -> int:
+    from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBN2d
+
+    return sum(isinstance(m, (FusedBasicBlock, FusedBottleneck, FusedConvBN2d)) for m in model.modules())
+
+
+def _runs_sync_bn(model: nn.Module) -> bool:
+    return any(type(m) is nn.SyncBatchNorm for m in model.modules())
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.dtype == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _progress(iterable, place, config, **kwargs):
+    if not (config.progress and place.is_main):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def evaluate(model: nn.Module, test: ImageDataset, config: TrainConfig,
+             place: _distributed.Place) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the test set (each process takes every world-th image)."""
+    model.eval()
+    shard = list(range(place.rank, len(test), place.world_size))
+    loader = DataLoader(test, batch_size=max(config.batch_size, 256), sampler=shard, collate_fn=collate_batch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=place.device)
+    correct = torch.zeros((), dtype=torch.float64, device=place.device)
+    with torch.no_grad(), _autocast(config, place.device):
+        for x, y in loader:
+            x, y = _to_device(x, y, config, place)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum().double()
+    loss_sum, correct = _distributed.sum_across(place, loss_sum.item(), correct.item())
+    return loss_sum / len(test), correct / len(test)
+
+
+def _to_device(x, y, config, place):
+    x = x.to(place.device, non_blocking=True)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(place.device, non_blocking=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, config: TrainConfig,
+          place: _distributed.Place, *, fused: bool, log: Callable[[str], None] = print) -> History:
+    """Train ``model`` (prepared by :func:`prepare_model`) for ``config.epochs`` epochs."""
+    history = History(fused=fused)
+    sampler = DistributedSampler(train_set, num_replicas=place.world_size, rank=place.rank, shuffle=True,
+                                 seed=config.seed)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch)
+    augment_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + place.rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    # Cosine annealing per step, as the classic tutorial does per epoch: smoother for few epochs.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
+    start = time.perf_counter()
+    with use_backend(config.backend):
+        for epoch in range(config.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=place.device)
+            step_losses, seen = [], 0
+            _sync(place.device)
+            epoch_start = time.perf_counter()
+            bar = _progress(loader, place, config, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+            for x, y in bar:
+                if config.augment:
+                    x = random_crop_flip(x, 4, augment_rng)
+                x, y = _to_device(x, y, config, place)
+                with _autocast(config, place.device):
+                    loss = F.cross_entropy(model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step_losses.append(loss.detach())
+                loss_sum += loss.detach().double() * y.shape[0]
+                seen += y.shape[0]
+                if bar is not loader and len(step_losses) % 8 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
+            _sync(place.device)
+            elapsed = time.perf_counter() - epoch_start
+            total_loss, total_seen, total_rate = _distributed.sum_across(
+                place, loss_sum.item(), float(seen), seen / elapsed)
+            test_loss, accuracy = evaluate(model, test_set, config, place)
+            history.epoch_loss.append(total_loss / total_seen)
+            history.test_loss.append(test_loss)
+            history.test_accuracy.append(accuracy)
+            history.images_per_s.append(total_rate)
+            history.step_loss.extend(torch.stack(step_losses).float().tolist())
+            if not math.isfinite(history.epoch_loss[-1]):
+                raise FloatingPointError(f"training diverged at epoch {epoch + 1}: loss {history.epoch_loss[-1]}")
+            log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {history.epoch_loss[-1]:.4f}  "
+                f"test loss {test_loss:.4f}  test acc {100 * accuracy:6.2f}%  {total_rate:,.0f} img/s")
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A deep copy of ``model``'s weights and buffers, to start a second model from the same point."""
+    return copy.deepcopy(unwrap(model).state_dict())
