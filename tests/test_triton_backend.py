@@ -240,6 +240,20 @@ def test_bn_add_relu_backward_many_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_and_expanded_gradient(device):
+    """A sliced (non-mergeable) input is copied once; an expanded (stride-0) gradient is read as is."""
+    base = torch.randn(2, 5, 14, 9, device=device)
+    y = base[:, :, ::2]  # H stride 2*W: H and W do not merge
+    residual = torch.randn(2, 5, 7, 9, device=device).contiguous(memory_format=torch.channels_last)
+    args = (y, _vec(5, device, True), _vec(5, device), residual, None, None, True)
+    _compare(_run("bn_add_relu", *args), (reference.bn_add_relu(*args),), torch.float32, ("out",))
+    grad = torch.ones((), device=device).expand(y.shape)  # what autograd hands over for out.sum()
+    bargs = (grad, *args, [True, True, True, True])
+    _compare(_run("bn_add_relu_backward", *bargs), reference.bn_add_relu_backward(*bargs), torch.float32,
+             ("grad_y", "grad_scale", "grad_shift", "grad_res", "grad_res_scale", "grad_res_shift"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["bias_res_relu", "bias_relu", "plain", "res_norelu"])
