@@ -1,7 +1,6 @@
 // Device-generic implementation of the native ops (see fused_ops.h): ATen's convolution plus the
-// device's fused kernels for everything around it. Also the Meta implementations (the same code
-// with kernels that do nothing), so FakeTensor / torch.compile / opcheck trace the native ops
-// from this single definition.
+// device's fused kernels for everything around it. (Their fake implementations, for FakeTensor,
+// torch.compile and opcheck, are those of the public ops: fused_resnet/backends/native/_fakes.py.)
 #include "fused_ops.h"
 
 #include <cmath>
@@ -43,8 +42,8 @@ Shape shape_of(const Tensor& t, bool nhwc) {
   return Shape{t.size(0), t.size(1), t.size(2) * t.size(3), nhwc};
 }
 
-const void* cptr(const Tensor& t) { return t.is_meta() ? nullptr : t.const_data_ptr(); }
-void* mptr(const Tensor& t) { return t.is_meta() ? nullptr : t.mutable_data_ptr(); }
+const void* cptr(const Tensor& t) { return t.const_data_ptr(); }
+void* mptr(const Tensor& t) { return t.mutable_data_ptr(); }
 float* fptr(const Tensor& t) { return static_cast<float*>(mptr(t)); }
 
 // Keeps the dense fp32 copies of per-channel vectors alive while a kernel reads them.
@@ -69,7 +68,7 @@ at::ScalarType conv_dtype(const Kernels& k, at::ScalarType t) {
 Tensor maybe_poison(Tensor t) {
   static const char* const name = "FUSED_RESNET_NATIVE_POISON";
   const char* v = std::getenv(name);
-  if (v != nullptr && v[0] == '1' && !t.is_meta()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  if (v != nullptr && v[0] == '1') t.fill_(std::numeric_limits<float>::quiet_NaN());
   return t;
 }
 
@@ -403,24 +402,4 @@ void update_running_stats_(const Tensor& running_mean, const Tensor& running_var
   running_var.copy_(factor * unbiased + (1 - factor) * running_var.to(at::kDouble));
 }
 
-namespace {
-
-void no_apply(const ApplyArgs&) {}
-void no_apply_backward(const ApplyBackwardArgs&) {}
-void no_stats(const StatsArgs&) {}
-int64_t no_workspace(const Shape&) { return 0; }
-
-struct MetaDevice {
-  using Guard = NoGuard;
-  static const Kernels& kernels() {
-    static const Kernels k{&no_apply, &no_apply_backward, &no_stats, &no_workspace, false};
-    return k;
-  }
-};
-
-}  // namespace
 }  // namespace fused_resnet_native
-
-TORCH_LIBRARY_IMPL(fused_resnet_native, Meta, m) {
-  fused_resnet_native::register_impls<fused_resnet_native::MetaDevice>(m);
-}

@@ -104,7 +104,7 @@ void register_impls(torch::Library& m) {
   m.impl("update_running_stats_", &I::update_running_stats);
 }
 
-// Device guard that does nothing (CPU, Meta).
+// Device guard that does nothing (CPU).
 struct NoGuard {
   explicit NoGuard(const Tensor&) {}
 };

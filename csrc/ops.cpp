@@ -1,8 +1,9 @@
 // The one place where the native kernel ops are declared: schemas of `fused_resnet_native::*`.
 // Each is the kernel of the public op of the same name in fused_resnet/_library.py, with the
 // signature and semantics of the function of the same name in fused_resnet/reference.py, except
-// that gradients not computed come back as empty tensors. Implementations: fused_ops.cpp (the
-// device-generic composition around ATen's convolution, and Meta), cpu/ and cuda/ (kernels).
+// that gradients not computed come back undefined (None in Python). Implementations: fused_ops.cpp (the
+// device-generic composition around ATen's convolution), cpu/ and cuda/ (kernels); their fakes are
+// the public ops' (fused_resnet/backends/native/_fakes.py).
 //
 // This file also makes the shared library importable as the Python module `fused_resnet._C`:
 // importing it runs the registrations below.

@@ -1,8 +1,8 @@
 """The ``native`` backend: the compiled extension ``fused_resnet._C`` (sources in ``csrc/``).
 
 The extension defines the kernel ops ``torch.ops.fused_resnet_native.*`` (schemas in
-``csrc/ops.cpp``, CPU and CUDA implementations in ``csrc/cpu`` and ``csrc/cuda``, Meta for
-tracing); this module loads it and registers one thin wrapper per kernel. The kernels have the
+``csrc/ops.cpp``, CPU and CUDA implementations in ``csrc/cpu`` and ``csrc/cuda``); this module
+loads it, registers their fakes (``_fakes.py``) and one thin wrapper per kernel. The kernels have the
 signatures and semantics of ``fused_resnet.reference`` and return None for gradients not asked
 for. Convolutions are ATen's (oneDNN / cuDNN); every pass around them (prologue, batch
 statistics, BN-apply + residual + ReLU epilogue, their backward reductions) is a fused,
@@ -71,6 +71,9 @@ def _ok(t: torch.Tensor) -> bool:
 
 
 if _C is not None:
+    from . import _fakes
+
+    _fakes.register()
     _ops = torch.ops.fused_resnet_native
 
     @register_kernel("native", "conv_stats", supports=lambda x, *args: _ok(x))
