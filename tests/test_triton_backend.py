@@ -427,7 +427,8 @@ def test_choice_cache_roundtrip(tmp_path, monkeypatch):
     _choice._store("H100|k|shape", {"path": "gemm", "torch_ms": 2.0, "gemm_ms": 1.0})
     assert (tmp_path / "choices.json").exists()
     monkeypatch.setattr(_choice, "_decisions", None)  # a fresh process reads it back
-    assert _choice.decisions()["H100|k|shape"]["path"] == "gemm"
+    assert _choice.decision_records()["H100|k|shape"]["path"] == "gemm"
+    assert _choice.decisions() == ["H100|k|shape -> gemm (torch 2.000 ms, gemm 1.000 ms)"]
 
 
 @pytest.mark.cuda

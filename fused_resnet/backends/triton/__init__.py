@@ -132,9 +132,4 @@ def info_lines() -> list[str]:
         f"triton conv path: {_choice.mode()} ({_choice.MODE_ENV}); choices cached in {_choice.cache_path()}",
         _choice.gemm_status(),
     ]
-    lines += [
-        f"  {key} -> {rec['path']}"
-        + (f" (torch {rec['torch_ms']:.3f} ms, gemm {rec['gemm_ms']:.3f} ms)" if "gemm_ms" in rec else "")
-        for key, rec in sorted(_choice.decisions().items())
-    ]
-    return lines
+    return lines + [f"  {line}" for line in _choice.decisions()]

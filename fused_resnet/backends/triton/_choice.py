@@ -12,8 +12,8 @@ layouts, conv parameters, flags, Triton version) is timed once both ways with
 ``$FUSED_RESNET_CACHE_DIR/choices.json`` (default ``~/.cache/fused_resnet``), shared across
 processes. Nothing is measured during CUDA-graph capture (the torch path runs then, undecided),
 off a GPU (the interpreter's timings mean nothing: the torch path runs), or in deterministic
-mode unless the GEMM kernel's module sets ``DETERMINISTIC = True`` (no atomics). :func:`decisions` lists the
-cache, for ``python -m fused_resnet info``.
+mode unless the GEMM kernel's module sets ``DETERMINISTIC = True`` (no atomics).
+:func:`decisions` lists the cache for ``python -m fused_resnet info``.
 """
 
 from __future__ import annotations
@@ -123,9 +123,18 @@ def _store(k: str, record: dict) -> None:
             warnings.warn(f"fused_resnet: cannot write {path}: {exc}", stacklevel=3)
 
 
-def decisions() -> dict[str, dict]:
+def decision_records() -> dict[str, dict]:
     """Every cached decision: key -> ``{"path", "torch_ms", "gemm_ms"}`` (or ``"error"``)."""
     return dict(_load())
+
+
+def decisions() -> list[str]:
+    """The cached decisions as lines ``key -> path (timings)``, for ``python -m fused_resnet info``."""
+    lines = []
+    for k, rec in sorted(_load().items()):
+        timing = f"torch {rec['torch_ms']:.3f} ms" + (f", gemm {rec['gemm_ms']:.3f} ms" if "gemm_ms" in rec else "")
+        lines.append(f"{k} -> {rec['path']} ({timing}{'; ' + rec['error'] if 'error' in rec else ''})")
+    return lines
 
 
 def _measure(torch_fn: Callable, gemm_fn: Callable, args: tuple) -> dict:
