@@ -444,6 +444,10 @@ def test_choice_measures_once_and_not_during_capture(tmp_path, monkeypatch):
     _run("conv_stats", *args)
     assert len(_choice.decisions()) == 1
     other = _conv_args("3x3s2", torch.float16, "nhwc", "cuda")
+    monkeypatch.setenv(_choice.MODE_ENV, "torch")
+    _run("conv_stats", *other)  # autotunes the Triton kernels for this shape (never inside a capture)
+    monkeypatch.setenv(_choice.MODE_ENV, "auto")
+    assert len(_choice.decisions()) == 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _run("conv_stats", *other)
