@@ -323,9 +323,11 @@ def test_int64_offsets():
 
 @pytest.mark.cuda
 def test_int64_offsets_huge_tensor_cuda():
-    """A real view whose second image starts 2**31 elements in (needs ~4 GiB of GPU memory)."""
-    base = torch.randn(2**31 + 2**12, dtype=torch.float16, device="cuda")
-    y = base.as_strided((2, 8, 16, 16), (2**31, 256, 16, 1))
+    """A real view whose third image starts past 2**31 elements, with an image stride that fits
+    int32 (so only promoting the row index saves the product); ~4 GiB of GPU memory."""
+    s_n = 2**30 + 2**12
+    base = torch.randn(2 * s_n + 2**12, dtype=torch.float16, device="cuda")
+    y = base.as_strided((3, 8, 16, 16), (s_n, 256, 16, 1))
     with fused_resnet.use_backend("triton"):
         out = ops.bn_add_relu(y, None, None, None, None, None, True)
     assert_close(out, torch.relu(y.float()).half())
