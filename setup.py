@@ -64,7 +64,7 @@ def _extensions():
     # at::parallel_for is OpenMP code inlined from the headers: without -fopenmp it would not compile.
     cxx = opt + ["-fopenmp", f"-DFR_TORCH_VERSION={version}"]
     sources = _sources("*.cpp") + _sources("cpu/*.cpp")
-    kwargs = dict(name="fused_resnet._C", extra_link_args=["-fopenmp"])
+    kwargs = {"name": "fused_resnet._C", "extra_link_args": ["-fopenmp"]}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"

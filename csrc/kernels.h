@@ -10,6 +10,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define FR_HOST_DEVICE __host__ __device__
+#else
+#define FR_HOST_DEVICE
+#endif
+
 namespace fused_resnet_native {
 
 enum class DType : int8_t { kFloat32, kBFloat16, kFloat16 };
@@ -17,8 +23,8 @@ enum class DType : int8_t { kFloat32, kBFloat16, kFloat16 };
 struct Shape {
   int64_t n = 0, c = 0, hw = 0;
   bool nhwc = false;
-  int64_t numel() const { return n * c * hw; }
-  int64_t per_channel() const { return n * hw; }  // elements reduced per channel
+  FR_HOST_DEVICE int64_t numel() const { return n * c * hw; }
+  FR_HOST_DEVICE int64_t per_channel() const { return n * hw; }  // elements reduced per channel
 };
 
 // out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)), evaluated in fp32.

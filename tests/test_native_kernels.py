@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _native_helpers import DTYPES, LAYOUTS, act, device_params, layout_of, per_channel, require_native
-from _native_helpers import poison_outputs  # noqa: F401  (autouse fixture)
-from _native_helpers import skip_unless_native
+from _native_helpers import (
+    DTYPES,
+    LAYOUTS,
+    act,
+    device_params,
+    layout_of,
+    per_channel,
+    poison_outputs,  # noqa: F401  (autouse fixture)
+    require_native,
+    skip_unless_native,
+)
 
 from fused_resnet import reference
 from fused_resnet._tolerances import assert_close

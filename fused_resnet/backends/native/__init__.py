@@ -31,9 +31,11 @@ def _load():
         from ... import _C
     except ModuleNotFoundError as exc:
         return None, f"the extension fused_resnet._C is not built ({exc}); {_BUILD_HINT}"
-    except Exception as exc:  # undefined symbols, ABI mismatch, missing shared libraries...
-        return None, f"the extension fused_resnet._C failed to load ({type(exc).__name__}: {exc}); rebuild it against " \
+    except Exception as exc:  # noqa: BLE001  (undefined symbols, ABI mismatch, missing libraries: any reason)
+        return None, (
+            f"the extension fused_resnet._C failed to load ({type(exc).__name__}: {exc}); rebuild it against "
             f"torch {torch.__version__}: {_BUILD_HINT}"
+        )
     built = getattr(_C, "TORCH_VERSION", None)
     running = torch.__version__.split("+")[0]
     if built is not None and built != running:
@@ -55,8 +57,10 @@ def availability(device_type: str) -> str | None:
         return None
     if device_type == "cuda":
         if not WITH_CUDA:
-            return "the extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit at build " \
+            return (
+                "the extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit at build "
                 "time; rebuild with FORCE_CUDA=1 and a CUDA torch)"
+            )
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return None
