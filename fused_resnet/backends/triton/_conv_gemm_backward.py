@@ -68,12 +68,14 @@ _INTERPRETER_SPLIT_ALIGN = 32
 @triton.jit
 def load_grad(gy_ptr, g_offs, y_ptr, y_offs, mask, chan, chan_ok, mean_ptr, gmean_ptr, gvar_ptr, inv_count,
               G_MODE: tl.constexpr):
-    """The conv output gradient ``g`` (fp32, zero where ``mask`` is false); see the module docstring."""
-    g = tl.load(gy_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    """The conv output gradient ``g``, zero where ``mask`` is false (see the module docstring): as stored
+    for ``G_MODE`` 0 and 1, in fp32 (as the reference computes it) for 2."""
+    g = tl.load(gy_ptr + g_offs, mask=mask, other=0.0)
     if G_MODE == 1:
         out = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = tl.where(out > 0, g, 0.0).to(g.dtype)
     elif G_MODE == 2:
+        g = g.to(tl.float32)
         y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + chan, mask=chan_ok, other=0.0)
         g_mean = tl.load(gmean_ptr + chan, mask=chan_ok, other=0.0)
@@ -253,7 +255,7 @@ def _conv_gemm_wgrad_kernel(
                             offs_ci[None, :], ci_ok[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         if BIAS_GRAD:
-            g_total += tl.sum(g, axis=1)
+            g_total += tl.sum(g.to(tl.float32), axis=1)
 
     dw = dw_ptr + split.to(tl.int64) * sws + co64 * swo + ci64 * swi + r * swh + s * sww
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=co_ok[:, None] & ci_ok[None, :])
