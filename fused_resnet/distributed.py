@@ -131,7 +131,8 @@ def sync_group(bn: nn.Module, x: torch.Tensor):
     """
     if not (is_sync_batch_norm(bn) and bn.training and dist.is_available() and dist.is_initialized()):
         return None
-    group = getattr(bn, "process_group", None) or dist.group.WORLD
+    group = getattr(bn, "process_group", None)
+    group = dist.group.WORLD if group is None else group
     compiling = torch.compiler.is_compiling()
     if not compiling:
         _check_group(group)
@@ -165,8 +166,9 @@ def _check_peers_once(bn: nn.Module, group, dtype: torch.dtype, device: torch.de
     # On the activations' device: the statistics' own collective will run there too.
     mine = torch.tensor([bn.num_features, torch.finfo(dtype).bits], dtype=torch.int64, device=device)
     table = torch.empty(dist.get_world_size(group) * 2, dtype=torch.int64, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name in torch < 2.12
     try:
-        dist.all_gather_into_tensor(table, mine, group=group)
+        gather(table, mine, group=group)
     except RuntimeError as e:
         raise RuntimeError(
             f"fused_resnet: the SyncBatchNorm shape check on rank {dist.get_rank(group)} of the process group "

@@ -62,8 +62,8 @@ def _tiny_block(dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _sync_fused(plain: nn.Module) -> nn.Module:
-    model = fused_resnet.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)))
+def _sync_fused(plain: nn.Module, group=None) -> nn.Module:
+    model = fused_resnet.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain), group))
     leftover = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     assert not leftover, f"fuse left nn.SyncBatchNorm modules (DDP refuses them on the CPU): {leftover}"
     assert any(isinstance(m, (fused_resnet.FusedBasicBlock, fused_resnet.FusedBottleneck)) for m in model.modules())
@@ -87,13 +87,17 @@ class _Counting:
         if not self.enabled:
             return self
 
-        def gather(*a):
-            self.gathers += 1
-            return self._g(*a)
+        self.groups = set()
 
-        def reduce(*a):
+        def gather(t, group):
+            self.gathers += 1
+            self.groups.add(group)
+            return self._g(t, group)
+
+        def reduce(t, group):
             self.reduces += 1
-            return self._r(*a)
+            self.groups.add(group)
+            return self._r(t, group)
 
         fdist._gather, fdist._all_reduce_sum = gather, reduce
         return self
@@ -102,15 +106,18 @@ class _Counting:
         fdist._gather, fdist._all_reduce_sum = self._g, self._r
 
 
-def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_format, compile_=False, steps=2):
+def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_format, compile_=False, steps=2,
+                      own_group=False):
     """DDP(fused synchronised model) on this rank's slice vs the unfused model on the whole batch:
     outputs, every gradient after DDP's averaging (per-rank loss scaled by the world size, so the
     average is the whole batch's gradient), and all buffers after ``steps`` training steps.
     ``compile_``: DDP around ``torch.compile(fullgraph=True)`` of a single fused block (compiling
-    the whole tiny ResNet takes minutes on a busy 2-core machine; one block has every BN kind)."""
+    the whole tiny ResNet takes minutes on a busy 2-core machine; one block has every BN kind).
+    ``own_group``: the SyncBatchNorms get a process group of their own, which must be the one used."""
+    group = dist.new_group([0, 1]) if own_group else None
     torch.manual_seed(1)
     plain = (_tiny_block if compile_ else _tiny_resnet)(dtype).to(memory_format=memory_format)
-    fused = _sync_fused(plain)
+    fused = _sync_fused(plain, group)
     n_sync = sum(isinstance(m, fdist.SyncBatchNorm2d) for m in fused.modules())
     ddp = DDP(torch.compile(fused, fullgraph=True, backend="aot_eager") if compile_ else fused)
     runner = ddp
@@ -129,6 +136,7 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
             assert_close(q.grad, p.grad, tol=tol, name=f"step {step} grad {name}")
         if not compile_:  # one all-gather per BN forward, one all-reduce per BN backward
             assert (counted.gathers, counted.reduces) == (n_sync, n_sync), (counted.gathers, counted.reduces, n_sync)
+            assert counted.groups == {group or dist.group.WORLD}, counted.groups
         plain.zero_grad(), fused.zero_grad()
     for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
         assert_close(c, b, tol=tol, name=f"buffer {name}")
@@ -222,11 +230,12 @@ def _not_a_member(rank, sizes, dtype):
 
 SCENARIOS = {
     "fp64_even": lambda r: _compare_training(r, [2, 2], torch.float64),
-    "fp64_uneven": lambda r: _compare_training(r, [3, 1], torch.float64),
+    "fp64_uneven_own_group": lambda r: _compare_training(r, [3, 1], torch.float64, own_group=True),
     "fp64_empty_rank": lambda r: _compare_training(r, [3, 0], torch.float64, steps=1),
     "fp32_uneven_channels_last": lambda r: _compare_training(r, [1, 2], torch.float32,
                                                              memory_format=torch.channels_last),
-    "fp32_compile": lambda r: _compare_training(r, [2, 1], torch.float32, compile_=True, steps=1),
+    "fp32_compile_own_group": lambda r: _compare_training(r, [2, 1], torch.float32, compile_=True, steps=1,
+                                                          own_group=True),
     "standalone_fp64": lambda r: _standalone_sync_bn(r, [5, 2], torch.float64),
     "large_mean": lambda r: _large_mean_merge(r, [3, 2], torch.float32),
     "channel_mismatch": lambda r: _channel_mismatch(r, None, None),
