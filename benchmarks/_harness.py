@@ -16,7 +16,7 @@ SCHEDULE = {
 }
 
 
-def run(benchmark, prepared, device: torch.device, kind: str, info: dict, exclude=()) -> None:
+def run(benchmark, prepared, device: torch.device, kind: str, info: dict) -> None:
     rounds, iterations, warmup = SCHEDULE[(device.type, kind)]
     rounds = int(os.environ.get("FUSED_RESNET_BENCH_ROUNDS", rounds))
     benchmark.extra_info.update(kind=kind, device=device.type, **info)
@@ -25,6 +25,6 @@ def run(benchmark, prepared, device: torch.device, kind: str, info: dict, exclud
     benchmark.extra_info["images_per_s"] = prepared.images / median
     benchmark.extra_info["peak_memory_bytes"] = timing.peak_memory_bytes(prepared.fn, device)
     if prepared.saved_fn is not None:
-        benchmark.extra_info["saved_activation_bytes"] = timing.saved_activation_bytes(prepared.saved_fn, exclude)
+        benchmark.extra_info["saved_activation_bytes"] = timing.saved_activation_bytes(prepared.saved_fn, prepared.exclude)
     if device.type == "cuda" and os.environ.get("FUSED_RESNET_BENCH_DO_BENCH", "1") != "0":
         benchmark.extra_info["do_bench_median_ms"] = timing.do_bench_median_ms(prepared.fn)

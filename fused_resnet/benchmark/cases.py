@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,8 @@ class Prepared:
     fn: Callable[[], object]
     images: int
     saved_fn: Callable[[], object] | None = None
+    # Tensors that exist whatever runs (weights, inputs): not counted as saved activations.
+    exclude: list[torch.Tensor] = field(default_factory=list)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -212,7 +214,7 @@ def prepare_block(shape: BlockShape, variant: Variant, mode: str, sizes: Sizes, 
         with ctx, _backend_ctx(variant):
             return run(x)
 
-    return Prepared(step, sizes.batch, forward)
+    return Prepared(step, sizes.batch, forward, [x, *block.parameters(), *block.buffers()])
 
 
 def prepare_model(name: str, variant: Variant, mode: str, sizes: Sizes, device: torch.device) -> Prepared:
@@ -244,5 +246,5 @@ def prepare_model(name: str, variant: Variant, mode: str, sizes: Sizes, device: 
         with ctx, _backend_ctx(variant):
             return F.cross_entropy(run(x), y)
 
-    return Prepared(step, sizes.batch, forward)
+    return Prepared(step, sizes.batch, forward, [x, *model.parameters(), *model.buffers()])
 
