@@ -196,6 +196,18 @@ def test_conv_stats_backward_stem():
                ("grad_x", "grad_scale", "grad_shift", "grad_w"))
 
 
+def test_few_input_channels_flat_k():
+    """3 input channels: (tap, channel) flattened into the forward's K and the wgrad's N, bias fused."""
+    x, weight, stride, padding = _conv_args((3, 1, 1, 3, 10, 6, 5, 2), torch.float16, True)
+    args = (x, weight, _vec(10), None, stride, padding, ONE, 1, True)
+    assert cg.flat_k(3, weight)
+    out = cg.conv_bias_act(*args)
+    _check_all((out,), (reference.conv_bias_act(*args),), torch.float16, ("out",))
+    bwd = (_act(out.shape, torch.float16, True), x, weight, out, True, stride, padding, ONE, 1, (True, True, True, False))
+    _check_all(cgb.conv_bias_act_backward(*bwd), reference.conv_bias_act_backward(*bwd), torch.float16,
+               ("grad_x", "grad_w", "grad_bias", "grad_residual"))
+
+
 def test_wgrad_split_and_tiny_phase():
     """Many pixels per output channel: the wgrad reduction is split over programs. Stride 3 on a width
     of 2 leaves the phase w % 3 == 2 empty."""

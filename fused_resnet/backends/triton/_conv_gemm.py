@@ -128,6 +128,13 @@ def dot_precision(x: torch.Tensor) -> str:
     return "ieee"
 
 
+def flat_k(c_in: int, weight: torch.Tensor) -> bool:
+    """Whether to flatten (tap, channel) into one GEMM index: for an image's few channels (the stem's
+    3), where padding the channels to a 32-wide block would waste most of the work. With more, the
+    per-element tap arithmetic of the flat index costs more than the padding saves."""
+    return c_in <= 4 and weight.shape[2] * weight.shape[3] > 1
+
+
 def nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -173,7 +180,7 @@ def _conv_gemm_fwd_kernel(
     M, C_in, H, W, C_out, H_out, W_out,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow, srn, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, STATS: tl.constexpr,
     STATS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
@@ -214,25 +221,45 @@ def _conv_gemm_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c_blocks = tl.cdiv(C_in, BLOCK_K)
-    for kk in range(0, KH * KW * c_blocks):
-        tap = kk // c_blocks
-        c0 = (kk - tap * c_blocks) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
-        h = h_base + r
-        w = w_base + s
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        chan = c0 + offs_k
-        c_ok = chan < C_in
-        x_row = x_img + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        a_offs = x_row[:, None] + chan.to(tl.int64)[None, :] * sxc
-        a = load_activation(x_ptr, a_offs, row_ok[:, None] & c_ok[None, :], chan[None, :], c_ok[None, :],
-                            scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
-        # The weight has far fewer than 2**31 elements: int32 offsets.
-        b_offs = offs_n[None, :] * swo + chan[:, None] * swi + r * swh + s * sww
-        b = tl.load(w_ptr + b_offs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+    if FLAT_K:
+        # Few input channels (the stem's 3): a K block spans (tap, channel) pairs instead of padding
+        # 3 channels to BLOCK_K, which would waste 90% of the loads and MMAs.
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            kidx = k0 + offs_k
+            k_ok = kidx < KH * KW * C_in
+            tap = kidx // C_in
+            chan = kidx - tap * C_in
+            r = tap // KW
+            s = tap - r * KW
+            h = h_base[:, None] + r[None, :]
+            w = w_base[:, None] + s[None, :]
+            ok = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_offs = x_img[:, None] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + chan.to(tl.int64)[None, :] * sxc
+            a = load_activation(x_ptr, a_offs, ok, chan[None, :], k_ok[None, :],
+                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+            b_offs = offs_n[None, :] * swo + (chan * swi + r * swh + s * sww)[:, None]
+            b = tl.load(w_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+    else:
+        c_blocks = tl.cdiv(C_in, BLOCK_K)
+        for kk in range(0, KH * KW * c_blocks):
+            tap = kk // c_blocks
+            c0 = (kk - tap * c_blocks) * BLOCK_K
+            r = tap // KW
+            s = tap - r * KW
+            h = h_base + r
+            w = w_base + s
+            row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            chan = c0 + offs_k
+            c_ok = chan < C_in
+            x_row = x_img + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+            a_offs = x_row[:, None] + chan.to(tl.int64)[None, :] * sxc
+            a = load_activation(x_ptr, a_offs, row_ok[:, None] & c_ok[None, :], chan[None, :], c_ok[None, :],
+                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+            # The weight has far fewer than 2**31 elements: int32 offsets.
+            b_offs = offs_n[None, :] * swo + chan[:, None] * swi + r * swh + s * sww
+            b = tl.load(w_ptr + b_offs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
 
     out_rows = img.to(tl.int64) * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
     out_offs = out_rows[:, None] + offs_n.to(tl.int64)[None, :] * soc
@@ -327,7 +354,7 @@ def _conv_fwd(x, weight, out, scale, shift, in_relu, bias, residual, relu, stats
         m, c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *weight.stride(), *out.stride(), *nchw_strides(residual),
         stride[0], stride[1], padding[0], padding[1],
-        KH=weight.shape[2], KW=weight.shape[3],
+        KH=weight.shape[2], KW=weight.shape[3], FLAT_K=flat_k(c_in, weight),
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_RELU=bool(in_relu),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_RELU=bool(relu), STATS=stats is not None,
         STATS_ROWS=stats_rows(), PRECISION=dot_precision(x),

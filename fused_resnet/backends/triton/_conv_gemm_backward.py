@@ -35,6 +35,7 @@ from ..._layout import empty_activation, output_memory_format
 from ._conv_gemm import (
     _config,
     dot_precision,
+    flat_k,
     interpreting,
     launch,
     load_activation,
@@ -206,7 +207,7 @@ def _conv_gemm_wgrad_kernel(
     inv_count, M, C_in, H, W, C_out, H_out, W_out, rows_per_split,
     sgn, sgc, sgh, sgw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sws, swo, swi, swh, sww,
     stride_h, stride_w, pad_h, pad_w,
-    KH: tl.constexpr, KW: tl.constexpr, G_MODE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_N: tl.constexpr, G_MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -219,17 +220,30 @@ def _conv_gemm_wgrad_kernel(
     pid = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
-    num_n = tl.cdiv(C_in, BLOCK_N)
+    if FLAT_N:
+        # Few input channels (the stem's 3): the N index is a (tap, channel) pair (grid axis 1 is 1),
+        # so a tile is not 95% padding.
+        num_n = tl.cdiv(KH * KW * C_in, BLOCK_N)
+    else:
+        num_n = tl.cdiv(C_in, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    r = tap // KW
-    s = tap % KW
     offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = offs_co < C_out
-    ci_ok = offs_ci < C_in
     co64 = offs_co.to(tl.int64)[:, None]
-    ci64 = offs_ci.to(tl.int64)[None, :]
+    if FLAT_N:
+        ci_ok = offs_n < KH * KW * C_in
+        col_tap = offs_n // C_in
+        chan = offs_n - col_tap * C_in
+        r = (col_tap // KW)[None, :]
+        s = (col_tap % KW)[None, :]
+    else:
+        ci_ok = offs_n < C_in
+        chan = offs_n
+        r = tap // KW
+        s = tap % KW
+    ci64 = chan.to(tl.int64)[None, :]
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
 
@@ -247,12 +261,13 @@ def _conv_gemm_wgrad_kernel(
         g = load_grad(gy_ptr, co64 * sgc + g_cols[None, :], y_ptr, co64 * syc + y_cols[None, :],
                       co_ok[:, None] & m_ok[None, :], offs_co[:, None], co_ok[:, None],
                       mean_ptr, gmean_ptr, gvar_ptr, inv_count, G_MODE)
-        h = ho * stride_h - pad_h + r
-        w = wo * stride_w - pad_w + s
-        in_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        x_rows = img.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        a = load_activation(x_ptr, x_rows[:, None] + ci64 * sxc, in_ok[:, None] & ci_ok[None, :],
-                            offs_ci[None, :], ci_ok[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+        # [BLOCK_K, 1] per tap, or [BLOCK_K, BLOCK_N] when columns are (tap, channel) pairs.
+        h = (ho * stride_h - pad_h)[:, None] + r
+        w = (wo * stride_w - pad_w)[:, None] + s
+        in_ok = m_ok[:, None] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        x_offs = img.to(tl.int64)[:, None] * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + ci64 * sxc
+        a = load_activation(x_ptr, x_offs, in_ok & ci_ok[None, :], chan[None, :], ci_ok[None, :],
+                            scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         if BIAS_GRAD:
             g_total += tl.sum(g.to(tl.float32), axis=1)
@@ -277,12 +292,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _wgrad_split(rows: int, c_out: int, c_in: int, taps: int, device: torch.device) -> int:
+def _wgrad_split(rows: int, c_out: int, columns: int, taps: int, device: torch.device) -> int:
     """Pixels per split of the wgrad reduction: enough programs for ~2 waves of 64x64 tiles, yet at
     least 4 aligned chunks of pixels per program (fewer, larger partials for big weights)."""
     align = _INTERPRETER_SPLIT_ALIGN if interpreting() else _GPU_SPLIT_ALIGN
     target = 4 if device.type != "cuda" else 2 * _sm_count(device.index or torch.cuda.current_device())
-    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * taps
+    tiles = triton.cdiv(c_out, 64) * triton.cdiv(columns, 64) * taps
     split = max(1, min(target // tiles, rows // (4 * align)))
     return triton.cdiv(triton.cdiv(rows, split), align) * align
 
@@ -334,7 +349,9 @@ def _wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in
     c_out, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
     h_out, w_out = grad.shape[2], grad.shape[3]
     m = n * h_out * w_out
-    rows_per_split = _wgrad_split(m, c_out, c_in, kh * kw, x.device)
+    flat = flat_k(c_in, weight)
+    taps, columns = (1, kh * kw * c_in) if flat else (kh * kw, c_in)
+    rows_per_split = _wgrad_split(m, c_out, columns, taps, x.device)
     splits = triton.cdiv(m, rows_per_split)
     grad_w = torch.empty_like(weight)
     # One split writes grad_w directly (in its dtype and layout); several write fp32 partials.
@@ -343,7 +360,7 @@ def _wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in
     dummy = grad
 
     def grid(meta):
-        return (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]), kh * kw, splits)
+        return (triton.cdiv(c_out, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]), taps, splits)
 
     launch(
         "wgrad", _conv_gemm_wgrad_kernel, _wgrad_tuned, INTERPRETER_WGRAD_CONFIG, grid,
@@ -353,7 +370,7 @@ def _wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in
         1.0 / m, m, c_in, h, w, c_out, h_out, w_out, rows_per_split,
         *grad.stride(), *nchw_strides(y), *x.stride(), *partial.stride(),
         stride[0], stride[1], padding[0], padding[1],
-        KH=kh, KW=kw, G_MODE=mode, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        KH=kh, KW=kw, FLAT_N=flat, G_MODE=mode, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         IN_RELU=bool(in_relu), BIAS_GRAD=bias_grad, PRECISION=dot_precision(x),
     )
     if splits > 1:
