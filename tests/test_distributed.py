@@ -128,7 +128,7 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
         w = torch.randn(sum(sizes), 5, dtype=dtype)
         out_ref = plain(x)
         (out_ref * w).sum().backward()
-        with _Counting(enabled=not compile_) as counted:  # counters mutated in a compiled graph would break it
+        with _Counting(enabled=not compile_) as counted, fused_resnet.trace_dispatch() as ran:
             out = runner(_split(x, sizes, rank))
             (out * _split(w, sizes, rank)).sum().mul(WORLD).backward()
         assert_close(out, _split(out_ref, sizes, rank), tol=tol, name=f"step {step} output")
@@ -137,6 +137,8 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
         if not compile_:  # one all-gather per BN forward, one all-reduce per BN backward
             assert (counted.gathers, counted.reduces) == (n_sync, n_sync), (counted.gathers, counted.reduces, n_sync)
             assert counted.groups == {group or dist.group.WORLD}, counted.groups
+            # ... and every synchronised BN ran fused, in a conv_stats op (not in SyncBatchNorm2d.forward).
+            assert sum(kernel == "conv_stats" for kernel, _ in ran) == n_sync, ran
         plain.zero_grad(), fused.zero_grad()
     for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
         assert_close(c, b, tol=tol, name=f"buffer {name}")
