@@ -18,8 +18,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import _autograd  # noqa: F401  (registers the ops' autograd formulas)
-from . import distributed
+from . import (
+    _autograd,  # noqa: F401  (registers the ops' autograd formulas)
+    distributed,
+)
 from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE
