@@ -30,14 +30,13 @@ def _versions() -> list[tuple[str, str]]:
     return rows
 
 
-def _conv_path_decisions() -> list[str]:
-    """The Triton backend's measured per-shape choices, when it exposes them."""
+def _triton_lines() -> list[str]:
+    """The Triton backend's conv path setting and its measured per-shape choices."""
     try:
-        from fused_resnet.backends.triton import _choice
-    except Exception:
-        return []
-    decisions = getattr(_choice, "decisions", None)
-    return [str(d) for d in decisions()] if callable(decisions) else []
+        from fused_resnet.backends import triton as triton_backend
+    except Exception as exc:  # reported above as the backend's unavailability
+        return [f"not loaded: {type(exc).__name__}"]
+    return triton_backend.info_lines()
 
 
 def run(args) -> int:
@@ -55,9 +54,7 @@ def run(args) -> int:
     for name in _backend.BACKEND_NAMES[1:]:
         reason = _backend.unavailable_reason(name, device)
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
-    decisions = _conv_path_decisions()
-    if decisions:
-        print("\ntriton conv path per shape (measured):")
-        for line in decisions:
-            print(f"  {line}")
+    print("\ntriton backend:")
+    for line in _triton_lines():
+        print(f"  {line}")
     return 0
