@@ -237,9 +237,10 @@ class FusedAwaySyncBatchNorm2d(SyncBatchNorm2d):
 
 
 def adopt_sync_batch_norms(module: nn.Module) -> list[str]:
-    """Turn, in place, the ``nn.SyncBatchNorm`` modules inside ``module`` (a fused block) into
-    :class:`SyncBatchNorm2d`; returns their names. Modules of a subclass with its own ``forward``
-    are left alone."""
+    """Turn, in place, the ``nn.SyncBatchNorm`` modules inside ``module`` into :class:`SyncBatchNorm2d`
+    and return their names. ``fuse`` does it for the blocks it fuses; on a whole unfused model it
+    lets SyncBatchNorm run on the CPU (gloo, DDP) too, provided every one of them sees 4-D inputs.
+    Subclasses of ``nn.SyncBatchNorm`` (their own ``forward``) are left alone."""
     adopted = []
     for name, m in module.named_modules():
         if type(m) is nn.SyncBatchNorm:
