@@ -133,12 +133,10 @@ def sync_group(bn: nn.Module, x: torch.Tensor):
         return None
     group = getattr(bn, "process_group", None)
     group = dist.group.WORLD if group is None else group
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        _check_group(group)
+    _check_group(group)  # traceable: no graph break
     if dist.get_world_size(group) <= 1:
         return None
-    if not compiling:
+    if not torch.compiler.is_compiling():  # a collective and a host sync: eager only
         _check_peers_once(bn, group, stat_dtype(x.dtype), x.device)
     return group
 
