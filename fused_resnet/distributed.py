@@ -20,6 +20,11 @@ differentiably, with one collective in forward and one in backward:
   ``grad_var_r = n_r / N * G_var``. Fed to ``conv_stats``' backward, this gives each rank
   ``grad_y + G_mean / N + 2 G_var (y - mean) / N``: the whole-batch BN gradient.
 
+Traffic per BN layer and step: ``4 (2C + 1)`` bytes sent and ``4 W (2C + 1)`` received forward
+(fp32, ``W`` ranks), ``8C`` all-reduced backward, whatever the batch and image size: as
+``nn.SyncBatchNorm``. An all-reduce of sums shifted by a common per-channel value would receive
+``O(C)`` instead of ``O(W C)``, but no common shift is known without another collective.
+
 The collectives are ``torch.distributed._functional_collectives`` ops, which ``torch.compile``
 traces into the graph (no graph break, ``fullgraph=True`` works). The running statistics are
 updated with the global mean and the unbiased variance over the global count, as SyncBatchNorm
