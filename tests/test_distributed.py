@@ -120,7 +120,6 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
     fused = _sync_fused(plain, group)
     n_sync = sum(isinstance(m, fdist.SyncBatchNorm2d) for m in fused.modules())
     ddp = DDP(torch.compile(fused, fullgraph=True, backend="aot_eager") if compile_ else fused)
-    runner = ddp
     shape = (8, 6, 6) if compile_ else (3, 16, 16)
     tol = tolerance(dtype)
     for step in range(steps):
@@ -129,7 +128,7 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
         out_ref = plain(x)
         (out_ref * w).sum().backward()
         with _Counting(enabled=not compile_) as counted, fused_resnet.trace_dispatch() as ran:
-            out = runner(_split(x, sizes, rank))
+            out = ddp(_split(x, sizes, rank))
             (out * _split(w, sizes, rank)).sum().mul(WORLD).backward()
         assert_close(out, _split(out_ref, sizes, rank), tol=tol, name=f"step {step} output")
         for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
