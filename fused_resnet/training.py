@@ -97,13 +97,14 @@ def load_checkpoint(model: nn.Module, path: str) -> str:
         note = f"; classifier replaced ({state['fc.weight'].shape[0]} -> {own['fc.weight'].shape[0]} classes)"
         for k in replaced:
             del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in replaced]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"{path}: shapes differ for {bad[:8]}")
+    missing = [k for k in own if k not in state and k not in replaced]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path} does not fit the model: {len(missing)} missing keys {missing[:4]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:4]}, {len(mismatched)} of another shape "
+                         f"{mismatched[:4]}")
+    model.load_state_dict(state, strict=False)
     return f"loaded {len(state)} tensors from {path}{note}"
 
 
