@@ -4,6 +4,7 @@ must compute what one process computes with the unfused ``nn`` model on the whol
 All scenarios run in ONE pair of spawned processes (starting processes dominates the cost on a
 small machine); each records "ok" or its failure, and each pytest test below reads its own. The
 processes are killed at a deadline and gloo has a short timeout, so a bug fails, never hangs.
+With two GPUs the training comparisons also run on CUDA with NCCL (``test_nccl``, skipped otherwise).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class _Counting:
 
 
 def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_format, compile_=False, steps=2,
-                      own_group=False):
+                      own_group=False, device="cpu"):
     """DDP(fused synchronised model) on this rank's slice vs the unfused model on the whole batch:
     outputs, every gradient after DDP's averaging (per-rank loss scaled by the world size, so the
     average is the whole batch's gradient), and all buffers after ``steps`` training steps.
@@ -115,16 +116,18 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
     the whole tiny ResNet takes minutes on a busy 2-core machine; one block has every BN kind).
     ``own_group``: the SyncBatchNorms get a process group of their own, which must be the one used."""
     group = dist.new_group([0, 1]) if own_group else None
+    device = torch.device(device)
     torch.manual_seed(1)
-    plain = (_tiny_block if compile_ else _tiny_resnet)(dtype).to(memory_format=memory_format)
+    plain = (_tiny_block if compile_ else _tiny_resnet)(dtype).to(device, memory_format=memory_format)
     fused = _sync_fused(plain, group)
     n_sync = sum(isinstance(m, fdist.SyncBatchNorm2d) for m in fused.modules())
-    ddp = DDP(torch.compile(fused, fullgraph=True, backend="aot_eager") if compile_ else fused)
+    ddp = DDP(torch.compile(fused, fullgraph=True, backend="aot_eager") if compile_ else fused,
+              device_ids=[device.index] if device.type == "cuda" else None)
     shape = (8, 6, 6) if compile_ else (3, 16, 16)
-    tol = tolerance(dtype)
+    tol = tolerance(dtype, tf32=device.type == "cuda")
     for step in range(steps):
-        x = torch.randn(sum(sizes), *shape, dtype=dtype).to(memory_format=memory_format)
-        w = torch.randn(sum(sizes), 5, dtype=dtype)
+        x = torch.randn(sum(sizes), *shape, dtype=dtype).to(device, memory_format=memory_format)
+        w = torch.randn(sum(sizes), 5, dtype=dtype).to(device)
         out_ref = plain(x)
         (out_ref * w).sum().backward()
         with _Counting(enabled=not compile_) as counted, fused_resnet.trace_dispatch() as ran:
@@ -143,7 +146,7 @@ def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_form
         assert_close(c, b, tol=tol, name=f"buffer {name}")
     # Eval uses the (synchronised) running statistics, with no collective.
     plain.eval(), fused.eval()
-    x = torch.randn(3, *shape, dtype=dtype)
+    x = torch.randn(3, *shape, dtype=dtype).to(device)
     with _Counting() as counted, torch.no_grad():
         assert_close(fused(x), plain(x), tol=tol, name="eval output")
     assert counted.gathers == counted.reduces == 0
@@ -188,10 +191,10 @@ def _large_mean_merge(rank, sizes, dtype):
     assert int(total) == full.numel() // 4
 
 
-def _channel_mismatch(rank, sizes, dtype):
-    bn = fdist.SyncBatchNorm2d(4 + 2 * rank)
+def _channel_mismatch(rank, sizes, dtype, device="cpu"):
+    bn = fdist.SyncBatchNorm2d(4 + 2 * rank, device=device)
     with pytest.raises(RuntimeError, match="disagree across the ranks"):
-        bn(torch.randn(2, 4 + 2 * rank, 3, 3))
+        bn(torch.randn(2, 4 + 2 * rank, 3, 3, device=device))
 
 
 def _fused_channel_mismatch(rank, sizes, dtype):
@@ -247,12 +250,23 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+# With two GPUs (NCCL): the same comparisons on CUDA (fp32 within the TF32 tolerance).
+CUDA_SCENARIOS = {
+    "cuda_fp64_uneven": lambda r: _compare_training(r, [3, 1], torch.float64, device=f"cuda:{r}"),
+    "cuda_fp32_channels_last": lambda r: _compare_training(r, [2, 3], torch.float32, device=f"cuda:{r}",
+                                                           memory_format=torch.channels_last),
+    "cuda_channel_mismatch": lambda r: _channel_mismatch(r, None, None, device=f"cuda:{r}"),
+}
+
+
+def _worker(rank: int, port: int, out_dir: str, backend: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     results = {}
-    for name, scenario in SCENARIOS.items():
+    for name, scenario in (CUDA_SCENARIOS if backend == "nccl" else SCENARIOS).items():
         start = time.perf_counter()
         try:
             scenario(rank)
@@ -271,17 +285,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.fail("torch.distributed with gloo is required")
-    out_dir = str(tmp_path_factory.mktemp("gloo"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+def _run_workers(out_dir: str, backend: str) -> list[dict[str, str]]:
+    args = (_free_port(), out_dir, backend)
+    ctx = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the gloo workers did not finish within {DEADLINE_S}s (a hang?)")
+                raise TimeoutError(f"the {backend} workers did not finish within {DEADLINE_S}s (a hang?)")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -289,11 +300,35 @@ def gloo_results(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_gloo(gloo_results, scenario):
-    for rank, results in enumerate(gloo_results):
+def _check(results_per_rank: list[dict[str, str]], scenario: str) -> None:
+    for rank, results in enumerate(results_per_rank):
         outcome = results.get(scenario, "not run (an earlier scenario aborted the worker)")
         assert outcome == "ok", f"rank {rank}:\n{outcome}"
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is required")
+    return _run_workers(str(tmp_path_factory.mktemp("gloo")), "gloo")
+
+
+@pytest.fixture(scope="module")
+def nccl_results(tmp_path_factory):
+    if torch.cuda.device_count() < WORLD or not dist.is_nccl_available():
+        pytest.skip(f"needs {WORLD} CUDA GPUs and NCCL")
+    return _run_workers(str(tmp_path_factory.mktemp("nccl")), "nccl")
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_gloo(gloo_results, scenario):
+    _check(gloo_results, scenario)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scenario", list(CUDA_SCENARIOS))
+def test_nccl(nccl_results, scenario):
+    _check(nccl_results, scenario)
 
 
 def test_single_process_is_batch_norm():
