@@ -44,10 +44,14 @@ def test_wheel_is_platform_specific_and_contains_the_extension(wheel):
 
 
 def test_wheel_installs_and_runs_native(wheel, tmp_path):
+    # Nothing of the source tree may be visible (PYTHONPATH would also show pip its egg-info and
+    # make it skip the install as "already satisfied").
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], timeout=600)
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path, env=env, timeout=600)
     python = venv / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], timeout=600)
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
+         cwd=tmp_path, env=env, timeout=600)
     code = textwrap.dedent("""
         import torch, fused_resnet
         from fused_resnet import _backend, ops
@@ -60,7 +64,6 @@ def test_wheel_installs_and_runs_native(wheel, tmp_path):
         assert torch.equal(out, torch.relu(x + x))
         print("ok", fused_resnet.__version__)
     """)
-    # Run from an empty directory so that the source tree cannot shadow the installed package.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # From an empty directory, so that the source tree cannot shadow the installed package.
     result = _run([str(python), "-c", code], cwd=tmp_path, env=env, timeout=600)
     assert "ok" in result.stdout
