@@ -16,10 +16,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from fused_resnet import reference  # noqa: E402
-from fused_resnet._tolerances import assert_close, tolerance  # noqa: E402
-from fused_resnet.backends.triton import _conv_gemm as cg  # noqa: E402
-from fused_resnet.backends.triton import _conv_gemm_backward as cgb  # noqa: E402
+from fused_resnet import reference
+from fused_resnet._tolerances import assert_close, tolerance
+from fused_resnet.backends.triton import _conv_gemm as cg
+from fused_resnet.backends.triton import _conv_gemm_backward as cgb
+from fused_resnet.backends.triton import _conv_gemm_common as common
+from fused_resnet.backends.triton import _conv_gemm_wgrad as cgw
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ONE = (1, 1)
@@ -146,7 +148,7 @@ def test_small_tiles_many_programs():
     """A forced small config: several row, channel and K blocks per conv, and STATS_ROWS blocks per tile."""
     x, weight, stride, padding = _conv_args((3, 1, 1, 20, 40, 6, 5, 2), torch.float32, True)
     args = (x, _vec(20, True), _vec(20), True, weight, stride, padding, ONE, 1)
-    with cg.forced_config("fwd", cg._config(32, 16, 16, 4, 1, GROUP_M=2)):
+    with common.forced_config("fwd", common.make_config(32, 16, 16, 4, 1, GROUP_M=2)):
         got = cg.conv_stats(*args)
     _check_all(got, reference.conv_stats(*args), torch.float32, ("y", "mean", "var"))
 
@@ -200,7 +202,7 @@ def test_few_input_channels_flat_k():
     """3 input channels: (tap, channel) flattened into the forward's K and the wgrad's N, bias fused."""
     x, weight, stride, padding = _conv_args((3, 1, 1, 3, 10, 6, 5, 2), torch.float16, True)
     args = (x, weight, _vec(10), None, stride, padding, ONE, 1, True)
-    assert cg.flat_k(3, weight)
+    assert common.flat_k(3, weight)
     out = cg.conv_bias_act(*args)
     _check_all((out,), (reference.conv_bias_act(*args),), torch.float16, ("out",))
     bwd = (_act(out.shape, torch.float16, True), x, weight, out, True, stride, padding, ONE, 1, (True, True, True, False))
@@ -212,7 +214,7 @@ def test_wgrad_split_and_tiny_phase():
     """Many pixels per output channel: the wgrad reduction is split over programs. Stride 3 on a width
     of 2 leaves the phase w % 3 == 2 empty."""
     args = _stats_backward_args((1, 1, 0, 6, 10, 12, 12, 2), torch.float32, False, "bn_relu")
-    assert cgb._wgrad_split(288, 10, 6, 1, torch.device(DEV)) < 288 or DEV == "cuda"
+    assert cgw._wgrad_split(288, 10, 6, 1, torch.device(DEV)) < 288 or DEV == "cuda"
     _check_all(cgb.conv_stats_backward(*args, (True, True, True)),
                reference.conv_stats_backward(*args, (True, True, True)), torch.float32,
                ("grad_x", "grad_scale", "grad_shift", "grad_w"))
@@ -334,13 +336,13 @@ def test_resnet_shapes_cuda(shape, dtype):
 def test_tf32_follows_cudnn_setting_cuda():
     fwd, _ = _cuda_case(RESNET_SHAPES[2], torch.float32, True)
     torch.backends.cudnn.allow_tf32 = True
-    assert cg.dot_precision(fwd[0]) == "tf32"
+    assert common.dot_precision(fwd[0]) == "tf32"
     got = cg.conv_stats(*fwd)
     want = reference.conv_stats(*(t.double() if isinstance(t, torch.Tensor) else t for t in fwd))
     for g, w, name in zip(got, want, ("y", "mean", "var")):
         assert_close(g, w, tol=tolerance(torch.float32, tf32=True), name=name)
     torch.backends.cudnn.allow_tf32 = False
-    assert cg.dot_precision(fwd[0]) == "ieee"
+    assert common.dot_precision(fwd[0]) == "ieee"
 
 
 # Shapes for the per-config check: channels not multiples of any tile, stride 1 and 2.
@@ -352,14 +354,14 @@ CONFIG_SHAPES = [(3, 1, 1, 96, 80, 15, 13, 4), (3, 2, 1, 72, 136, 17, 19, 2), (1
 def test_every_config_cuda(dtype):
     """Each shipped config of each kernel, forced, against the reference (8-warp conv loops have been
     miscompiled by some Triton versions: the autotuner must never be able to pick a wrong one)."""
-    kernels = {"fwd": cg.GPU_FWD_CONFIGS, "dgrad": cgb.GPU_DGRAD_CONFIGS, "wgrad": cgb.GPU_WGRAD_CONFIGS}
+    kernels = {"fwd": cg.GPU_FWD_CONFIGS, "dgrad": cgb.GPU_DGRAD_CONFIGS, "wgrad": cgw.GPU_WGRAD_CONFIGS}
     checked = 0
     for (name, configs), shape in itertools.product(kernels.items(), CONFIG_SHAPES):
         fwd, bwd = _cuda_case(shape, dtype, channels_last=True)
         for config in configs:
-            if not cg.fits_shared_memory(config, fwd[0].element_size()):
+            if not common.fits_shared_memory(config, fwd[0].element_size()):
                 continue
-            with cg.forced_config(name, config):
+            with common.forced_config(name, config):
                 if name == "fwd":
                     _check_all(cg.conv_stats(*fwd), reference.conv_stats(*fwd), dtype, ("y", "mean", "var"))
                 else:
@@ -386,3 +388,90 @@ def test_cuda_graph_capture_cuda():
     want = (*reference.conv_stats(*fwd), *reference.conv_stats_backward(*bwd, mask))
     for g, w in zip(outs, want):
         assert_close(g, w, torch.float16)
+
+
+# ---- CPU only: the kernels compile for an H100 (sm_90) with the real Triton compiler --------------------
+
+_AOT_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from fused_resnet.backends.triton import _conv_gemm as cg, _conv_gemm_backward as cgb, _conv_gemm_wgrad as cgw
+
+launches = []
+class Recorded(Exception):
+    pass
+def record(name, jit_fn, tuned_fn, interpreter_config, grid, *args, **kwargs):
+    launches.append((name, jit_fn, args, kwargs))
+    raise Recorded  # one launch per call: what follows it (e.g. combine_partial_stats) needs a GPU
+cg.launch = cgb.launch = cgw.launch = record
+cg.dot_precision = cgb.dot_precision = cgw.dot_precision = lambda x: "tf32" if x.dtype == torch.float32 else "ieee"
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+def specialise(fn, args, kwargs, config):
+    # What triton.jit does at launch: ints equal to 1 become constants, multiples of 16 and pointers
+    # get a divisibility hint (channels_last strides are multiples of 16 for ResNet widths).
+    values = dict(zip(fn.arg_names, args), **kwargs, **config.kwargs)
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        v = values[name]
+        if param.is_constexpr or (type(v) is int and v == 1):
+            signature[name], constants[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name], attrs[(i,)] = "*" + TYPES[v.dtype], [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if abs(v) < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, signature, constants, attrs)
+
+def calls(dtype, k, s, c_in):
+    x = torch.randn(2, c_in, 8, 8).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(64, c_in, k, k).to(dtype).to(memory_format=torch.channels_last)
+    y = torch.randn(2, 64, 8 // s, 8 // s).to(dtype).to(memory_format=torch.channels_last)
+    sc, v = torch.rand(c_in), torch.rand(64)
+    st, pad, one = (s, s), (k // 2, k // 2), (1, 1)
+    yield lambda: cg.conv_stats(x, sc, sc, True, w, st, pad, one, 1)
+    yield lambda: cg.conv_bias_act(x, w, v, y, st, pad, one, 1, True)
+    yield lambda: cgb.conv_stats_backward(y, v, v, x, sc, sc, True, w, y, v, st, pad, one, 1, (True, True, False))
+    yield lambda: cgb.conv_stats_backward(y, v, v, x, sc, sc, True, w, y, v, st, pad, one, 1, (False, False, True))
+    yield lambda: cgb.conv_bias_act_backward(y, x, w, y, True, st, pad, one, 1, (True, False, False, False))
+    yield lambda: cgb.conv_bias_act_backward(y, x, w, y, True, st, pad, one, 1, (False, True, True, False))
+
+# (dtype, kernel, stride, C_in, which calls): every kernel and epilogue once, the others' dtypes and
+# the flat (stem) variants where they change the code.
+for dtype, k, s, c_in, which in [(torch.float16, 3, 2, 64, range(6)), (torch.bfloat16, 1, 1, 64, (0, 3)),
+                                 (torch.float32, 3, 1, 64, (0,)), (torch.float16, 7, 2, 3, (0, 3))]:
+    for i, call in enumerate(calls(dtype, k, s, c_in)):
+        try:
+            if i in which:
+                call()
+        except Recorded:
+            pass
+configs = {"fwd": cg.GPU_FWD_CONFIGS, "dgrad": cgb.GPU_DGRAD_CONFIGS, "wgrad": cgw.GPU_WGRAD_CONFIGS}
+for name, fn, args, kwargs in launches:
+    config = configs[name][0]
+    compile(specialise(fn, args, kwargs, config), target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+print("compiled", len(launches))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests compile every config for real")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile each kernel variant (fp16/bf16/TF32,
+    1x1/3x3/7x7-stem, stride 1/2, every epilogue) for sm_90 with Triton's compiler and ptxas."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split()[-1] == "11", done.stdout

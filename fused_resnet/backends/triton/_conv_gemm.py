@@ -21,148 +21,37 @@ The backward kernels live in ``_conv_gemm_backward.py`` and share the loaders de
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import triton
 import triton.language as tl
 
 from ..._layout import conv_output_size, empty_activation
+from ._conv_gemm_common import (
+    dot_precision,
+    flat_k,
+    interpreting,
+    launch,
+    load_activation,
+    make_config,
+    nchw_strides,
+    prune_by_shared_memory,
+    stats_rows,
+)
+
+# No atomics anywhere: results are bitwise reproducible run to run (``_choice`` reads this).
+DETERMINISTIC = True
 
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-
-@triton.jit
-def _probe_kernel():
-    pass
-
-
-# Kernels were built for the interpreter iff TRITON_INTERPRET=1 when triton.jit ran on them; later
-# changes of the variable do not matter, so decide once, from what triton.jit produced.
-_INTERPRETED = not isinstance(_probe_kernel, triton.runtime.JITFunction)
-
-
-def interpreting() -> bool:
-    """True when this module's kernels run on the CPU through Triton's interpreter."""
-    return _INTERPRETED
-
-
-# ---- configurations ---------------------------------------------------------------------------------
-# GPU: tiles of 64-128 for M/N and 32-64 for K, 3-4 stages (H100, 228 KB of shared memory per SM).
-# Every configuration listed here is run against the reference by tests/test_triton_conv_gemm.py on a
-# GPU (test_every_config_cuda), because 8-warp flattened conv loops have been miscompiled by some
-# Triton versions. Under the interpreter (CPU tests) autotuning with several configurations does not
-# work, and the cost is per program and per operation, not per element: one large-tile config.
-
-
-def _config(bm, bn, bk, warps, stages, **extra):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=warps, num_stages=stages)
-
-
 GPU_FWD_CONFIGS = [
-    _config(128, 128, 64, 8, 3, GROUP_M=8),
-    _config(128, 128, 32, 4, 4, GROUP_M=8),
-    _config(128, 64, 64, 4, 4, GROUP_M=8),
-    _config(64, 128, 64, 4, 4, GROUP_M=8),
-    _config(64, 64, 64, 4, 3, GROUP_M=8),
-    _config(128, 64, 32, 4, 4, GROUP_M=8),
+    make_config(128, 128, 64, 8, 3, GROUP_M=8),
+    make_config(128, 128, 32, 4, 4, GROUP_M=8),
+    make_config(128, 64, 64, 4, 4, GROUP_M=8),
+    make_config(64, 128, 64, 4, 4, GROUP_M=8),
+    make_config(64, 64, 64, 4, 3, GROUP_M=8),
+    make_config(128, 64, 32, 4, 4, GROUP_M=8),
 ]
-INTERPRETER_FWD_CONFIG = _config(64, 64, 32, 4, 1, GROUP_M=2)
-# Per-tile BN partials and reductions are written per block of STATS_ROWS output rows (not per program)
-# so their buffers do not depend on which BLOCK_M the autotuner picks; every BLOCK_M is a multiple.
-GPU_STATS_ROWS = 64
-INTERPRETER_STATS_ROWS = 16
-_SMEM_LIMIT = 220 * 1024
-
-_forced: dict[str, triton.Config] = {}
-
-
-def stats_rows() -> int:
-    return INTERPRETER_STATS_ROWS if interpreting() else GPU_STATS_ROWS
-
-
-@contextlib.contextmanager
-def forced_config(kernel: str, config: triton.Config) -> Iterator[None]:
-    """Run ``kernel`` (``"fwd"``, ``"dgrad"``, ``"wgrad"``) with exactly ``config`` inside the block,
-    bypassing the autotuner: lets the tests check every shipped configuration."""
-    previous = _forced.get(kernel)
-    _forced[kernel] = config
-    try:
-        yield
-    finally:
-        if previous is None:
-            _forced.pop(kernel, None)
-        else:
-            _forced[kernel] = previous
-
-
-def fits_shared_memory(config: triton.Config, elem_size: int) -> bool:
-    """Whether a config's pipelined A and B tiles fit in shared memory for ``elem_size``-byte operands."""
-    kw = config.kwargs
-    tile = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
-    return max(config.num_stages, 1) * tile * elem_size <= _SMEM_LIMIT
-
-
-def prune_by_shared_memory(configs, named_args, **kwargs):
-    """``early_config_prune`` for the autotuners: drop configs whose tiles cannot fit (fp32 operands)."""
-    elem_size = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if fits_shared_memory(c, elem_size)]
-    return kept or configs[-1:]
-
-
-def launch(name: str, jit_fn, tuned_fn, interpreter_config: triton.Config, grid, *args, **kwargs) -> None:
-    """Launch ``jit_fn`` with a forced or the interpreter config, else the autotuned ``tuned_fn``."""
-    config = _forced.get(name) or (interpreter_config if interpreting() else None)
-    if config is None:
-        tuned_fn[grid](*args, **kwargs)
-        return
-    meta = dict(config.kwargs)
-    jit_fn[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def dot_precision(x: torch.Tensor) -> str:
-    """``tl.dot``'s input_precision: TF32 for fp32 only where torch lets cuDNN use it."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def flat_k(c_in: int, weight: torch.Tensor) -> bool:
-    """Whether to flatten (tap, channel) into one GEMM index: for an image's few channels (the stem's
-    3), where padding the channels to a 32-wide block would waste most of the work. With more, the
-    per-element tap arithmetic of the flat index costs more than the padding saves."""
-    return c_in <= 4 and weight.shape[2] * weight.shape[3] > 1
-
-
-def nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
-
-
-# ---- shared loaders (also used by the backward kernels) ----------------------------------------------
-
-
-@triton.jit
-def load_activation(x_ptr, offs, mask, chan, chan_ok, scale_ptr, shift_ptr,
-                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
-    """The conv input ``relu?(x * scale[c] + shift[c])`` at int64 ``offs``, zero where ``mask`` is false:
-    in fp32 (as the reference computes it) with a prologue, else as stored, so that a plain tile can go
-    straight from global to shared memory. ``chan`` (channel of each element, broadcastable to ``offs``)
-    selects scale/shift. The mask is applied again after the affine map: ``relu(0 * scale + shift)``
-    is not 0, and the padding must be."""
-    a = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if HAS_SCALE or HAS_SHIFT:
-        a = a.to(tl.float32)
-        if HAS_SCALE:
-            a = a * tl.load(scale_ptr + chan, mask=chan_ok, other=0.0)
-        if HAS_SHIFT:
-            a = a + tl.load(shift_ptr + chan, mask=chan_ok, other=0.0)
-        if RELU:
-            a = tl.maximum(a, 0.0)
-        a = tl.where(mask, a, 0.0)
-    elif RELU:
-        a = tl.maximum(a, 0.0)
-    return a
+INTERPRETER_FWD_CONFIG = make_config(64, 64, 32, 4, 1, GROUP_M=2)
 
 
 # ---- forward kernel -----------------------------------------------------------------------------------
@@ -242,7 +131,7 @@ def _conv_gemm_fwd_kernel(
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
     else:
         c_blocks = tl.cdiv(C_in, BLOCK_K)
-        for kk in range(0, KH * KW * c_blocks):
+        for kk in range(KH * KW * c_blocks):
             tap = kk // c_blocks
             c0 = (kk - tap * c_blocks) * BLOCK_K
             r = tap // KW
