@@ -16,7 +16,8 @@ correctly. fp16/bf16 operands feed ``tl.dot`` directly; fp32 operands use TF32 o
 Nothing here syncs with the host or allocates by data, so launches can be captured in CUDA graphs
 (once autotuning has run: tune eagerly before capture).
 
-The backward kernels live in ``_conv_gemm_backward.py`` and share the loaders defined here.
+The backward kernels live in ``_conv_gemm_backward.py`` (data gradient) and ``_conv_gemm_wgrad.py``
+(weight gradient); configs, launch and the fused loaders they share in ``_conv_gemm_common.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Implicit-GEMM 2-D convolution in Triton, backward: data and weight gradients with fused loads.
 
-Both gradients read the conv output gradient ``g`` through :func:`load_grad`, which builds it on
-the fly from what the forward saved, so ``g`` is never written to memory:
+This module holds the data gradient and the two backward kernels' entry points; the weight
+gradient's kernel is in ``_conv_gemm_wgrad.py``. Both read the conv output gradient ``g`` through
+``load_grad`` (``_conv_gemm_common.py``), which builds it on the fly from what the forward saved, so
+``g`` is never written to memory:
 
 - ``G_MODE = 0``: ``g = grad`` as given;
 - ``G_MODE = 1``: ``g = grad * (out > 0)`` (the epilogue ReLU of ``conv_bias_act``);

@@ -75,7 +75,8 @@ def forced_config(kernel: str, config: triton.Config) -> Iterator[None]:
 
 
 def fits_shared_memory(config: triton.Config, elem_size: int) -> bool:
-    """Whether a config's pipelined A and B tiles fit in shared memory for ``elem_size``-byte operands."""
+    """Whether a config's pipelined A and B tiles fit in shared memory for ``elem_size``-byte operands (an
+    estimate: layout conversions take more, and the autotuner skips what the compiler then rejects)."""
     kw = config.kwargs
     tile = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
     return max(config.num_stages, 1) * tile * elem_size <= _SMEM_LIMIT
@@ -115,7 +116,8 @@ def flat_k(c_in: int, weight: torch.Tensor) -> bool:
 def nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
-# ---- fused loaders -------------------------------------------------------------------
+
+# ---- fused loaders ------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -140,11 +142,15 @@ def load_activation(x_ptr, offs, mask, chan, chan_ok, scale_ptr, shift_ptr,
         a = tl.maximum(a, 0.0)
     return a
 
+
 @triton.jit
 def load_grad(gy_ptr, g_offs, y_ptr, y_offs, mask, chan, chan_ok, mean_ptr, gmean_ptr, gvar_ptr, inv_count,
               G_MODE: tl.constexpr):
-    """The conv output gradient ``g``, zero where ``mask`` is false (see the module docstring): as stored
-    for ``G_MODE`` 0 and 1, in fp32 (as the reference computes it) for 2."""
+    """The conv output gradient ``g`` at int64 ``g_offs``, zero where ``mask`` is false, built while loading
+    from what the forward saved: ``G_MODE`` 0: ``grad``; 1: ``grad * (out > 0)`` (``conv_bias_act``'s ReLU,
+    ``out`` at ``y_offs``); 2: ``grad_y + grad_mean / M + 2 * grad_var * (y - mean) / M`` (``conv_stats``'
+    batch statistics, ``inv_count = 1 / M``, per-channel vectors indexed by ``chan``). Modes 0 and 1 keep
+    the stored dtype; mode 2 is computed in fp32, as the reference does."""
     g = tl.load(gy_ptr + g_offs, mask=mask, other=0.0)
     if G_MODE == 1:
         out = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
@@ -157,6 +163,7 @@ def load_grad(gy_ptr, g_offs, y_ptr, y_offs, mask, chan, chan_ok, mean_ptr, gmea
         g_var = tl.load(gvar_ptr + chan, mask=chan_ok, other=0.0)
         g = tl.where(mask, g + g_mean * inv_count + (2.0 * inv_count) * g_var * (y - mean), 0.0)
     return g
+
 
 def grad_sources(mode, grad, y, mean, grad_mean, grad_var):
     """The ``load_grad`` arguments after ``dgrad``/``wgrad``'s first two pointers."""
