@@ -54,8 +54,11 @@ def per_channel(c: int, device, *, around: float = 0.0) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    """Every tensor the native ops allocate starts as NaN: an unwritten element fails the test."""
+    """Every tensor the native ops allocate starts as NaN: an unwritten element fails the test.
+    On a GPU, fp32 convolutions run in true fp32 (no TF32), in the kernels and the reference."""
     monkeypatch.setenv("FUSED_RESNET_NATIVE_POISON", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     yield
 
 

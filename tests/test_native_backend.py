@@ -175,3 +175,52 @@ def test_fused_resnet18_matches_reference(training, dtype, layout, device):
     for i, (g, r, n) in enumerate(zip(gold, ref, nat)):
         ref_err = relative_error(r, g)
         assert_close(n, g, tol=2 * ref_err + tolerance(dtype), name=f"tensor {i} (reference error {ref_err:.1e})")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_reductions_are_deterministic(layout, device):
+    """Fixed-order two-level reductions: the same input gives bitwise the same statistics and
+    per-channel gradients, run after run (no atomics, no thread-count dependent split)."""
+    skip_unless_native(device)
+    y = act((4, 24, 13, 11), torch.float32, layout, device)
+    w = torch.randn(24, 24, 1, 1, device=device) / 5
+    s, b = per_channel(24, device, around=1.0), per_channel(24, device)
+    runs = []
+    for _ in range(3):
+        _, mean, var = native_ops.conv_stats(y, s, b, True, w, [1, 1], [0, 0], [1, 1], 1)
+        grads = native_ops.bn_add_relu_backward(y, y, s, b, y, s, b, True, [False, True, False, True])
+        runs.append([mean, var] + [g for g in grads if g is not None])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    """The CUDA kernels allocate through the caching allocator and never sync with the host: a
+    fused training step of a block's ops captures in a CUDA graph and replays to the same values."""
+    skip_unless_native("cuda")
+    x = act((4, 16, 12, 12), torch.float32, "nhwc", "cuda")
+    w = torch.randn(16, 16, 3, 3, device="cuda") / 12
+    s, b = per_channel(16, "cuda", around=1.0), per_channel(16, "cuda")
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+
+    def step():
+        y, mean, var = native_ops.conv_stats(x, s, b, True, w, *conv)
+        out = native_ops.bn_add_relu(y, s, b, x, None, None, True)
+        grads = native_ops.bn_add_relu_backward(out, y, s, b, x, None, None, True, [True, True, True, False])
+        return [y, mean, var, out] + [g for g in grads if g is not None]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture (cuDNN algorithm choice, allocator pools)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn_like(x))  # replay on new data
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        assert_close(got, want, torch.float32)

@@ -151,14 +151,21 @@ __device__ __forceinline__ void reduce_level1(const Shape& s, float* partial, Op
 template <typename T, int V, bool NHWC>
 __global__ void bn_stats_partial_kernel(StatsArgs a) {
   const T* y = static_cast<const T*>(a.y);
-  reduce_level1<2, V, NHWC>(a.shape, a.workspace, [&](int64_t e, int64_t c0, float (&acc)[2][V]) {
+  // Shifted sums around y[0, c, 0, 0] (no E[y^2] - E[y]^2 cancellation in fp32). A thread's
+  // channels are fixed (as reduce_level1 assigns them): load their pivots once.
+  const int64_t first = NHWC ? (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * V : blockIdx.x;
+  float pivot[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t c = NHWC ? first + k : first;
+    pivot[k] = c < a.shape.c ? static_cast<float>(y[NHWC ? c : c * a.shape.hw]) : 0.f;
+  }
+  reduce_level1<2, V, NHWC>(a.shape, a.workspace, [&](int64_t e, int64_t, float (&acc)[2][V]) {
     float v[V];
     load<T, V>(y + e, v);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int64_t c = NHWC ? c0 + k : c0;
-      // Shifted sums around y[0, c, 0, 0]: no E[y^2] - E[y]^2 cancellation in fp32.
-      const float d = v[k] - static_cast<float>(y[NHWC ? c : c * a.shape.hw]);
+      const float d = v[k] - pivot[k];
       acc[0][k] += d;
       acc[1][k] += d * d;
     }
