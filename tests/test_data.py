@@ -82,7 +82,8 @@ def test_digits_upscale_is_bilinear_of_the_originals():
     train32, _ = load_digits(image_size=32)
     originals = torch.tensor(sk_load().images, dtype=torch.float32) / 16
     # The raw (pre-normalisation) 8x8 images are the scikit-learn ones, as a set.
-    assert {tuple(r) for r in train8.images[:, 0].flatten(1).tolist()} <= {tuple(r) for r in originals.flatten(1).tolist()}
+    known = {tuple(r) for r in originals.flatten(1).tolist()}
+    assert {tuple(r) for r in train8.images[:, 0].flatten(1).tolist()} <= known
     expected = F.interpolate(train8.images[:, :1], size=(32, 32), mode="bilinear", align_corners=False)
     assert_close(train32.images[:, :1], expected)
 
