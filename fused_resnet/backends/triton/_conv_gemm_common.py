@@ -96,6 +96,10 @@ def launch(name: str, jit_fn, tuned_fn, interpreter_config: triton.Config, grid,
         tuned_fn[grid](*args, **kwargs)
         return
     meta = dict(config.kwargs)
+    # The interpreter drops unknown keywords silently; a GPU launch would fail: fail here, everywhere.
+    unknown = set(meta) - set(jit_fn.arg_names)
+    if unknown:
+        raise ValueError(f"config {config} has no parameters {sorted(unknown)} in {jit_fn.__name__}")
     jit_fn[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
