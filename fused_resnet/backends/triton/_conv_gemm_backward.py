@@ -171,6 +171,7 @@ def _conv_gemm_dgrad_kernel(
         tl.store(dx_ptr + dx_rows[:, None] + offs_n.to(tl.int64)[None, :] * sdc,
                  dz.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
+
 _dgrad_tuned = triton.autotune(
     configs=GPU_DGRAD_CONFIGS, key=["N", "C_in", "C_out", "H", "W", "stride_h", "sxc", "KH", "KW", "G_MODE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory},

@@ -35,9 +35,10 @@ GPU_WGRAD_CONFIGS = [
     make_config(64, 64, 32, 4, 4),
 ]
 INTERPRETER_WGRAD_CONFIG = make_config(64, 64, 32, 4, 1)
-# The wgrad pixel split is a multiple of every BLOCK_K, so any config covers its range exactly.
+# Pixels per split: a multiple of every BLOCK_K, so that programs run whole tiles (the loop masks the end).
 _GPU_SPLIT_ALIGN = 256
 _INTERPRETER_SPLIT_ALIGN = 32
+
 
 @triton.jit
 def _conv_gemm_wgrad_kernel(
@@ -52,8 +53,8 @@ def _conv_gemm_wgrad_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Weight gradient ``g^T @ im2col(a)`` for one ``BLOCK_M`` (C_out) x ``BLOCK_N`` (C_in) tile of one tap,
-    over one split of the pixels. FLOPs: ``2 * M * C_out * KH * KW * C_in``. Bytes: ``g``'s sources read
+    """Weight gradient ``g^T @ im2col(a)`` for one ``BLOCK_M`` (C_out) x ``BLOCK_N`` (C_in) tile of one tap
+    (or of ``(tap, channel)`` pairs, ``FLAT_N``), over one split of the pixels. FLOPs: ``2 * M * C_out * KH * KW * C_in``. Bytes: ``g``'s sources read
     ``KH * KW * ceil(C_in / BLOCK_N)`` times and ``x`` ``ceil(C_out / BLOCK_M)`` times (mostly L2),
     partials ``4 * SPLIT * |w|``. Saved versus eager: neither ``g`` (``2 * |y|``) nor the activation
     ``relu(x * scale + shift)`` (``2 * |x|``) is written and read back; the bias gradient costs no pass.
@@ -119,10 +120,12 @@ def _conv_gemm_wgrad_kernel(
         if (pid_n == 0) & (tap == 0):
             tl.store(db_ptr + split.to(tl.int64) * C_out + offs_co, g_total, mask=co_ok)
 
+
 _wgrad_tuned = triton.autotune(
     configs=GPU_WGRAD_CONFIGS, key=["M", "C_in", "C_out", "H", "W", "stride_h", "sxc", "KH", "KW", "G_MODE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory},
 )(_conv_gemm_wgrad_kernel)
+
 
 @functools.cache
 def _sm_count(index: int) -> int:
@@ -137,6 +140,7 @@ def _wgrad_split(rows: int, c_out: int, columns: int, taps: int, device: torch.d
     tiles = triton.cdiv(c_out, 64) * triton.cdiv(columns, 64) * taps
     split = max(1, min(target // tiles, rows // (4 * align)))
     return triton.cdiv(triton.cdiv(rows, split), align) * align
+
 
 def wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_relu, bias_grad, stride, padding):
     """Launch the wgrad kernel; returns ``(grad_w, grad_bias or None)``."""
