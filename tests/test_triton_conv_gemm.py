@@ -3,8 +3,10 @@
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (conftest sets
 ``TRITON_INTERPRET=1``): shapes are tiny because the interpreter pays per program and per operation.
 With a GPU the same tests run on CUDA tensors, and the ``cuda``-marked tests add bf16, realistic ResNet
-shapes, every shipped autotuning config and CUDA-graph capture. Every output the kernels allocate is
-poisoned with NaN first (the ``_poison`` fixture), so an element a kernel forgets to write fails.
+shapes, every shipped autotuning config and CUDA-graph capture; without one, test_kernels_compile_for_sm90
+compiles every kernel variant for an H100 with the real compiler (the interpreter accepts code it rejects).
+Every output the kernels allocate is poisoned with NaN first (the ``_poison`` fixture), so an element a
+kernel forgets to write fails.
 """
 
 from __future__ import annotations
