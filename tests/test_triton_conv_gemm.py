@@ -252,6 +252,21 @@ def test_wgrad_split_and_tiny_phase():
                ("grad_x", "grad_scale", "grad_shift", "grad_w"))
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 1), (2, 1), (1, 0)), ((5, 5), (3, 2), (2, 3)),
+                                                     ((1, 3), (1, 3), (0, 2))], ids=["3x1", "5x5", "1x3"])
+def test_rectangular_kernels_strides_paddings(kernel, stride, padding):
+    """Beyond ResNet's convs: non-square kernels, strides and paddings (padding up to the kernel size)."""
+    x = _act((2, 5, 8, 7), torch.float32, True)
+    weight = torch.randn(9, 5, *kernel, device=DEV) * 0.2
+    fwd = (x, _vec(5, True), _vec(5), True, weight, stride, padding, ONE, 1)
+    _check_all(cg.conv_stats(*fwd), reference.conv_stats(*fwd), torch.float32, ("y", "mean", "var"))
+    y, mean, _ = reference.conv_stats(*fwd)
+    bwd = (_act(y.shape, torch.float32, False), _vec(9), _vec(9), *fwd[:5], y, mean, stride, padding, ONE, 1)
+    mask = (True, True, True)
+    _check_all(cgb.conv_stats_backward(*bwd, mask), reference.conv_stats_backward(*bwd, mask), torch.float32,
+               ("grad_x", "grad_scale", "grad_shift", "grad_w"))
+
+
 BIAS_MASKS = [(True, True, True, True), (True, True, True, False), (False, False, True, False),
               (True, False, False, True), (False, True, False, False)]
 
