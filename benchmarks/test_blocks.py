@@ -20,7 +20,7 @@ VARIANTS = variants(bench_device().type)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", BLOCKS, ids=lambda s: s.name)
 def test_block(benchmark, device, shape, mode, variant):
-    reason = skip_reason(variant, device.type, "block")
+    reason = skip_reason(variant, device.type, shape.name)
     if reason:
         pytest.skip(reason)
     sizes = default_sizes(device.type)

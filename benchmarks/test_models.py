@@ -19,7 +19,7 @@ VARIANTS = variants(bench_device().type)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_model(benchmark, device, name, mode, variant):
-    reason = skip_reason(variant, device.type, "model")
+    reason = skip_reason(variant, device.type, name)
     if reason:
         pytest.skip(reason)
     sizes = default_sizes(device.type)
