@@ -49,20 +49,26 @@ def training_curves(histories: Sequence, path: str | Path, title: str = "") -> P
 
 
 def grouped_bars(cases: Sequence[str], series: dict[str, Sequence[float | None]], path: str | Path, *,
-                 ylabel: str, title: str = "", reference_line: float | None = None) -> Path:
-    """Horizontal grouped bars: one group per case, one bar per series (missing values skipped)."""
+                 ylabel: str, title: str = "", reference_line: float | None = None, log_scale: bool = False) -> Path:
+    """Horizontal grouped bars: one group per case, one bar per series (missing values skipped);
+    ``log_scale``: a base-2 axis when the values span more than 8x."""
     plt = _pyplot()
     n_series = max(1, len(series))
     height = 0.8 / n_series
-    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.22 * len(cases) * n_series + 1.5)))
+    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.1 * len(cases) * n_series + 1.5)))
     for i, (name, values) in enumerate(series.items()):
         ys = [c + (i - (n_series - 1) / 2) * height for c in range(len(cases))]
         pairs = [(y, v) for y, v in zip(ys, values) if v is not None]
         if pairs:
-            ax.barh([p[0] for p in pairs], [p[1] for p in pairs], height=height, label=name)
+            # Bars start at the reference (1x): slower variants extend left of it, faster ones right.
+            base = reference_line or 0.0
+            ax.barh([p[0] for p in pairs], [p[1] - base for p in pairs], left=base, height=height, label=name)
     ax.set_yticks(range(len(cases)))
     ax.set_yticklabels(cases, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(cases) - 0.5, -0.5)  # first case on top, no padding
+    shown = [v for values in series.values() for v in values if v]
+    if log_scale and shown and max(shown) / min(shown) > 8:
+        ax.set_xscale("log", base=2)  # ratios: 0.5x and 2x equally far from 1x
     if reference_line is not None:
         ax.axvline(reference_line, color="black", linewidth=0.8)
     ax.set_xlabel(ylabel)

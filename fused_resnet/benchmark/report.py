@@ -111,6 +111,8 @@ def chart(data: dict, path: str | Path, title: str = "") -> Path:
         names.extend(n for n in variants if n not in names)
     series = {}
     for name in names:
+        if name == "eager":
+            continue  # the baseline: 1.0 everywhere, drawn as the vertical line
         values = []
         for key in keys:
             variants = table[key]
@@ -120,7 +122,8 @@ def chart(data: dict, path: str | Path, title: str = "") -> Path:
     machine = data.get("machine_info", {})
     device = machine.get("gpu_name") or machine.get("cpu", {}).get("brand_raw") or machine.get("processor", "")
     return grouped_bars([f"{c} {m}" for c, m in keys], series, path, ylabel="speed relative to eager NCHW (x)",
-                        title=title or f"fused_resnet vs eager and torch.compile ({device})", reference_line=1.0)
+                        title=title or f"fused_resnet vs eager and torch.compile ({device})", reference_line=1.0,
+                        log_scale=True)
 
 
 def roofline_rows(data: dict) -> list[dict]:
