@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {exc}", file=sys.stderr)
         return 2
     print(text)
-    print(f"wrote {png} and {png.parent / 'ratios.md'}")
+    out = Path(args.out) if args.out else Path(args.json[0]).parent
+    print(f"wrote {out / 'ratios.md'}" + (f" and {png}" if png else " (no block/model results: no chart)"))
     return 0
 
 

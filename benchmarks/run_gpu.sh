@@ -2,15 +2,18 @@
 # The whole GPU benchmark: blocks, whole models, kernels + roofs; then the ratio table, the chart
 # and the device/version record, all in benchmarks/results/<date>-<gpu>/.
 #
-#   bash benchmarks/run_gpu.sh [blocks|models|kernels|report|all]   (default: all)
+#   bash benchmarks/run_gpu.sh [blocks|models|kernels|report|all] [SELECTION]   (default: all)
 #
-# Parts can be run one at a time (each fits in ~10 minutes on an H100) into the same folder;
-# `report` alone rebuilds the table and chart from the JSON files already there.
+# Parts can be run one at a time into the same folder, and a part can be split further with a
+# pytest -k SELECTION (e.g. `blocks basic`, `blocks bottleneck`), written to <part>-<selection>.json,
+# to keep each run within a time limit; `report` alone rebuilds the table and chart from the JSON
+# files already there.
 # FUSED_RESNET_BENCH_MAX_AUTOTUNE=1 adds torch.compile(mode="max-autotune") (much longer compiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part="${1:-all}"
+selection="${2:-}"
 
 python - <<'PY' || { echo "run_gpu.sh: needs a CUDA GPU visible to torch" >&2; exit 2; }
 import torch, sys
@@ -42,14 +45,20 @@ PY
 python -m fused_resnet info > "$out/info.txt" 2>&1 || true
 
 run() {  # $1: blocks | models | kernels
-  python -m pytest "benchmarks/test_$1.py" --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$out/$1.json" --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name \
-    | tee "$out/$1.log"
+  local name="$1" filter=()
+  if [ -n "$selection" ]; then
+    name="$1-$(echo "$selection" | tr -c 'A-Za-z0-9.\n' '_')"
+    filter=(-k "$selection")
+  fi
+  python -m pytest "benchmarks/test_$1.py" --benchmark-only -q -p no:cacheprovider "${filter[@]}" \
+    --benchmark-json="$out/$name.json" --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name \
+    | tee "$out/$name.log"
 }
 
+failed=0
 case "$part" in
-  blocks|models|kernels) run "$part" ;;
-  all) run blocks; run models; run kernels ;;
+  blocks|models|kernels) run "$part" || failed=1 ;;
+  all) for p in blocks models kernels; do run "$p" || failed=1; done ;;
   report) ;;
   *) echo "usage: $0 [blocks|models|kernels|report|all]" >&2; exit 2 ;;
 esac
@@ -60,3 +69,4 @@ if [ -n "$jsons" ]; then
   python benchmarks/report.py $jsons --out "$out"
 fi
 echo "results in $out"
+exit "$failed"

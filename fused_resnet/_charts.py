@@ -35,7 +35,10 @@ def training_curves(histories: Sequence, path: str | Path, title: str = "") -> P
     ax_step.set(xlabel="step", ylabel="training loss (batch)", yscale="log", title="loss per step")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss per epoch")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_step, ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

@@ -185,3 +185,12 @@ def test_median_seconds_counts_calls_and_saved_bytes_excludes():
     assert total == x.untyped_storage().nbytes() + w.untyped_storage().nbytes()
     assert timing.saved_activation_bytes(lambda: (x @ w).sum(), [w]) == x.untyped_storage().nbytes()
     assert timing.peak_memory_bytes(lambda: None, CPU) is None
+
+
+def test_kernels_only_report_has_roofline_and_no_chart(tmp_path):
+    data = _fixture_json(tmp_path / "all.json")
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["kind"] in ("kernel", "peaks")]
+    (tmp_path / "kernels.json").write_text(json.dumps(data))
+    text, png = write_report(tmp_path / "kernels.json", tmp_path / "k")
+    assert png is None and not (tmp_path / "k" / "speedup.png").exists()
+    assert "fraction of floor" in text and "conv_stats" in text

@@ -102,10 +102,13 @@ def ratio_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def chart(data: dict, path: str | Path, title: str = "") -> Path:
-    """Every variant's speed relative to eager NCHW (1.0), grouped by case and mode."""
+def chart(data: dict, path: str | Path, title: str = "") -> Path | None:
+    """Every variant's speed relative to eager NCHW (1.0), grouped by case and mode (None when
+    the JSON holds no block or model results, e.g. a kernels-only run)."""
     table = results(data)
     keys = sorted(table)
+    if not keys:
+        return None
     names: list[str] = []
     for variants in table.values():
         names.extend(n for n in variants if n not in names)
@@ -169,7 +172,7 @@ def machine_summary(data: dict) -> str:
     return ", ".join(f"{k}={m[k]}" for k in keys if m.get(k) is not None)
 
 
-def write_report(json_paths, out_dir: str | Path | None = None) -> tuple[str, Path]:
+def write_report(json_paths, out_dir: str | Path | None = None) -> tuple[str, Path | None]:
     """Write ``ratios.md`` (machine, ratio table, roofline table) and ``speedup.png`` beside the
     (first) JSON or in ``out_dir``; returns the markdown text and the PNG path."""
     paths = [json_paths] if isinstance(json_paths, (str, Path)) else list(json_paths)
@@ -182,5 +185,4 @@ def write_report(json_paths, out_dir: str | Path | None = None) -> tuple[str, Pa
         parts += ["", roof]
     text = "\n".join(parts) + "\n"
     (out / "ratios.md").write_text(text)
-    png = chart(data, out / "speedup.png")
-    return text, png
+    return text, chart(data, out / "speedup.png")

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     print(_variant_table(results))
     print()
     print(ratio_table(data))
-    _, png = write_report(out / "bench.json", out)
+    _, png = write_report(out / "bench.json", out)  # results exist: the chart is drawn
     print(f"wrote {out / 'bench.json'}, {out / 'ratios.md'} and {png}")
     return 0
 
