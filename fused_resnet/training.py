@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import _distributed, models
+from . import _torchrun, models
 from ._backend import use_backend
 from .data import ImageDataset, collate_batch, random_crop_flip
 from .fuse import find_fusable, fuse
@@ -108,7 +108,7 @@ def load_checkpoint(model: nn.Module, path: str) -> str:
     return f"loaded {len(state)} tensors from {path}{note}"
 
 
-def prepare_model(config: TrainConfig, num_classes: int, fused: bool, place: _distributed.Place,
+def prepare_model(config: TrainConfig, num_classes: int, fused: bool, place: _torchrun.Place,
                   log: Callable[[str], None] = print) -> nn.Module:
     """Seeded initial weights, then the checkpoint, SyncBatchNorm, ``fuse``, device/layout and DDP,
     in that order (SyncBatchNorm must exist before ``fuse`` decides what it can swap)."""
@@ -160,7 +160,7 @@ def _progress(iterable, place, config, **kwargs):
 
 
 def evaluate(model: nn.Module, test: ImageDataset, config: TrainConfig,
-             place: _distributed.Place) -> tuple[float, float]:
+             place: _torchrun.Place) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on the test set (each process takes every world-th image)."""
     model.eval()
     shard = list(range(place.rank, len(test), place.world_size))
@@ -173,7 +173,7 @@ def evaluate(model: nn.Module, test: ImageDataset, config: TrainConfig,
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum().double()
-    loss_sum, correct = _distributed.sum_across(place, loss_sum.item(), correct.item())
+    loss_sum, correct = _torchrun.sum_across(place, loss_sum.item(), correct.item())
     return loss_sum / len(test), correct / len(test)
 
 
@@ -190,7 +190,7 @@ def _sync(device: torch.device) -> None:
 
 
 def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, config: TrainConfig,
-          place: _distributed.Place, *, fused: bool, log: Callable[[str], None] = print) -> History:
+          place: _torchrun.Place, *, fused: bool, log: Callable[[str], None] = print) -> History:
     """Train ``model`` (prepared by :func:`prepare_model`) for ``config.epochs`` epochs."""
     history = History(fused=fused)
     sampler = DistributedSampler(train_set, num_replicas=place.world_size, rank=place.rank, shuffle=True,
@@ -228,7 +228,7 @@ def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, con
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
             _sync(place.device)
             elapsed = time.perf_counter() - epoch_start
-            total_loss, total_seen, total_rate = _distributed.sum_across(
+            total_loss, total_seen, total_rate = _torchrun.sum_across(
                 place, loss_sum.item(), float(seen), seen / elapsed)
             test_loss, accuracy = evaluate(model, test_set, config, place)
             history.epoch_loss.append(total_loss / total_seen)

@@ -10,7 +10,7 @@ import torch
 from test_data import write_cifar
 
 from fused_resnet.__main__ import build_parser, main
-from fused_resnet._distributed import Place
+from fused_resnet._torchrun import Place
 from fused_resnet.cli.train import COMPARE_BAND, curves_agree, make_config
 from fused_resnet.data import load_digits
 from fused_resnet.modules import FusedBasicBlock

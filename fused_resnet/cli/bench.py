@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._distributed import resolve_device
+from .._torchrun import resolve_device
 from ..benchmark import timing
 from ..benchmark.cases import MODELS, MODES, Sizes, default_sizes, prepare_model, variants
 from ..benchmark.machine import machine_info

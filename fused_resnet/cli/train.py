@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import _distributed
+from .. import _torchrun
 from .._backend import BACKEND_NAMES
 from ..data import DatasetError, load_dataset
 from ..training import MODELS, TrainConfig, initial_state, prepare_model, train, unwrap
@@ -123,17 +123,17 @@ def curves_agree(fused, plain, dtype: str) -> tuple[bool, str]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        place = _distributed.setup(args.device)
+        place = _torchrun.setup(args.device)
     except RuntimeError as exc:
         print(f"fused_resnet train: {exc}", file=sys.stderr)
         return 2
     try:
         return _run(args, place)
     finally:
-        _distributed.teardown(place)
+        _torchrun.teardown(place)
 
 
-def _run(args: argparse.Namespace, place: _distributed.Place) -> int:
+def _run(args: argparse.Namespace, place: _torchrun.Place) -> int:
     config = make_config(args, place.device.type)
     log = print if place.is_main else (lambda *_: None)
     try:
