@@ -201,6 +201,8 @@ def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, con
                                 weight_decay=config.weight_decay)
     # Cosine annealing per step, as the classic tutorial does per epoch: smoother for few epochs.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler(place.device.type, enabled=config.dtype == "fp16")
     start = time.perf_counter()
     with use_backend(config.backend):
         for epoch in range(config.epochs):
@@ -218,8 +220,9 @@ def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, con
                 with _autocast(config, place.device):
                     loss = F.cross_entropy(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 step_losses.append(loss.detach())
                 loss_sum += loss.detach().double() * y.shape[0]
