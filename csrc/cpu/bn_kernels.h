@@ -175,10 +175,11 @@ void for_each_span(const Shape& s, const ChannelArrays& arrays, const Span& span
   }
 }
 
-// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)): one read of y and
-// res, one write of out (the unfused sequence reads and writes the tensor once per operator).
+// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)), layout-agnostic
+// (rows or planes). Moves 2 tensors (3 with a residual); unfused, BN + add + ReLU move 6 (BN
+// read/write, add read 2/write, ReLU read/write), and the downsample BN 2 more.
 template <typename Y, typename R, typename O>
-void apply_kernel(const ApplyArgs& a) {
+void bn_apply_fwd_cpu_kernel(const ApplyArgs& a) {
   const ChannelArrays arr(a.shape.c, a.centre, a.scale, a.shift, a.res_scale, a.res_shift);
   const Y* y = static_cast<const Y*>(a.y);
   const R* res = static_cast<const R*>(a.res);
@@ -217,8 +218,10 @@ void apply_kernel(const ApplyArgs& a) {
 
 // Mean and biased variance per channel, from sums of d = y - y[0, c, 0, 0] and d * d: shifting
 // by a sample of the channel keeps the fp32 sums free of the cancellation of E[y^2] - E[y]^2.
+// One read of y (torch.var_mean reads it once too; BatchNorm's training forward reads it twice
+// more to normalise and write, which here is deferred to the next op's prologue/epilogue).
 template <typename Y>
-void stats_kernel(const StatsArgs& a) {
+void bn_stats_cpu_kernel(const StatsArgs& a) {
   const Shape& s = a.shape;
   const Y* y = static_cast<const Y*>(a.y);
   std::vector<float> pivot(s.c);
@@ -252,10 +255,12 @@ void stats_kernel(const StatsArgs& a) {
 }
 
 // dz = grad * [z > 0] (z the recomputed pre-activation); grad_y = dz * scale, grad_res =
-// dz * res_scale, and sum(dz), sum(dz * y), sum(dz * res): one read of grad, y and res, one write
-// per gradient, instead of a mask tensor, a multiply per gradient and a reduction per sum.
+// dz * res_scale, and sum(dz), sum(dz * y), sum(dz * res): reads grad, y (and res) once and
+// writes each gradient once, 5 tensors with a residual; unfused, ReLU backward (3), the add's
+// gradient fan-out and the BN backward(s) (about 5 each: two reductions, then the input gradient)
+// move about 13.
 template <typename G, typename Y, typename O>
-void apply_backward_kernel(const ApplyBackwardArgs& a) {
+void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
   const ChannelArrays arr(a.shape.c, nullptr, a.scale, a.shift, a.res_scale, a.res_shift);
   const G* g = static_cast<const G*>(a.grad);
   const Y* y = static_cast<const Y*>(a.y);
@@ -351,19 +356,19 @@ void dispatch3(DType a, DType b, DType c, const F& f) {
 inline void apply(const ApplyArgs& a) {
   DType r = a.res ? a.res_dtype : (a.y_dtype == DType::kFloat32 ? a.out_dtype : a.y_dtype);
   dispatch3(a.y_dtype, r, a.out_dtype, [&](auto ty, auto tr, auto to) {
-    apply_kernel<decltype(ty), decltype(tr), decltype(to)>(a);
+    bn_apply_fwd_cpu_kernel<decltype(ty), decltype(tr), decltype(to)>(a);
   });
 }
 
 inline void apply_backward(const ApplyBackwardArgs& a) {
   DType o = a.grad_y ? a.grad_y_dtype : a.y_dtype;
   dispatch3(a.grad_dtype, a.y_dtype, o, [&](auto tg, auto ty, auto to) {
-    apply_backward_kernel<decltype(tg), decltype(ty), decltype(to)>(a);
+    bn_apply_bwd_cpu_kernel<decltype(tg), decltype(ty), decltype(to)>(a);
   });
 }
 
 inline void stats(const StatsArgs& a) {
-  dispatch_one(a.dtype, [&](auto t) { stats_kernel<decltype(t)>(a); });
+  dispatch_one(a.dtype, [&](auto t) { bn_stats_cpu_kernel<decltype(t)>(a); });
 }
 
 inline int64_t no_workspace(const Shape&) { return 0; }
