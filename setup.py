@@ -41,7 +41,7 @@ def _default_max_jobs() -> int:
 
 
 def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
 
 
 def _extensions():
@@ -64,7 +64,10 @@ def _extensions():
     # at::parallel_for is OpenMP code inlined from the headers: without -fopenmp it would not compile.
     cxx = opt + ["-fopenmp", f"-DFR_TORCH_VERSION={version}"]
     sources = _sources("*.cpp") + _sources("cpu/*.cpp")
-    kwargs = {"name": "fused_resnet._C", "extra_link_args": ["-fopenmp"]}
+    # Every csrc file is a `depends`: headers and (in a CPU build) the CUDA sources then go into the
+    # sdist, so that it builds with or without CUDA, and a change to a header rebuilds the extension.
+    depends = _sources("**/*.h") + _sources("cuda/*.cpp") + _sources("cuda/*.cu")
+    kwargs = {"name": "fused_resnet._C", "extra_link_args": ["-fopenmp"], "depends": depends}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
