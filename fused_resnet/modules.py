@@ -12,6 +12,7 @@ norm layer, a conv with bias, a custom downsample) runs exactly as the ``nn`` bl
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -76,9 +77,35 @@ def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2
     )
 
 
+# conv module -> (key, folded weight, folded bias); entries die with their module.
+_folded_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # A tensor's version counter moves on every in-place change (optimizer steps, load_state_dict).
+    return (bn.eps,) + tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
+    )
+
+
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv``'s weight and bias with the eval-mode ``bn`` folded in."""
-    return ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    """``conv``'s weight and bias with the eval-mode ``bn`` folded in.
+
+    Without autograd (``torch.no_grad``/``inference_mode``, i.e. serving) the result is cached per
+    module until one of the tensors involved changes, so folding costs nothing per forward; with
+    autograd it is recomputed so that gradients reach the BN parameters; under ``torch.compile``
+    it is traced (and constant-folded by the compiler where it can)."""
+    args = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return ops.fold_bn(*args)
+    key = _fold_key(conv, bn)
+    hit = _folded_cache.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    weight, bias = ops.fold_bn(*args)
+    _folded_cache[conv] = (key, weight, bias)
+    return weight, bias
 
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],

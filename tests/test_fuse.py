@@ -136,3 +136,28 @@ def test_state_dict_round_trip_both_ways():
     assert isinstance(ours.layer1[0], FusedBasicBlock)
     ours50, tv50 = fused_resnet.resnet50(), tv_resnet50(num_classes=1000)
     assert {k: v.shape for k, v in ours50.state_dict().items()} == {k: v.shape for k, v in tv50.state_dict().items()}
+
+
+def test_eval_folding_is_cached_and_follows_parameter_changes():
+    plain, fused = _pair(tv_resnet18, width=8)
+    plain.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+        calls = []
+        original = fused_resnet.ops.fold_bn
+        fused_resnet.ops.fold_bn = lambda *a: calls.append(1) or original(*a)
+        try:
+            fused(x)
+            assert calls == []  # every fold came from the cache
+            for model in (plain, fused):  # an in-place parameter change must invalidate the cache
+                model.layer1[0].bn1.weight.mul_(1.5)
+                model.layer2[0].conv1.weight.add_(0.01)
+                model.layer3[0].bn2.running_var.mul_(2.0)
+            assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+            assert len(calls) == 3
+        finally:
+            fused_resnet.ops.fold_bn = original
+        fused.load_state_dict(tv_resnet18(width=8).double().state_dict())
+        plain.load_state_dict(fused.state_dict())
+        assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
