@@ -10,4 +10,7 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
 else
   echo "nvcc not found: CUDA compile check skipped"
 fi
+# The extension was just built: a native backend that fails to load must fail the native tests, not
+# skip them.
+export FUSED_RESNET_REQUIRE_NATIVE=1
 exec "$PYTHON" -m pytest tests "$@"
