@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import _torchrun, models
 from ._backend import use_backend
 from .data import ImageDataset, collate_batch, random_crop_flip
+from .distributed import adopt_sync_batch_norms
 from .fuse import find_fusable, fuse
 from .small_resnet import small_resnet
 
@@ -118,13 +119,14 @@ def prepare_model(config: TrainConfig, num_classes: int, fused: bool, place: _to
         log(load_checkpoint(model, config.init_from))
     if config.sync_bn and place.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if place.device.type == "cpu":
+            # DDP refuses nn.SyncBatchNorm on the CPU; SyncBatchNorm2d is the same module that runs there
+            # (every norm of these models sees 4-D inputs), so the unfused --compare model trains too.
+            adopt_sync_batch_norms(model)
     if fused:
         fuse(model)
         left = find_fusable(model)
         log(f"fused model: {_count_fused(model)} fused blocks/stems" + (f"; not fused: {left}" if left else ""))
-        if config.sync_bn and place.distributed and place.device.type == "cpu" and _runs_sync_bn(model):
-            raise RuntimeError("--sync-bn on CPU: torch's SyncBatchNorm only runs on GPUs and these blocks "
-                               "were not fused; drop --sync-bn or train on CUDA")
     model = model.to(place.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -138,10 +140,6 @@ def _count_fused(model: nn.Module) -> int:
     from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBN2d
 
     return sum(isinstance(m, (FusedBasicBlock, FusedBottleneck, FusedConvBN2d)) for m in model.modules())
-
-
-def _runs_sync_bn(model: nn.Module) -> bool:
-    return any(type(m) is nn.SyncBatchNorm for m in model.modules())
 
 
 def _autocast(config: TrainConfig, device: torch.device):
