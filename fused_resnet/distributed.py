@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import reference
 from ._layout import channel_view, stat_dtype
 
 _CHECKED = "_fused_resnet_sync_checked"  # per-module memo of the cross-rank shape check
@@ -106,12 +107,8 @@ def merge_batch_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group):
 def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, total, momentum):
     """``update_running_stats_`` (see ``reference.py``) with the global count as a tensor, so that
     no host sync is needed: ``running_var`` gets ``var * N / (N - 1)``. Computed in fp64."""
-    num_batches_tracked.add_(1)
-    factor = 1.0 / num_batches_tracked.double() if momentum is None else momentum
-    total = total.double()
-    unbiased = var.double() * (total / (total - 1))
-    running_mean.copy_(factor * mean.double() + (1 - factor) * running_mean.double())
-    running_var.copy_(factor * unbiased + (1 - factor) * running_var.double())
+    reference.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, total.double(),
+                                    momentum)
 
 
 # Which modules synchronise, and over which group ----------------------------------------------
