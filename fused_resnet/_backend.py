@@ -50,6 +50,7 @@ class Backend:
 
 _registry: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
+_availability: dict[tuple[str, str], str | None] = {}
 _loaded = False
 _default = os.environ.get("FUSED_RESNET_BACKEND", "auto")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_resnet_backend", default=None)
@@ -60,6 +61,8 @@ def register_backend(name: str, availability: Callable[[str], str | None]) -> Ba
     """Declare backend ``name``; ``availability(device_type)`` returns None or why it cannot run."""
     backend = _registry.setdefault(name, Backend(name, availability))
     backend.availability = availability
+    for key in [k for k in _availability if k[0] == name]:
+        del _availability[key]
     return backend
 
 
@@ -100,7 +103,10 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
         return f"failed to load: {_load_errors[name]}"
     if name not in _registry:
         return "not installed"
-    return _registry[name].availability(device_type)
+    key = (name, device_type)
+    if key not in _availability:  # fixed once a backend is loaded; asked on every op call
+        _availability[key] = _registry[name].availability(device_type)
+    return _availability[key]
 
 
 def backends(device_type: str | None = None) -> list[str]:

@@ -50,26 +50,34 @@ for _name, _schema in SCHEMAS.items():
 
 def _run(kernel: str, device: torch.device, *args):
     _, fn = _backend.select(kernel, device.type, args)
-    with torch.autocast(device.type, enabled=False):
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            outputs = fn(*args)
+    else:  # entering an autocast context costs more than many kernels on small tensors
         outputs = fn(*args)
     return _unaliased(outputs, args)
 
 
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
 def _unaliased(outputs, args):
     """Op outputs may alias neither an input nor each other (the dispatcher relies on it); a kernel
-    that returns, say, the incoming gradient unchanged gets a copy made here."""
+    that returns, say, the incoming gradient unchanged, or a view of it, gets a copy made here.
+    Identity checks only: this runs on every call."""
     if outputs is None:
         return None
     single = isinstance(outputs, torch.Tensor)
-    seen = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
+    roots = [_root(a) for a in args if isinstance(a, torch.Tensor)]
     fresh = []
     for out in (outputs,) if single else outputs:
-        if out is not None and out.numel():
-            ptr = out.untyped_storage().data_ptr()
-            if ptr in seen:
+        if out is not None:
+            root = _root(out)
+            if any(root is r for r in roots):
                 out = out.clone()
-                ptr = out.untyped_storage().data_ptr()
-            seen.add(ptr)
+                root = out
+            roots.append(root)
         fresh.append(out)
     return fresh[0] if single else tuple(fresh)
 
