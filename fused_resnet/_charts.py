@@ -43,12 +43,7 @@ def training_curves(histories: Sequence, path: str | Path, title: str = "") -> P
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def grouped_bars(cases: Sequence[str], series: dict[str, Sequence[float | None]], path: str | Path, *,
@@ -79,6 +74,11 @@ def grouped_bars(cases: Sequence[str], series: dict[str, Sequence[float | None]]
     ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write ``fig`` as PNG to ``path`` (creating its folder) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def _conv_kwargs(conv: nn.Conv2d) -> dict:
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    return ops.uses_batch_stats(bn.training, bn.running_mean, bn.running_var)
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float | None:

@@ -75,7 +75,8 @@ def batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps: float, dtype: tor
     return scale, shift
 
 
-def _uses_batch_stats(training: bool, running_mean, running_var) -> bool:
+def uses_batch_stats(training: bool, running_mean, running_var) -> bool:
+    """Whether a BN normalises with batch statistics."""
     # nn.BatchNorm2d: batch statistics in training, and in eval when no running stats are kept.
     return training or (running_mean is None and running_var is None)
 
@@ -118,7 +119,7 @@ def conv_bn(
     x, weight = _autocast(x, weight)
     conv = _conv_args(stride, padding, dilation, groups)
     sdt = stat_dtype(x.dtype)
-    if not _uses_batch_stats(training, running_mean, running_var):
+    if not uses_batch_stats(training, running_mean, running_var):
         y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
         return DeferredBN(y, *batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, sdt))
     y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
@@ -215,7 +216,7 @@ def conv_bn_relu(
     In eval (running statistics) the BN is folded into the conv: one conv with a bias+ReLU
     epilogue. ``process_group``: synchronised statistics, as in :func:`conv_bn`."""
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    if not _uses_batch_stats(training, running_mean, running_var):
+    if not uses_batch_stats(training, running_mean, running_var):
         folded_weight, bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
         return conv_bias_act(x, folded_weight, bias, relu=relu, **conv)
     deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,

@@ -23,14 +23,15 @@ from ..benchmark import timing
 from ..benchmark.cases import MODELS, MODES, Sizes, default_sizes, prepare_model, variants
 from ..benchmark.machine import machine_info
 from ..benchmark.report import ratio_table, write_report
+from . import positive_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18", choices=MODELS, help="(default: %(default)s)")
-    parser.add_argument("--batch", type=_positive, default=None, help="images per step (default: 256 CUDA, 4 CPU)")
-    parser.add_argument("--image-size", type=_positive, default=None, help="(default: 224 CUDA, 56 CPU)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="images per step (default: 256 CUDA, 4 CPU)")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="(default: 224 CUDA, 56 CPU)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="autocast dtype; fp32 = no autocast (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both",
@@ -39,18 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these variants (names as in the table, e.g. eager,fused_reference)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include torch.compile (default: on CUDA; off on CPU, where it compiles for minutes)")
-    parser.add_argument("--rounds", type=_positive, default=None, help="timed rounds (default: 20 CUDA, 5 CPU)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="timed rounds (default: 20 CUDA, 5 CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
     parser.add_argument("--out", default="fused_resnet_bench", metavar="DIR",
                         help="folder for bench.json, ratios.md and speedup.png (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def select_variants(args: argparse.Namespace, device_type: str) -> list:

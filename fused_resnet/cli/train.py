@@ -18,6 +18,7 @@ from .. import _torchrun
 from .._backend import BACKEND_NAMES
 from ..data import DatasetError, load_dataset
 from ..training import MODELS, TrainConfig, initial_state, prepare_model, train, unwrap
+from . import positive_int
 
 # --compare. Both runs start from the same weights and see the same batches, but the fused kernels
 # round differently (other summation orders), and SGD at lr 0.1 amplifies rounding-level
@@ -40,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d.model, choices=MODELS,
                         help="'small': widths 16-32-64, one BasicBlock per stage; resnetNN: torchvision's "
                              "(default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive, default=d.epochs, help="(default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive, default=d.batch_size,
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                         help="images per step and per process (default: %(default)s)")
     parser.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--momentum", type=float, default=d.momentum, help="(default: %(default)s)")
@@ -69,13 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="fused_resnet_train", metavar="DIR",
                         help="folder for curves.png and history.json (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _positive_float(text: str) -> float:
