@@ -103,7 +103,10 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Ten
     hit = _folded_cache.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
-    weight, bias = ops.fold_bn(*args)
+    # Not as inference tensors (folded inside inference_mode they would be): those have no version
+    # counter, so the native CPU backend could not cache their oneDNN reorder (csrc/cpu/onednn_conv.h).
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = ops.fold_bn(*args)
     _folded_cache[conv] = (key, weight, bias)
     return weight, bias
 

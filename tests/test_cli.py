@@ -14,6 +14,10 @@ def test_info_lists_versions_and_backends(capsys):
     assert "torch" in out and "backends on cpu" in out
     for name in ("reference", "triton", "native"):
         assert f"  {name}" in out
+    from fused_resnet.backends import native
+
+    assert "native backend:" in out  # what the extension does here, or why it is not loaded
+    assert ("built against torch" in out) == (native.LOAD_ERROR is None)
 
 
 def test_check_passes_with_the_reference_oracle(capsys):

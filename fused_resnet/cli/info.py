@@ -39,6 +39,12 @@ def _triton_lines() -> list[str]:
     return triton_backend.info_lines()
 
 
+def _native_lines() -> list[str]:
+    from fused_resnet.backends import native
+
+    return native.info_lines()
+
+
 def run(args) -> int:
     import torch
 
@@ -54,6 +60,9 @@ def run(args) -> int:
     for name in _backend.BACKEND_NAMES[1:]:
         reason = _backend.unavailable_reason(name, device)
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("\nnative backend:")
+    for line in _native_lines():
+        print(f"  {line}")
     print("\ntriton backend:")
     for line in _triton_lines():
         print(f"  {line}")

@@ -110,3 +110,34 @@ if _C is not None:
     @register_kernel("native", "update_running_stats_")
     def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         _ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+
+
+def packed_weight_count() -> int:
+    """How many conv weights the CPU ``conv_bias_act`` holds reordered for oneDNN (0 without the
+    extension). Serving without autograd in float32, each conv's (folded) weight is reordered once
+    and kept until that tensor dies or changes in place (``csrc/cpu/onednn_conv.h``)."""
+    return torch.ops.fused_resnet_native.packed_weight_count() if _C is not None else 0
+
+
+def clear_packed_weights() -> None:
+    """Drop every cached oneDNN weight reorder (they are rebuilt on the next call that needs one)."""
+    if _C is not None:
+        torch.ops.fused_resnet_native.clear_packed_weights()
+
+
+def info_lines() -> list[str]:
+    """What ``python -m fused_resnet info`` says about the extension."""
+    if _C is None:
+        return [f"not loaded: {LOAD_ERROR}"]
+    lines = [f"built against torch {getattr(_C, 'TORCH_VERSION', '?')}, CUDA kernels: {'yes' if WITH_CUDA else 'no'}"]
+    if not torch.backends.mkldnn.is_available():
+        lines.append("CPU conv_bias_act: ATen convolution + fused epilogue (this torch has no oneDNN)")
+    elif not torch.backends.mkldnn.enabled:
+        lines.append("CPU conv_bias_act: ATen convolution + fused epilogue (torch.backends.mkldnn.enabled is False)")
+    else:
+        lines.append(
+            "CPU conv_bias_act without autograd, float32: oneDNN post-ops with cached weight reorders for convs "
+            "of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^20); "
+            f"{packed_weight_count()} weights cached now"
+        )
+    return lines
