@@ -63,12 +63,12 @@ struct PackedWeight {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   uint32_t version = 0;
   std::vector<int64_t> geometry;
-  Tensor packed;
+  Tensor packed;  // undefined until the weight is seen a second time, unchanged
 };
 
 // Bounds the entries of tensors that die without being looked up again: each insert sweeps the
 // dead ones, and past this many live ones the cache starts over.
-constexpr size_t kMaxPackedWeights = 4096;
+constexpr size_t kMaxEntries = 4096;
 
 std::mutex cache_mutex;
 std::unordered_map<const c10::TensorImpl*, PackedWeight>& cache() {
@@ -96,32 +96,41 @@ bool matches(const PackedWeight& e, const Tensor& w, uint32_t version, const std
          e.geometry == geometry;
 }
 
-// `w` reordered for an input `x` of layout `format`, cached under `w` itself (not under the dense
-// copy in `format` that is reordered, which would be a new tensor on every call).
+// `w` reordered for an input `x` of layout `format`, or undefined the first time this weight (in
+// this version and geometry) is seen. A weight is reordered only when it comes back unchanged:
+// one that is new on every call (folded inside a torch.compile graph, say) would pay the reorder
+// and oneDNN's per-call setup each time for nothing, so it keeps the generic path. The entry is
+// kept under `w` itself, not under the dense copy in `format` that is reordered (a new tensor on
+// every call).
 Tensor packed_weight(const OneDnnOps& ops, const Tensor& w, at::MemoryFormat format, const Tensor& x, IntList stride,
                      IntList padding, IntList dilation, int64_t groups) {
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
   std::vector<int64_t> geometry = geometry_of(w, format, stride, padding, dilation, groups);
   const c10::TensorImpl* key = w.unsafeGetTensorImpl();
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto it = cache().find(key);
-    if (it != cache().end() && matches(it->second, w, version, geometry)) return it->second.packed;
-  }
-  // The reorder is chosen for this input size; another size still gets a correct result (oneDNN
-  // reorders again on the fly if its choice differs), only slower.
-  // oneDNN picks a channels_last output when the input or the weight is: the weight goes in the
-  // input's layout so that the output follows the input, as the op's contract says.
-  Tensor packed = call(*ops.reorder, {w.contiguous(format), vec(padding), vec(stride), vec(dilation), groups, vec(x.sizes())});
-  PackedWeight entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                     w.storage().getWeakStorageImpl(), version, std::move(geometry), packed};
-  std::lock_guard<std::mutex> lock(cache_mutex);
+  std::unique_lock<std::mutex> lock(cache_mutex);
   auto& entries = cache();
-  for (auto it = entries.begin(); it != entries.end();) {
-    it = it->second.source.expired() ? entries.erase(it) : std::next(it);
+  auto it = entries.find(key);
+  if (it == entries.end() || !matches(it->second, w, version, geometry)) {
+    for (auto e = entries.begin(); e != entries.end();) {
+      e = e->second.source.expired() ? entries.erase(e) : std::next(e);
+    }
+    if (entries.size() >= kMaxEntries) entries.clear();
+    entries.insert_or_assign(key, PackedWeight{
+        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+        w.storage().getWeakStorageImpl(), version, std::move(geometry), Tensor()});
+    return Tensor();
   }
-  if (entries.size() >= kMaxPackedWeights) entries.clear();
-  entries.insert_or_assign(key, std::move(entry));
+  if (it->second.packed.defined()) return it->second.packed;
+  lock.unlock();  // reorder outside the lock: other threads' convolutions need not wait for it
+  // The reorder is chosen for this input size; another size still gets a correct result (oneDNN
+  // reorders again on the fly if its choice differs), only slower. oneDNN picks a channels_last
+  // output when the input or the weight is: the weight goes in the input's layout so that the
+  // output follows the input, as the op's contract says.
+  Tensor packed = call(*ops.reorder, {w.contiguous(format), vec(padding), vec(stride), vec(dilation), groups,
+                                      vec(x.sizes())});
+  lock.lock();
+  it = entries.find(key);  // the map may have changed meanwhile
+  if (it != entries.end() && matches(it->second, w, version, geometry)) it->second.packed = packed;
   return packed;
 }
 
@@ -167,6 +176,7 @@ std::optional<Tensor> onednn_conv_bias_act(const Tensor& x, const Tensor& weight
   const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const Tensor input = x.contiguous(format);
   const Tensor packed = packed_weight(ops, weight, format, input, stride, padding, dilation, groups);
+  if (!packed.defined()) return std::nullopt;
   c10::IValue b = (bias.has_value() && bias->defined()) ? c10::IValue(bias->contiguous()) : c10::IValue();
   Tensor out;
   if (residual.has_value() && residual->defined()) {
@@ -184,7 +194,9 @@ std::optional<Tensor> onednn_conv_bias_act(const Tensor& x, const Tensor& weight
 
 int64_t packed_weight_count() {
   std::lock_guard<std::mutex> lock(cache_mutex);
-  return static_cast<int64_t>(cache().size());
+  int64_t n = 0;
+  for (const auto& [key, entry] : cache()) n += entry.packed.defined() && !entry.source.expired();
+  return n;
 }
 
 void clear_packed_weights() {
