@@ -110,7 +110,8 @@ struct NoGuard {
   explicit NoGuard(const Tensor&) {}
 };
 
-// For a device whose vendor library has no fused conv_bias_act that beats the composition.
+// A device whose vendor library path for conv_bias_act is not wired up (CUDA: cuDNN's fused
+// conv-bias-activation could be one; the composition runs instead).
 struct NoLibraryConv {
   static std::optional<Tensor> library_conv_bias_act(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                                      IntList, IntList, IntList, int64_t, bool) {

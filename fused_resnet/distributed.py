@@ -227,10 +227,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 class FusedAwaySyncBatchNorm2d(SyncBatchNorm2d):
-    """A synchronised BN whose work a preceding fused stem conv does: it passes its input through."""
+    """A synchronised BN whose work a preceding fused stem conv does: it passes its input through
+    (while the stem is intact: see ``modules.FusedConvBN2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.fused_into.fused_state()[0] else SyncBatchNorm2d.forward(self, x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused into the preceding conv"

@@ -91,24 +91,49 @@ def _has_stem(model: nn.Module) -> bool:
     )
 
 
+def _broken_stem(model: nn.Module) -> FusedConvBN2d | None:
+    """``model``'s fused stem conv if a module of that stem was replaced since ``fuse`` (say by
+    ``convert_sync_batchnorm``): it then runs unfused (``FusedConvBN2d.fused_state``) until fused anew."""
+    conv = model._modules.get("conv1")
+    if isinstance(conv, FusedConvBN2d) and (conv.stem_owner is not model or conv.fused_state() != (True, conv.fused_relu)):
+        return conv
+    return None
+
+
 def _fuse_stem(model: nn.Module) -> bool:
     if not _has_stem(model):
         return False
     conv, bn, relu = model.conv1, model.bn1, getattr(model, "relu", None)
     fuse_relu = _known_resnet_forward(model) and type(relu) is nn.ReLU
+    stem = [conv, bn] + ([relu] if fuse_relu else [])
+    for module in stem:
+        module.__dict__["class_before_fuse"] = type(module)
     conv.__class__ = FusedConvBN2d
-    conv.__dict__["fused_bn"] = bn  # unregistered: the BN's state_dict keys stay model.bn1.*
-    conv.__dict__["fused_relu"] = fuse_relu
+    # Unregistered references: the state_dict keys stay model.conv1/bn1.*, and no module cycle is
+    # registered. The stem modules check them on every call (FusedConvBN2d.fused_state).
+    conv.__dict__.update(fused_bn=bn, fused_relu=fuse_relu, fused_relu_module=relu if fuse_relu else None,
+                         stem_owner=model, stem_modules=stem)
     bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
+    bn.__dict__["fused_into"] = conv
     if fuse_relu:
         relu.__class__ = FusedAwayReLU
+        relu.__dict__["fused_into"] = conv
     return True
+
+
+def _unfuse_stem(conv: FusedConvBN2d) -> None:
+    """Give each module of a fused stem back the class it had before ``fuse``."""
+    for module in conv.stem_modules:
+        module.__class__ = module.__dict__.pop("class_before_fuse")
+        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_relu_module", "stem_owner", "stem_modules"):
+            module.__dict__.pop(attr, None)
 
 
 def find_fusable(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` that :func:`fuse` would swap."""
     names = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
-    return names + [f"{name}.conv1" if name else "conv1" for name, m in model.named_modules() if _has_stem(m)]
+    stems = [name for name, m in model.named_modules() if _has_stem(m) or _broken_stem(m) is not None]
+    return names + [f"{name}.conv1" if name else "conv1" for name in stems]
 
 
 def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
@@ -132,6 +157,9 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
                 distributed.adopt_sync_batch_norms(getattr(parent, child_name))
                 swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     for name, module in list(model.named_modules()):
+        broken = _broken_stem(module)
+        if broken is not None:
+            _unfuse_stem(broken)
         if _fuse_stem(module):
             swapped.append(f"{name}.conv1" if name else "conv1")
     message = f"fused_resnet.fuse: swapped {len(swapped)} module(s): {', '.join(swapped) or 'none'}"

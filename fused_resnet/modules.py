@@ -182,24 +182,51 @@ class FusedConvBN2d(nn.Conv2d):
     """A stem ``nn.Conv2d`` that also applies the following BN (and ReLU): ``fuse`` turns a model's
     conv into this class in place, so its parameter and ``state_dict`` key stay the conv's own.
     The BN module stays where it was (its class becomes :class:`FusedAwayBatchNorm2d`) and is
-    read through an unregistered reference, so its keys do not move either."""
+    read through an unregistered reference, so its keys do not move either.
+
+    The three modules check on every call that the model still holds them where ``fuse`` found
+    them (``stem_owner.conv1/bn1/relu``): if one was replaced since (``convert_sync_batchnorm``
+    after ``fuse``, a BN swapped for ``nn.Identity``, another activation), the others do their
+    own work again, so the stem computes what the model now says instead of normalising twice or
+    dropping a step. ``fuse`` called again re-fuses such a stem."""
 
     fused_bn: nn.BatchNorm2d
     fused_relu: bool
+    fused_relu_module: nn.Module | None
+    stem_owner: nn.Module  # the model whose conv1/bn1/relu were fused
+
+    def fused_state(self) -> tuple[bool, bool]:
+        """Whether this conv still applies the BN, and the ReLU: whether the model still holds
+        this conv, the fused BN and (when fused) the ReLU module where ``fuse`` found them."""
+        owner = self.stem_owner._modules
+        bn_intact = owner.get("conv1") is self and owner.get("bn1") is self.fused_bn
+        relu_intact = bn_intact and self.fused_relu and owner.get("relu") is self.fused_relu_module
+        return bn_intact, relu_intact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn_intact, relu = self.fused_state()
+        if not bn_intact:
+            return super().forward(x)
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
             weight, bias = folded(self, bn)
-            return ops.conv_bias_act(x, weight, bias, relu=self.fused_relu, **_conv_kwargs(self))
-        return ops.bn_add_relu(conv_bn(x, self, bn), relu=self.fused_relu)
+            return ops.conv_bias_act(x, weight, bias, relu=relu, **_conv_kwargs(self))
+        return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
+
+
+def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
+    """``x`` as it is while the stem conv ``module.fused_into`` does ``module``'s work (``which``:
+    0 for its BN, 1 for its ReLU), else ``own_forward(module, x)``: the work of the class it was."""
+    return x if module.fused_into.fused_state()[which] else own_forward(module, x)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
     """A BN whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
 
+    fused_into: FusedConvBN2d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return fused_away_forward(self, nn.BatchNorm2d.forward, x, 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused into the preceding conv"
@@ -208,5 +235,7 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
 class FusedAwayReLU(nn.ReLU):
     """A ReLU whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
 
+    fused_into: FusedConvBN2d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return fused_away_forward(self, nn.ReLU.forward, x, 1)
