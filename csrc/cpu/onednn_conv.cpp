@@ -29,9 +29,13 @@ struct OneDnnOps {
   bool available() const { return unary && binary && reorder; }
 };
 
-std::optional<c10::OperatorHandle> cpu_op(const char* name, const char* overload) {
+// The op, if this torch has it with a CPU kernel and the number of arguments it had from torch 2.0
+// to 2.13 (another would mean another schema: the path is then off, not called wrongly).
+std::optional<c10::OperatorHandle> cpu_op(const char* name, const char* overload, size_t arguments) {
   auto op = c10::Dispatcher::singleton().findSchema({name, overload});
-  if (op && op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return op;
+  if (op && op->hasKernelForDispatchKey(c10::DispatchKey::CPU) && op->schema().arguments().size() == arguments) {
+    return op;
+  }
   return std::nullopt;
 }
 
@@ -39,9 +43,9 @@ const OneDnnOps& onednn_ops() {
   static const OneDnnOps ops = [] {
     OneDnnOps o;
     if (!at::hasMKLDNN()) return o;
-    o.unary = cpu_op("mkldnn::_convolution_pointwise", "");
-    o.binary = cpu_op("mkldnn::_convolution_pointwise", "binary");
-    o.reorder = cpu_op("mkldnn::_reorder_convolution_weight", "");
+    o.unary = cpu_op("mkldnn::_convolution_pointwise", "", 10);
+    o.binary = cpu_op("mkldnn::_convolution_pointwise", "binary", 13);
+    o.reorder = cpu_op("mkldnn::_reorder_convolution_weight", "", 6);
     return o;
   }();
   return ops;
