@@ -36,7 +36,7 @@ def interpreting() -> bool:
 
 # ---- configurations ---------------------------------------------------------------------------------
 # GPU: tiles of 64-128 for M/N and 32-64 for K, 3-4 stages (H100, 228 KB of shared memory per SM).
-# Every configuration listed here is run against the reference by tests/test_triton_conv_gemm.py on a
+# Every configuration listed here is run against the reference by tests/test_triton_conv_gemm_gpu.py on a
 # GPU (test_every_config_cuda), because 8-warp flattened conv loops have been miscompiled by some
 # Triton versions. Under the interpreter (CPU tests) autotuning with several configurations does not
 # work, and the cost is per program and per operation, not per element: one large-tile config.
