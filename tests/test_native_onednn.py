@@ -152,6 +152,17 @@ def test_by_default_tiny_convs_keep_the_composition(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_nchw_input_much_larger_than_the_weight_keeps_the_composition(layout):
+    # oneDNN would convert the NCHW activations to channels_last and back: not worth a small weight.
+    x, w = act((2, 16, 32, 32), F32, layout, "cpu"), torch.randn(16, 16, 3, 3) / 12
+    with torch.no_grad():
+        for _ in range(2):
+            args = (x, w, None, None, *CONV, True)
+            assert_close(ops.conv_bias_act(*args), reference.conv_bias_act(*args), F32, name="out")
+    assert native.packed_weight_count() == (1 if layout == "nhwc" else 0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("weight_layout", ["nchw", "nhwc"])
 def test_output_follows_the_input_layout_whatever_the_weight_layout(layout, weight_layout):
     x, w, b, r = _inputs(layout, weight_layout)

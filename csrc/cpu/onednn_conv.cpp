@@ -138,12 +138,13 @@ Tensor packed_weight(const OneDnnOps& ops, const Tensor& w, at::MemoryFormat for
   return packed;
 }
 
-// Below about a million multiply-adds, oneDNN's fused path costs more per call (~0.1 ms of
-// primitive setup, measured on a 2-core AVX2 CPU, torch 2.13) than the passes and the reorder it
-// saves; FUSED_RESNET_ONEDNN_MIN_MACS overrides the bound (tests set 0 to cover every shape).
+// Below about 8 million multiply-adds (a conv of ~0.5 ms on one AVX2 core), oneDNN's fused path
+// costs about as much per call (~0.1 ms of primitive setup) as the passes and the reorder it saves,
+// and in whole small models (CIFAR ResNets at batch 1) it was measured slower;
+// FUSED_RESNET_ONEDNN_MIN_MACS overrides the bound (tests set 0 to cover every shape).
 int64_t min_macs() {
   const char* v = std::getenv("FUSED_RESNET_ONEDNN_MIN_MACS");
-  return v != nullptr && v[0] != '\0' ? std::strtoll(v, nullptr, 10) : int64_t{1} << 20;
+  return v != nullptr && v[0] != '\0' ? std::strtoll(v, nullptr, 10) : int64_t{1} << 23;
 }
 
 int64_t conv_macs(const Tensor& x, const Tensor& w, IntList stride, IntList padding, IntList dilation) {
@@ -177,6 +178,11 @@ std::optional<Tensor> onednn_conv_bias_act(const Tensor& x, const Tensor& weight
     return std::nullopt;
   }
   const bool nhwc = is_nhwc(x);
+  // With a reordered weight oneDNN works in channels_last: an NCHW input (and residual) is converted
+  // on the way in and the output back, passes over the activations that only pay off where the
+  // weight, whose per-call reorder is saved, is not much smaller than the input (measured on
+  // CIFAR-size and ImageNet-size ResNets, batch 1 to 32).
+  if (!nhwc && weight.numel() * 4 < x.numel()) return std::nullopt;
   const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const Tensor input = x.contiguous(format);
   const Tensor packed = packed_weight(ops, weight, format, input, stride, padding, dilation, groups);

@@ -137,7 +137,7 @@ def info_lines() -> list[str]:
     else:
         lines.append(
             "CPU conv_bias_act without autograd, float32: oneDNN post-ops with cached weight reorders for convs "
-            "of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^20); "
+            "of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23); "
             f"{packed_weight_count()} weights cached now"
         )
     return lines
