@@ -90,3 +90,9 @@ def test_a_deep_copy_is_a_stem_of_its_own():
     twin.bn1 = nn.Identity()  # changes the copy only
     assert fused.conv1.fused_state() == (True, True)
     _same_outputs(fused, plain, "original after its copy changed")
+
+
+def test_the_stem_check_compiles_without_a_graph_break():
+    plain, fused = _models()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    _same_outputs(compiled, plain, "compiled")
