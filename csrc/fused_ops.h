@@ -77,7 +77,6 @@ struct Impls {
   static Tensor conv_bias_act_(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,
                                IntList st, IntList p, IntList d, int64_t g, bool relu) {
     typename Device::Guard guard(x);
-    if (auto out = Device::library_conv_bias_act(x, w, bias, res, st, p, d, g, relu)) return *std::move(out);
     return conv_bias_act(Device::kernels(), x, w, bias, res, st, p, d, g, relu);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward_(
@@ -108,15 +107,6 @@ void register_impls(torch::Library& m) {
 // Device guard that does nothing (CPU).
 struct NoGuard {
   explicit NoGuard(const Tensor&) {}
-};
-
-// A device whose vendor library path for conv_bias_act is not wired up (CUDA: cuDNN's fused
-// conv-bias-activation could be one; the composition runs instead).
-struct NoLibraryConv {
-  static std::optional<Tensor> library_conv_bias_act(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                                     IntList, IntList, IntList, int64_t, bool) {
-    return std::nullopt;
-  }
 };
 
 }  // namespace fused_resnet_native

@@ -32,9 +32,6 @@ TORCH_LIBRARY(fused_resnet_native, m) {
         ", bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def("update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
         "Tensor mean, Tensor var, SymInt count, float? momentum) -> ()");
-  // The CPU conv_bias_act's cache of weights reordered for oneDNN (cpu/onednn_conv.h).
-  m.def("packed_weight_count() -> int");
-  m.def("clear_packed_weights() -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -18,6 +18,7 @@ from ._backend import (
     use_backend,
 )
 from .fuse import find_fusable, fuse
+from .inference import prepare_for_inference
 from .models import ResNet, resnet18, resnet34, resnet50, resnet101, resnext50_32x4d, wide_resnet50_2
 from .modules import FusedBasicBlock, FusedBottleneck
 
@@ -33,6 +34,7 @@ __all__ = [
     "fuse",
     "get_backend",
     "ops",
+    "prepare_for_inference",
     "resnet18",
     "resnet34",
     "resnet50",

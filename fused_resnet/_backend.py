@@ -1,6 +1,6 @@
 """Which implementation runs each kernel: the backend registry and the per-call choice.
 
-A backend is a set of kernels, one per kernel name of ``_schemas.KERNELS``, each with the exact
+A backend is a set of kernels, one per kernel name of ``_library.SCHEMAS``, each with the exact
 signature of the matching function in ``reference.py`` and an optional ``supports(*args)``
 predicate. Backends plug in by calling :func:`register_backend` and :func:`register_kernel` from
 their own module (``fused_resnet/backends/<name>``); nothing else in the package names them.
@@ -54,7 +54,9 @@ _availability: dict[tuple[str, str], str | None] = {}
 _loaded = False
 _default = os.environ.get("FUSED_RESNET_BACKEND", "auto")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_resnet_backend", default=None)
-_trace: contextvars.ContextVar[list | None] = contextvars.ContextVar("fused_resnet_trace", default=None)
+# Process-wide, not a ContextVar: CUDA backward passes run on autograd's device threads, which
+# would not see a context set by the thread that called trace_dispatch.
+_traces: list[list[tuple[str, str]]] = []
 
 
 def register_backend(name: str, availability: Callable[[str], str | None]) -> Backend:
@@ -141,18 +143,21 @@ def use_backend(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def trace_dispatch() -> Iterator[list[tuple[str, str]]]:
-    """Context manager yielding a list that collects ``(kernel, backend)`` for every kernel run."""
+    """Context manager yielding a list that collects ``(kernel, backend)`` for every kernel run
+    while it is open, in any thread (backward passes included)."""
     log: list[tuple[str, str]] = []
-    token = _trace.set(log)
+    _traces.append(log)
     try:
         yield log
     finally:
-        _trace.reset(token)
+        _traces.remove(log)
 
 
-def select(kernel: str, device_type: str, args: tuple) -> tuple[str, Callable]:
-    """The backend name and function that run ``kernel`` on ``args`` (tensors on ``device_type``)."""
-    name = get_backend()
+def select(kernel: str, device_type: str, args: tuple, name: str | None = None) -> tuple[str, Callable]:
+    """The backend name and function that run ``kernel`` on ``args`` (tensors on ``device_type``):
+    backend ``name`` when given (a backward pass runs on the backend its forward asked for), else
+    the one in force (:func:`get_backend`)."""
+    name = _check_name(name) if name else get_backend()
     if name == "auto":
         candidates = AUTO_ORDER.get(device_type, ())
     elif name == "reference":
@@ -173,7 +178,6 @@ def select(kernel: str, device_type: str, args: tuple) -> tuple[str, Callable]:
         if impl is not None and (impl.supports is None or impl.supports(*args)):
             chosen, fn = candidate, impl.fn
             break
-    log = _trace.get()
-    if log is not None:
+    for log in _traces:
         log.append((kernel, chosen))
     return chosen, fn

@@ -19,25 +19,30 @@ from ._layout import conv_output_size, empty_activation, stat_dtype
 
 NAMESPACE = "fused_resnet"
 _CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+# Backward ops run on the backend their forward asked for (recorded by _autograd.py at forward):
+# the choice made with use_backend() is a context variable, unset on autograd's CUDA threads.
+_BACKEND = 'str backend="auto"'
 
 SCHEMAS = {
     # y = conv(relu?(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y.
     "conv_stats": f"(Tensor x, Tensor? in_scale, Tensor? in_shift, bool in_relu, Tensor weight, {_CONV})"
     " -> (Tensor y, Tensor mean, Tensor var)",
     "conv_stats_backward": "(Tensor grad_y, Tensor grad_mean, Tensor grad_var, Tensor x, Tensor? in_scale,"
-    f" Tensor? in_shift, bool in_relu, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask)"
+    f" Tensor? in_shift, bool in_relu, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask,"
+    f" {_BACKEND})"
     " -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_weight)",
     # out = relu?(y * scale + shift + residual * res_scale + res_shift)
     "bn_add_relu": "(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale,"
     " Tensor? res_shift, bool relu) -> Tensor",
     "bn_add_relu_backward": "(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual,"
-    " Tensor? res_scale, Tensor? res_shift, bool relu, bool[4] output_mask)"
+    f" Tensor? res_scale, Tensor? res_shift, bool relu, bool[4] output_mask, {_BACKEND})"
     " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual, Tensor grad_res_scale,"
     " Tensor grad_res_shift)",
     # out = relu?(conv(x, weight) + bias + residual): inference with BN folded into weight/bias.
     "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, bool relu) -> Tensor",
     "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool relu, {_CONV},"
-    " bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+    f" bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias,"
+    " Tensor grad_residual)",
     # nn.BatchNorm2d's running-statistics update, in place; momentum None = cumulative average.
     "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked,"
     " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
@@ -48,8 +53,8 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _run(kernel: str, device: torch.device, *args):
-    _, fn = _backend.select(kernel, device.type, args)
+def _run(kernel: str, device: torch.device, *args, backend: str | None = None):
+    _, fn = _backend.select(kernel, device.type, args, backend)
     if torch.is_autocast_enabled(device.type):
         with torch.autocast(device.type, enabled=False):
             outputs = fn(*args)
@@ -120,15 +125,15 @@ def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, di
 
 @_impl("conv_stats_backward")
 def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                         stride, padding, dilation, groups, output_mask):
+                         stride, padding, dilation, groups, output_mask, backend="auto"):
     grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu,
-                 weight, y, mean, stride, padding, dilation, groups, output_mask)
+                 weight, y, mean, stride, padding, dilation, groups, output_mask, backend=backend)
     return _fill(grads, (x, mean, mean, weight))
 
 
 @_fake("conv_stats_backward")
 def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                              stride, padding, dilation, groups, output_mask):
+                              stride, padding, dilation, groups, output_mask, backend="auto"):
     need_x, need_affine, need_w = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
@@ -165,15 +170,17 @@ def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, relu):
 
 
 @_impl("bn_add_relu_backward")
-def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
+def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
+                          backend="auto"):
     grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
-                 output_mask)
+                 output_mask, backend=backend)
     per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
     return _fill(grads, (y, per_channel, per_channel, y, per_channel, per_channel))
 
 
 @_fake("bn_add_relu_backward")
-def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
+def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
+                               backend="auto"):
     need_y, need_affine, need_res, need_res_affine = output_mask
     def like(t, needed):
         return torch.empty_like(t) if needed and t is not None else y.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -211,14 +218,16 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
 
 
 @_impl("conv_bias_act_backward")
-def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
+                            backend="auto"):
     grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, relu, stride, padding, dilation,
-                 groups, output_mask)
+                 groups, output_mask, backend=backend)
     return _fill(grads, (x, weight, grad_out.new_empty(0, dtype=stat_dtype(x.dtype)), out))
 
 
 @_fake("conv_bias_act_backward")
-def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
+def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
+                                 backend="auto"):
     need_x, need_w, need_bias, need_res = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
@@ -237,6 +246,12 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
     _run("update_running_stats_", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
          momentum)
+    # A kernel may write through raw pointers (Triton, CUDA), which PyTorch does not see: without
+    # this, anything that keys on the version counter (autograd's saved-tensor checks, a caller's
+    # memo) would take the old statistics for the current ones.
+    for t in (running_mean, running_var, num_batches_tracked):
+        if not t.is_inference():  # inference tensors have no version counter
+            torch.autograd.graph.increment_version(t)
 
 
 @_fake("update_running_stats_")

@@ -7,18 +7,19 @@ prologue and compute their own BN statistics, closed by one ``bn_add_relu`` pass
 applies the downsample branch's BN; in eval every BN is folded into its conv and each conv
 applies bias, residual and ReLU in its epilogue. Anything the fused path does not cover (another
 norm layer, a conv with bias, a custom downsample) runs exactly as the ``nn`` block would.
+Serving state (BN folded once) is explicit: see ``inference.prepare_for_inference``.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, models, ops
+from . import distributed, inference, models, ops
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -77,48 +78,38 @@ def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2
     )
 
 
-# conv module -> (key, folded weight, folded bias); entries die with their module.
-_folded_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.Tensor | None, relu: bool,
+              prepared: inference.PreparedConv | None = None) -> torch.Tensor:
+    """``relu?(bn(conv(x)) + residual)`` with the eval-mode ``bn`` folded into the conv: by the
+    prepared conv when given (``inference.prepare_for_inference``), else folded now; as plain ATen
+    ops under ``torch.compile``/export/tracing (``inference.emits_aten``), else by ``conv_bias_act``."""
+    if prepared is not None:
+        return prepared(x, residual, relu)
+    weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if not inference.emits_aten():
+        return ops.conv_bias_act(x, weight, bias, residual, relu=relu, **_conv_kwargs(conv))
+    out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
-def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    # A tensor's version counter moves on every in-place change (optimizer steps, load_state_dict).
-    return (bn.eps,) + tuple(
-        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
-    )
-
-
-def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv``'s weight and bias with the eval-mode ``bn`` folded in.
-
-    Without autograd (``torch.no_grad``/``inference_mode``, i.e. serving) the result is cached per
-    module until one of the tensors involved changes, so folding costs nothing per forward; with
-    autograd it is recomputed so that gradients reach the BN parameters; under ``torch.compile``
-    it is traced (and constant-folded by the compiler where it can)."""
-    args = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return ops.fold_bn(*args)
-    key = _fold_key(conv, bn)
-    hit = _folded_cache.get(conv)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    # Not as inference tensors (folded inside inference_mode they would be): those have no version
-    # counter, so the native CPU backend could not cache their oneDNN reorder (csrc/cpu/onednn_conv.h).
-    with torch.inference_mode(False), torch.no_grad():
-        weight, bias = ops.fold_bn(*args)
-    _folded_cache[conv] = (key, weight, bias)
-    return weight, bias
+def _eval_pairs(chain, downsample) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """The convs a block runs in eval, BN folded: the downsample's first (its output is the
+    residual of the last conv), then the chain."""
+    ds = downsample_pair(downsample)
+    return ([ds] if ds is not None else []) + list(chain)
 
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
-                     downsample: nn.Module | None) -> torch.Tensor:
+                     downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None) -> torch.Tensor:
     """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``, fused; ``shortcut`` is
-    the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module."""
+    the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the
+    block's prepared convs (eval only, in ``_eval_pairs`` order)."""
     ds = downsample_pair(downsample)
     bns = [bn for _, bn in chain] + ([ds[1]] if ds else [])
     if not any(_uses_batch_stats(bn) for bn in bns):
-        return _folded_residual_forward(x, chain, downsample, ds)
+        return _folded_residual_forward(x, chain, downsample, ds, prepared)
     h: torch.Tensor | ops.DeferredBN = x
     for conv, bn in chain:
         h = conv_bn(h, conv, bn)
@@ -129,20 +120,22 @@ def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2
     return ops.bn_add_relu(h, shortcut, relu=True)
 
 
-def _folded_residual_forward(x, chain, downsample, ds):
+def _folded_residual_forward(x, chain, downsample, ds, prepared):
+    prepared = iter(prepared or ())
     if ds is not None:
-        shortcut = ops.conv_bias_act(x, *folded(*ds), relu=False, **_conv_kwargs(ds[0]))
+        shortcut = eval_conv(x, *ds, None, False, next(prepared, None))
     else:
         shortcut = x if downsample is None else downsample(x)
     h = x
     for i, (conv, bn) in enumerate(chain):
         last = i == len(chain) - 1
-        h = ops.conv_bias_act(h, *folded(conv, bn), shortcut if last else None, relu=True, **_conv_kwargs(conv))
+        h = eval_conv(h, conv, bn, shortcut if last else None, True, next(prepared, None))
     return h
 
 
-class _FusedBlockMixin:
-    """Shared by the fused blocks: adoption of an existing block, and the choice of path."""
+class _FusedBlockMixin(inference.Preparable):
+    """Shared by the fused blocks: adoption of an existing block, the choice of path, and the
+    prepared state of serving (``inference.Preparable``)."""
 
     def _chain(self) -> list[tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
@@ -158,10 +151,14 @@ class _FusedBlockMixin:
         """Whether the fused path covers this block as configured now."""
         return all(fusable_pair(conv, bn) for conv, bn in self._chain()) and type(self.relu) is nn.ReLU
 
+    def eval_pairs(self):
+        return _eval_pairs(self._chain(), self.downsample) if self.fusable() else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
-        return residual_forward(x, self._chain(), self.downsample)
+        prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
+        return residual_forward(x, self._chain(), self.downsample, prepared)
 
 
 class FusedBasicBlock(_FusedBlockMixin, models.BasicBlock):
@@ -178,7 +175,7 @@ class FusedBottleneck(_FusedBlockMixin, models.Bottleneck):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
 
-class FusedConvBN2d(nn.Conv2d):
+class FusedConvBN2d(inference.Preparable, nn.Conv2d):
     """A stem ``nn.Conv2d`` that also applies the following BN (and ReLU): ``fuse`` turns a model's
     conv into this class in place, so its parameter and ``state_dict`` key stay the conv's own.
     The BN module stays where it was (its class becomes :class:`FusedAwayBatchNorm2d`) and is
@@ -203,14 +200,17 @@ class FusedConvBN2d(nn.Conv2d):
         relu_intact = bn_intact and self.fused_relu and owner.get("relu") is self.fused_relu_module
         return bn_intact, relu_intact
 
+    def eval_pairs(self):
+        return [(self, self.fused_bn)] if self.fused_state()[0] else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn_intact, relu = self.fused_state()
         if not bn_intact:
-            return super().forward(x)
+            return nn.Conv2d.forward(self, x)
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
-            weight, bias = folded(self, bn)
-            return ops.conv_bias_act(x, weight, bias, relu=relu, **_conv_kwargs(self))
+            prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
+            return eval_conv(x, self, bn, None, relu, prepared[0] if prepared else None)
         return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
 
 

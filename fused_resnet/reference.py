@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every fused op: the ground truth for tests and the fallback backend.
 
-Each function has exactly the signature of the backend kernel it stands for (see ``_schemas.py``)
+Each function has exactly the signature of the backend kernel it stands for (see ``_library.SCHEMAS``)
 and follows the conventions of ``_layout.py``. Arithmetic on statistics and elementwise terms runs
 in fp32 (fp64 for fp64 tensors). Convolutions run in the activation dtype on CUDA, where cuDNN
 accumulates in fp32, and are upcast to fp32 on other devices, where half-precision convolution is
@@ -190,3 +190,10 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, 
     unbiased = var.double() * (count / (count - 1))
     running_mean.copy_(factor * mean.double() + (1 - factor) * running_mean.double())
     running_var.copy_(factor * unbiased + (1 - factor) * running_var.double())
+
+
+def prepack_conv(weight, bias, stride, padding, dilation, groups):
+    """A serving form of a folded conv (``inference.prepare_for_inference``): a callable
+    ``(x, residual, relu) -> Tensor | None`` that a backend may offer (the native one reorders
+    the weight for oneDNN once). The reference has none: its folded convs run ``conv_bias_act``."""
+    return None

@@ -95,3 +95,37 @@ def test_auto_on_cpu_picks_native_when_built_else_reference():
         _run_conv_stats()
     expected = "native" if "native" in fused_resnet.backends("cpu") else "reference"
     assert log == [("conv_stats", expected)]
+
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_backward_runs_on_the_backend_its_forward_asked_for(backend):
+    """use_backend() is a context variable, which autograd's CUDA threads do not see: the backend is
+    recorded at forward. Here the backward runs after the context is left, as it would on such a thread."""
+    if backend not in fused_resnet.backends("cpu"):
+        pytest.skip(f"{backend} unavailable here: {_backend.unavailable_reason(backend, 'cpu')}")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    gamma, beta = torch.rand(4).add_(0.5).requires_grad_(), torch.randn(4, requires_grad=True)
+    with fused_resnet.trace_dispatch() as log:
+        with fused_resnet.use_backend(backend):
+            out = fused_resnet.ops.conv_bn_relu(x, w, gamma, beta, torch.zeros(4), torch.ones(4), padding=1)
+            folded = fused_resnet.ops.conv_bias_act(x, w, beta, relu=True, padding=1)
+        (out.sum() + folded.sum()).backward()
+    backward = [(k, b) for k, b in log if k.endswith("_backward")]
+    assert {k for k, _ in backward} == {"bn_add_relu_backward", "conv_stats_backward", "conv_bias_act_backward"}
+    assert all(b == backend for _, b in log), log
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_running_statistics_writes_are_seen_by_pytorch(backend):
+    """update_running_stats_ bumps the version counters of what it writes, whichever kernel ran
+    (a Triton or CUDA kernel writes through raw pointers, which PyTorch cannot see)."""
+    if backend not in fused_resnet.backends("cpu"):
+        pytest.skip(f"{backend} unavailable here: {_backend.unavailable_reason(backend, 'cpu')}")
+    state = [torch.randn(6), torch.rand(6) + 0.5, torch.tensor(2, dtype=torch.long)]
+    before = [t._version for t in state]
+    with fused_resnet.use_backend(backend), fused_resnet.trace_dispatch() as log:
+        torch.ops.fused_resnet.update_running_stats_(*state, torch.randn(6), torch.rand(6), 10, 0.1)
+    assert log == [("update_running_stats_", backend)]
+    assert all(t._version > v for t, v in zip(state, before))

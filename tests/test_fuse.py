@@ -159,26 +159,30 @@ def test_state_dict_round_trip_both_ways():
     assert {k: v.shape for k, v in ours50.state_dict().items()} == {k: v.shape for k, v in tv50.state_dict().items()}
 
 
-def test_eval_folding_is_cached_and_follows_parameter_changes():
+def test_prepared_eval_folds_once_and_follows_parameter_changes(monkeypatch):
+    """Unprepared, eval folds on every call (nothing cached); prepare_for_inference folds once; an
+    in-place change after it is seen (a warning, then unprepared and right); load_state_dict drops it."""
     plain, fused = _pair(tv_resnet18, width=8)
     plain.eval(), fused.eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    original = fused_resnet.ops.fold_bn
+    monkeypatch.setattr(fused_resnet.ops, "fold_bn", lambda *a: calls.append(1) or original(*a))
+    convs = sum(isinstance(m, nn.Conv2d) for m in plain.modules())
     with torch.no_grad():
         assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
-        calls = []
-        original = fused_resnet.ops.fold_bn
-        fused_resnet.ops.fold_bn = lambda *a: calls.append(1) or original(*a)
-        try:
-            fused(x)
-            assert calls == []  # every fold came from the cache
-            for model in (plain, fused):  # an in-place parameter change must invalidate the cache
-                model.layer1[0].bn1.weight.mul_(1.5)
-                model.layer2[0].conv1.weight.add_(0.01)
-                model.layer3[0].bn2.running_var.mul_(2.0)
+        assert len(calls) == convs
+        fused_resnet.prepare_for_inference(fused)
+        assert len(calls) == 2 * convs
+        assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+        assert len(calls) == 2 * convs  # every fold came from the preparation
+        for model in (plain, fused):  # in place, behind the model's back
+            model.layer1[0].bn1.weight.mul_(1.5)
+            model.layer2[0].conv1.weight.add_(0.01)
+            model.layer3[0].bn2.running_var.mul_(2.0)
+        with pytest.warns(UserWarning, match="prepare_for_inference"):
             assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
-            assert len(calls) == 3
-        finally:
-            fused_resnet.ops.fold_bn = original
+        fused_resnet.prepare_for_inference(fused)
         fused.load_state_dict(tv_resnet18(width=8).double().state_dict())
         plain.load_state_dict(fused.state_dict())
         assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)

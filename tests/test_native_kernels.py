@@ -122,11 +122,10 @@ def test_bn_add_relu(shape, dtype, layout, variant, relu, device):
 @pytest.mark.parametrize("case", CONVS)
 @pytest.mark.parametrize("epilogue", ["bias_res_relu", "bias_relu", "none", "res"])
 @pytest.mark.parametrize("grad_mode", ["enabled", "no_grad", "inference_mode"])
-def test_conv_bias_act(case, dtype, layout, epilogue, grad_mode, device, monkeypatch):
-    """Without autograd, float32 on the CPU takes oneDNN's fused path with a cached weight reorder
-    (test_native_onednn.py), here for every shape however small; with it, the generic composition."""
+def test_conv_bias_act(case, dtype, layout, epilogue, grad_mode, device):
+    """The kernel with and without autograd (it keeps no state between calls: the oneDNN serving
+    path is an explicit preparation, test_native_onednn.py)."""
     skip_unless_native(device)
-    monkeypatch.setenv("FUSED_RESNET_ONEDNN_MIN_MACS", "0")
     x, weight, stride, padding, dilation, groups = _conv_case(case, dtype, layout, device)
     cout = weight.shape[0]
     out_shape = reference.conv_bias_act(x, weight, None, None, stride, padding, dilation, groups, False).shape
@@ -137,7 +136,7 @@ def test_conv_bias_act(case, dtype, layout, epilogue, grad_mode, device, monkeyp
     want = reference.conv_bias_act(*args)
     if grad_mode != "enabled":
         with torch.no_grad() if grad_mode == "no_grad" else torch.inference_mode():
-            for _ in range(2):  # the second call reuses what the first one cached
+            for _ in range(2):  # nothing from the first call may change the second
                 _check(ops.conv_bias_act(*args), want, dtype, "out")
         return
     _check(ops.conv_bias_act(*args), want, dtype, "out")

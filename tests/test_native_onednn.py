@@ -1,217 +1,197 @@
-"""The native CPU conv_bias_act's oneDNN path (csrc/cpu/onednn_conv.cpp): weights reordered once
-and cached, every change to a weight seen, nothing cached that could go stale, and the results of
-the reference throughout."""
+"""The native CPU backend's serving path (backends/native/_onednn.py): a folded conv's weight
+reordered for oneDNN once, by ``prepare_for_inference``, with the reference's results; it declines
+what it was not prepared for; and a prepared model follows every change of its tensors."""
 
 from __future__ import annotations
 
+import copy
+import io
 import threading
 
 import pytest
 import torch
 from _native_helpers import act, require_native
 
+import fused_resnet
 from fused_resnet import fuse, models, reference
-from fused_resnet.backends import native
 from fused_resnet._tolerances import assert_close
+from fused_resnet.inference import PreparedConv
 
 require_native()
-ops = torch.ops.fused_resnet_native
+from fused_resnet.backends.native import _onednn  # noqa: E402  (needs the extension's backend)
+
 F32 = torch.float32
 
-if not torch.backends.mkldnn.is_available():
-    pytest.skip("torch was built without oneDNN: the native CPU backend has no oneDNN path", allow_module_level=True)
-
-CONV = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups
+if _onednn._OPS is None:
+    pytest.skip("this torch has no oneDNN convolution ops: the native CPU backend has no oneDNN path",
+                allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
-def empty_cache(monkeypatch):
-    monkeypatch.setenv("FUSED_RESNET_ONEDNN_MIN_MACS", "0")  # every conv takes the path, tiny ones too
-    native.clear_packed_weights()
-    yield
-    native.clear_packed_weights()
+def every_conv_takes_the_path(monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_ONEDNN_MIN_MACS", "0")  # tiny convs too (read at preparation)
 
 
-def _inputs(layout="nchw", weight_layout="nchw"):
-    x = act((2, 8, 9, 7), F32, layout, "cpu")
-    w = torch.randn(12, 8, 3, 3) / 8
-    if weight_layout == "nhwc":
+def _geometry(case):
+    return {"plain": ([1, 1], [1, 1], [1, 1], 1), "strided": ([2, 2], [1, 1], [1, 1], 1),
+            "dilated": ([1, 1], [2, 2], [2, 2], 1), "grouped": ([1, 1], [1, 1], [1, 1], 4)}[case]
+
+
+def _inputs(layout, case="plain"):
+    stride, padding, dilation, groups = _geometry(case)
+    x = act((2, 8, 7, 6), F32, layout, "cpu")  # NCHW: not much larger than the weight
+    w = torch.randn(12, 8 // groups, 3, 3) / 8
+    if layout == "nhwc":
         w = w.contiguous(memory_format=torch.channels_last)
-    return x, w, torch.randn(12), act((2, 12, 9, 7), F32, layout, "cpu")
+    out_shape = reference.conv_bias_act(x, w, None, None, stride, padding, dilation, groups, False).shape
+    return x, w, torch.randn(12), act(out_shape, F32, layout, "cpu"), (stride, padding, dilation, groups)
 
 
-def _run_and_check(x, w, b, r):
-    args = (x, w, b, r, *CONV, True)
-    out = ops.conv_bias_act(*args)
-    assert_close(out, reference.conv_bias_act(*args), F32, name="out")
-    return out
-
-
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["plain", "strided", "dilated", "grouped"])
+@pytest.mark.parametrize("epilogue", ["bias_res_relu", "bias_relu", "res", "none"])
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
-def test_a_weight_is_reordered_once_when_it_comes_back(grad_mode):
-    x, w, b, r = _inputs()
+def test_prepacked_conv_matches_the_reference(layout, case, epilogue, grad_mode):
+    x, w, b, r, conv = _inputs(layout, case)
+    bias = b if "bias" in epilogue else None
+    residual = r if "res" in epilogue else None
+    relu = "relu" in epilogue
+    packed = _onednn.prepack_conv(w, bias, *conv)
     with grad_mode():
-        _run_and_check(x, w, b, r)
-        assert native.packed_weight_count() == 0  # seen once: maybe a weight made anew for each call
-        _run_and_check(x, w, b, r)
-        assert native.packed_weight_count() == 1
-        _run_and_check(x, w, b, r)
-        _run_and_check(x, w, None, None)
-        assert native.packed_weight_count() == 1
+        for _ in range(2):  # the reorder is reused: nothing from the first call may change the second
+            out = packed(x, residual, relu)
+            assert out is not None
+            assert_close(out, reference.conv_bias_act(x, w, bias, residual, *conv, relu), F32, name="out")
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
 
 
-def test_a_weight_new_on_every_call_is_never_reordered():
-    x, w, b, r = _inputs()
-    with torch.no_grad():
-        for _ in range(3):  # as a fold inside a torch.compile graph would give
-            _run_and_check(x, w * 1.0, b, r)
-    assert native.packed_weight_count() == 0
-
-
-def _twice(x, w, b, r):
-    _run_and_check(x, w, b, r)
-    return _run_and_check(x, w, b, r)  # the second call is the one that reorders and uses it
-
-
-def test_in_place_change_of_the_weight_is_seen():
-    x, w, b, r = _inputs()
-    with torch.no_grad():
-        before = _twice(x, w, b, r)
-        w.mul_(-1.5)
-        after = _twice(x, w, b, r)
-        w[0].zero_()  # through a view: the version counter is shared with the base
-        _twice(x, w, b, r)
-    assert not torch.equal(before, after)
-
-
-def test_replaced_data_is_seen():
-    x, w, b, r = _inputs()
-    with torch.no_grad():
-        _twice(x, w, b, r)
-        w.data = torch.randn_like(w)
-        _twice(x, w, b, r)
-        w.set_(torch.randn(12, 8, 3, 3))
-        _twice(x, w, b, r)
-
-
-def test_other_geometry_or_layout_is_not_served_the_same_reorder():
-    x, w, b, _ = _inputs()
-    with torch.no_grad():
-        for stride, padding, dilation in ([1, 0, 1], [2, 1, 1], [1, 2, 2]):
-            args = (x, w, b, None, [stride] * 2, [padding] * 2, [dilation] * 2, 1, False)
-            for _ in range(2):
-                assert_close(ops.conv_bias_act(*args), reference.conv_bias_act(*args), F32, name=f"{stride, padding}")
-        _twice(x.contiguous(memory_format=torch.channels_last), w, b, None)
-
-
-def test_the_reorders_of_dead_weights_are_dropped():
-    x, _, b, r = _inputs()
-    with torch.no_grad():
-        for _ in range(5):
-            w = torch.randn(12, 8, 3, 3)
-            _twice(x, w, b, r)
-        assert native.packed_weight_count() == 1  # only the live one: the others' entries are swept
-        del w
-    assert native.packed_weight_count() == 0
-
-
-@pytest.mark.parametrize("case", ["grad_enabled", "inference_tensor_weight", "onednn_disabled", "bfloat16"])
-def test_nothing_is_cached_where_it_could_go_stale_or_would_not_be_reused(case, monkeypatch):
-    x, w, b, r = _inputs()
-    if case == "grad_enabled":
-        _twice(x, w.requires_grad_(), b, r)
-    elif case == "inference_tensor_weight":  # no version counter: an in-place change could not be seen
-        with torch.inference_mode():
-            w = w.clone()
-            _twice(x, w, b, r)
-            w.add_(1.0)
-            _twice(x, w, b, r)
-    elif case == "onednn_disabled":  # the user's torch.backends.mkldnn.enabled = False is obeyed
+@pytest.mark.parametrize("case", ["grad_enabled", "other_layout", "bfloat16", "onednn_disabled", "small_conv",
+                                  "nchw_input_much_larger_than_weight"])
+def test_prepacked_conv_declines_what_it_was_not_prepared_for(case, monkeypatch):
+    x, w, b, r, conv = _inputs("nhwc")
+    if case == "small_conv":  # ~0.1 M multiply-adds: oneDNN's per-call setup would cost more than it saves
+        monkeypatch.delenv("FUSED_RESNET_ONEDNN_MIN_MACS")
+    if case == "nchw_input_much_larger_than_weight":
+        w, x = w.contiguous(), act((2, 8, 32, 32), F32, "nchw", "cpu")
+    packed = _onednn.prepack_conv(w, b, *conv)
+    if case == "onednn_disabled":  # the user's torch.backends.mkldnn.enabled = False is obeyed
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-        with torch.no_grad():
-            _twice(x, w, b, r)
-    else:  # half precision runs the generic composition (its conv in fp32 on the CPU)
-        with torch.no_grad():
-            args = (x.bfloat16(), w.bfloat16(), b, r.bfloat16(), *CONV, True)
-            for _ in range(2):
-                assert_close(ops.conv_bias_act(*args), reference.conv_bias_act(*args), torch.bfloat16, name="out")
-    assert native.packed_weight_count() == 0
+    if case == "other_layout":
+        x, r = x.contiguous(), r.contiguous()
+    if case == "bfloat16":
+        x, r = x.bfloat16(), r.bfloat16()
+    with torch.enable_grad() if case == "grad_enabled" else torch.no_grad():
+        assert packed(x, r, True) is None
 
 
-def test_by_default_tiny_convs_keep_the_composition(monkeypatch):
-    monkeypatch.delenv("FUSED_RESNET_ONEDNN_MIN_MACS")
-    x, w, b, r = _inputs()  # ~0.1 M multiply-adds: oneDNN's per-call setup would cost more than it saves
-    with torch.no_grad():
-        _twice(x, w, b, r)
-        assert native.packed_weight_count() == 0
-        big_x, big_w = act((2, 64, 16, 16), F32, "nhwc", "cpu"), torch.randn(64, 64, 3, 3) / 24
-        args = (big_x, big_w, None, None, *CONV, True)
-        for _ in range(2):
-            assert_close(ops.conv_bias_act(*args), reference.conv_bias_act(*args), F32, name="out")
-        assert native.packed_weight_count() == 1
+def _pair(layout="nchw"):
+    torch.manual_seed(0)
+    eager = models.resnet18(fused=False, num_classes=10).eval()
+    fused_model = fuse(copy.deepcopy(eager))
+    if layout == "nhwc":
+        eager, fused_model = (m.to(memory_format=torch.channels_last) for m in (eager, fused_model))
+    return eager, fused_model
+
+
+def _prepared_convs(model):
+    return [p for m in model.modules() for p in (m.__dict__.get("_prepared") or [])]
+
+
+def _count_packed_calls(monkeypatch):
+    calls = []
+    original = _onednn.PackedConv.__call__
+
+    def counting(self, *args):
+        out = original(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_onednn.PackedConv, "__call__", counting)
+    return calls
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_nchw_input_much_larger_than_the_weight_keeps_the_composition(layout):
-    # oneDNN would convert the NCHW activations to channels_last and back: not worth a small weight.
-    x, w = act((2, 16, 32, 32), F32, layout, "cpu"), torch.randn(16, 16, 3, 3) / 12
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_prepared_model_runs_every_conv_on_its_reorder(layout, grad_mode, monkeypatch):
+    eager, fused_model = _pair(layout)
+    fused_resnet.prepare_for_inference(fused_model)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in eager.modules())
+    prepared = _prepared_convs(fused_model)
+    assert len(prepared) == convs and all(p.packed is not None for p in prepared)
+    calls = _count_packed_calls(monkeypatch)
+    x = act((2, 3, 32, 32), F32, layout, "cpu")
+    with grad_mode():
+        assert_close(fused_model(x), eager(x), F32, name="logits")
+    assert calls == [True] * convs
+
+
+def _perturb(model):
     with torch.no_grad():
-        for _ in range(2):
-            args = (x, w, None, None, *CONV, True)
-            assert_close(ops.conv_bias_act(*args), reference.conv_bias_act(*args), F32, name="out")
-    assert native.packed_weight_count() == (1 if layout == "nhwc" else 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(1.5)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("weight_layout", ["nchw", "nhwc"])
-def test_output_follows_the_input_layout_whatever_the_weight_layout(layout, weight_layout):
-    x, w, b, r = _inputs(layout, weight_layout)
-    with torch.no_grad():
-        out = _twice(x, w, b, r)
-    assert out.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+def test_prepared_model_follows_load_state_dict_train_and_in_place_edits():
+    eager, fused_model = _pair()
+    x = torch.randn(2, 3, 32, 32)
+    fused_resnet.prepare_for_inference(fused_model)
+    _perturb(eager)
+    fused_model.load_state_dict(eager.state_dict())  # drops the preparation
+    assert _prepared_convs(fused_model) == []
+    with torch.inference_mode():
+        assert_close(fused_model(x), eager(x), F32, name="after load_state_dict")
+    fused_resnet.prepare_for_inference(fused_model)
+    with torch.no_grad():  # in place, behind the model's back: the guard sees it, warns, and refolds
+        for a, b in ((eager.layer1[0].bn1.running_mean, fused_model.layer1[0].bn1.running_mean),
+                     (eager.layer3[0].conv1.weight, fused_model.layer3[0].conv1.weight)):
+            a.add_(0.25), b.add_(0.25)
+        with pytest.warns(UserWarning, match="prepare_for_inference"):
+            out = fused_model(x)
+        assert_close(out, eager(x), F32, name="after in-place edits")
+    fused_resnet.prepare_for_inference(fused_model)
+    fused_model.train()
+    assert _prepared_convs(fused_model) == []
 
 
-def test_concurrent_callers_get_their_own_results():
-    x, _, b, r = _inputs()
-    weights = [torch.randn(12, 8, 3, 3) for _ in range(4)]
+def test_copies_start_unprepared_and_threads_share_a_prepared_model():
+    eager, fused_model = _pair()
+    fused_resnet.prepare_for_inference(fused_model)
+    buffer = io.BytesIO()
+    torch.save(fused_model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(fused_model), torch.load(buffer, weights_only=False)):
+        assert _prepared_convs(copied) == []
+    x = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    want = [eager(t) for t in x]
     errors = []
 
-    def work(w):
+    def work(i):
         try:
-            with torch.no_grad():
-                for _ in range(10):
-                    _run_and_check(x, w, b, r)
+            with torch.inference_mode():
+                for _ in range(3):
+                    assert_close(fused_model(x[i]), want[i], F32, name=f"thread {i}")
         except AssertionError as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in weights]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    assert native.packed_weight_count() == len(weights)
 
 
-def test_fused_model_in_inference_mode_reorders_each_folded_weight_once_and_follows_new_weights():
-    torch.manual_seed(0)
-    eager = models.resnet18(fused=False, num_classes=10).eval()
-    fused_model = fuse(models.resnet18(fused=False, num_classes=10)).eval()
-    fused_model.load_state_dict(eager.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in eager.modules())
-    with torch.inference_mode():
-        for _ in range(2):
-            assert_close(fused_model(x), eager(x), F32, name="logits")
-        assert native.packed_weight_count() == convs
-    with torch.no_grad():  # new weights and BN statistics: folded and reordered anew
-        for p in eager.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for m in eager.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.mul_(1.5)
-    fused_model.load_state_dict(eager.state_dict())
-    with torch.inference_mode():
-        for _ in range(2):
-            assert_close(fused_model(x), eager(x), F32, name="logits after new weights")
-    assert native.packed_weight_count() == convs  # the old folded weights died with their reorders
+def test_prepared_conv_on_other_backends_runs_conv_bias_act():
+    conv, bn = torch.nn.Conv2d(8, 12, 3, padding=1, bias=False), torch.nn.BatchNorm2d(12).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+    with fused_resnet.use_backend("reference"):
+        prepared = PreparedConv(conv, bn)
+        assert prepared.packed is None and prepared.backend == "reference"
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        assert_close(prepared(x, None, True), torch.relu(bn(conv(x))), F32, name="out")

@@ -1,7 +1,6 @@
 // CPU implementations of the native ops: the device-generic ops of fused_ops.cpp with the CPU
 // kernel table of the best instruction set this CPU has (AVX2 + FMA, else the baseline build).
 #include "../fused_ops.h"
-#include "onednn_conv.h"
 
 namespace fused_resnet_native::cpu {
 namespace DEFAULT {
@@ -27,12 +26,6 @@ const Kernels& select_kernels() {
 
 struct CpuDevice {
   using Guard = NoGuard;
-  // Serving (no autograd, float32): oneDNN's own fused conv with cached weight reorders.
-  static std::optional<Tensor> library_conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias,
-                                                     const OptTensor& res, IntList st, IntList p, IntList d,
-                                                     int64_t g, bool relu) {
-    return onednn_conv_bias_act(x, w, bias, res, st, p, d, g, relu);
-  }
   static const Kernels& kernels() {
     static const Kernels& k = select_kernels();
     return k;
@@ -44,10 +37,4 @@ struct CpuDevice {
 
 TORCH_LIBRARY_IMPL(fused_resnet_native, CPU, m) {
   fused_resnet_native::register_impls<fused_resnet_native::cpu::CpuDevice>(m);
-}
-
-// No tensor arguments: the dispatcher routes these to their CompositeExplicitAutograd kernel.
-TORCH_LIBRARY_IMPL(fused_resnet_native, CompositeExplicitAutograd, m) {
-  m.impl("packed_weight_count", &fused_resnet_native::cpu::packed_weight_count);
-  m.impl("clear_packed_weights", &fused_resnet_native::cpu::clear_packed_weights);
 }

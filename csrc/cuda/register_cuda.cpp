@@ -8,7 +8,7 @@ namespace fused_resnet_native::cuda {
 const Kernels& kernels();
 
 namespace {
-struct CudaDevice : NoLibraryConv {
+struct CudaDevice {
   struct Guard {
     c10::cuda::CUDAGuard guard;
     explicit Guard(const at::Tensor& t) : guard(t.device()) {}

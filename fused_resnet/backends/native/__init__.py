@@ -75,7 +75,7 @@ def _ok(t: torch.Tensor) -> bool:
 
 
 if _C is not None:
-    from . import _fakes
+    from . import _fakes, _onednn
 
     _fakes.register()
     _ops = torch.ops.fused_resnet_native
@@ -111,18 +111,7 @@ if _C is not None:
     def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         _ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
-
-def packed_weight_count() -> int:
-    """How many conv weights the CPU ``conv_bias_act`` holds reordered for oneDNN (0 without the
-    extension). Serving without autograd in float32, each conv's (folded) weight is reordered once
-    and kept until that tensor dies or changes in place (``csrc/cpu/onednn_conv.h``)."""
-    return torch.ops.fused_resnet_native.packed_weight_count() if _C is not None else 0
-
-
-def clear_packed_weights() -> None:
-    """Drop every cached oneDNN weight reorder (they are rebuilt on the next call that needs one)."""
-    if _C is not None:
-        torch.ops.fused_resnet_native.clear_packed_weights()
+    register_kernel("native", "prepack_conv", supports=_onednn.supports)(_onednn.prepack_conv)
 
 
 def info_lines() -> list[str]:
@@ -136,8 +125,7 @@ def info_lines() -> list[str]:
         lines.append("CPU conv_bias_act: ATen convolution + fused epilogue (torch.backends.mkldnn.enabled is False)")
     else:
         lines.append(
-            "CPU conv_bias_act without autograd, float32: oneDNN post-ops with cached weight reorders for convs "
-            "of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23); "
-            f"{packed_weight_count()} weights cached now"
+            "CPU serving after fused_resnet.prepare_for_inference, float32: oneDNN's fused conv (post-ops) on "
+            "weights reordered once, for convs of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23)"
         )
     return lines

@@ -1,0 +1,109 @@
+"""Serving convolutions on the CPU by oneDNN's own fused conv, on weights reordered once.
+
+``fused_resnet.prepare_for_inference`` (``inference.py``) asks the backend in force for a
+``prepack_conv`` of each folded conv; this is the native backend's. It reorders the weight into
+oneDNN's blocked layout once, on that explicit call, and then runs ``relu?(conv(x, w) + bias +
+residual)`` as one oneDNN primitive (bias, residual add and ReLU as post-ops): ATen's
+``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
+
+Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
+as the convolution in the deep stages. The reorder belongs to the preparation and to nothing
+else: there is no cache keyed on tensor identity or version (a compiler reusing a buffer would
+make such a cache serve another weight's reorder), so it can go stale only with the preparation,
+which ``inference.py`` guards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Below about 8 million multiply-adds (a conv of ~0.5 ms on one AVX2 core) oneDNN's per-call
+# setup (~0.1 ms) costs about what it saves (measured on whole CIFAR ResNets at batch 1). Read at
+# each preparation, not at each call.
+_DEFAULT_MIN_MACS = 1 << 23
+
+
+def _pointwise_ops():
+    """The oneDNN ops, where this torch has them with the schemas they have had since torch 2.0."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        unary = mkldnn._convolution_pointwise.default
+        binary = mkldnn._convolution_pointwise.binary
+        reorder = mkldnn._reorder_convolution_weight.default
+    except (AttributeError, RuntimeError):
+        return None
+    counts = (len(unary._schema.arguments), len(binary._schema.arguments), len(reorder._schema.arguments))
+    return (unary, binary, reorder) if counts == (10, 13, 6) else None
+
+
+_OPS = _pointwise_ops() if torch.backends.mkldnn.is_available() else None
+
+
+def _is_nhwc(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+class PackedConv:
+    """A folded conv's weight reordered for oneDNN, for inputs of one layout (the weight's)."""
+
+    def __init__(self, weight, bias, stride, padding, dilation, groups, min_macs: int):
+        # A 1x1 weight is laid out alike in both formats: it then serves inputs of either layout.
+        both = weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+        self.nhwc = None if both else _is_nhwc(weight)
+        fmt = torch.channels_last if self.nhwc else torch.contiguous_format
+        self.conv = ([int(v) for v in padding], [int(v) for v in stride], [int(v) for v in dilation], int(groups))
+        self.weight_numel = weight.numel()
+        self.kernel = weight.shape[2:]
+        self.min_macs = min_macs
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        # oneDNN picks a channels_last output when the weight is: the weight keeps the layout of
+        # the inputs it will see, so that the output follows the input as the op's contract says.
+        self.packed = _OPS[2](weight.detach().contiguous(memory_format=fmt), *self.conv)
+
+    def _macs(self, x: torch.Tensor) -> int:
+        padding, stride, dilation, _ = self.conv
+        out = 1
+        for d in range(2):
+            size = x.shape[d + 2] + 2 * padding[d] - dilation[d] * (self.kernel[d] - 1) - 1
+            out *= max(size // stride[d] + 1, 0)
+        return x.shape[0] * self.weight_numel * out
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+        """The conv's output, or None where this path does not apply (autograd on, another dtype or
+        layout than prepared for, oneDNN disabled, a conv too small to gain): the caller then runs
+        the generic ``conv_bias_act``."""
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
+            return None
+        nhwc = _is_nhwc(x)
+        # An input laid out alike in both formats (H = W = 1) suits either weight layout.
+        either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
+        if (
+            not torch.backends.mkldnn.enabled or (self.nhwc is not None and nhwc != self.nhwc and not either)
+            or (residual is not None and residual.dtype != torch.float32)
+            # An NCHW input is converted to channels_last and back by oneDNN: passes over the
+            # activations that pay off only where the weight is not much smaller than the input.
+            or (not nhwc and self.weight_numel * 4 < x.numel())
+            or self._macs(x) < self.min_macs
+        ):
+            return None
+        fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
+        x = x.contiguous(memory_format=torch.channels_last if nhwc or (either and self.nhwc) else fmt)
+        if residual is None:
+            out = _OPS[0](x, self.packed, self.bias, *self.conv, "relu" if relu else "none", [], None)
+        else:
+            residual = residual.contiguous(memory_format=fmt)
+            out = _OPS[1](x, residual, self.packed, self.bias, *self.conv, "add", None, "relu" if relu else None, [],
+                          None)
+        return out.contiguous(memory_format=fmt)
+
+
+def supports(weight, bias, stride, padding, dilation, groups) -> bool:
+    return _OPS is not None and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 4
+
+
+def prepack_conv(weight, bias, stride, padding, dilation, groups) -> PackedConv:
+    """``weight`` (a folded conv weight, fp32, on the CPU) reordered for oneDNN (see the module docstring)."""
+    min_macs = int(os.environ.get("FUSED_RESNET_ONEDNN_MIN_MACS") or _DEFAULT_MIN_MACS)
+    return PackedConv(weight, bias, stride, padding, dilation, groups, min_macs)

@@ -1,0 +1,141 @@
+"""Serving: :func:`prepare_for_inference` folds every fused BN into its conv once, on the user's call.
+
+In eval a fused module runs each conv+BN as one conv with the BN folded into its weight and bias
+(``ops.fold_bn``), bias, residual and ReLU applied in the conv's epilogue. Without preparation the
+fold is recomputed on every forward: always right, a few small per-channel ops and one pass over
+each weight per call. :func:`prepare_for_inference` does it once, explicitly (as IPEX's
+``optimize`` does), and lets the backend prepack the folded weight too (the native CPU backend
+reorders it for oneDNN). There is no implicit cache: a cache keyed on tensor identity or version
+counters goes stale when a compiler reuses a buffer or a kernel writes through a raw pointer.
+
+The prepared state is dropped by ``model.train()``, ``load_state_dict``, ``.to()`` / ``.half()`` /
+``.cuda()`` (any ``Module._apply``), and it is neither pickled nor deep-copied (a copy, e.g. an EMA
+model, starts unprepared). It is used only in eager mode without autograd (``no_grad`` /
+``inference_mode``): under ``torch.compile``, ``torch.export`` or tracing a fused module emits plain
+ATen from its parameters (the compiler folds and fuses itself, with ``freezing`` for constants).
+As a guard for what the model cannot see, each prepared conv checks on every call that its conv
+and BN still hold the same tensors, unchanged since the preparation (an optimizer step, an EMA
+update, a ``.data`` edit in place): if not, it warns once and the module runs unprepared again,
+with the right numbers, until :func:`prepare_for_inference` is called again.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import _backend, ops
+
+
+def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    return (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+class PreparedConv:
+    """One conv + eval-mode BN of a fused module, folded once: ``relu?(conv(x) + bias + residual)``."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module):
+        self.sources = _sources(conv, bn)
+        self.versions = tuple(None if t is None else t._version for t in self.sources)
+        self.eps = bn.eps
+        self.conv_kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        # Made outside inference_mode: an inference tensor could not be used later with autograd on.
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight, self.bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                 bn.eps)
+            args = (self.weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            self.backend, prepack = _backend.select("prepack_conv", self.weight.device.type, args)
+            self.packed = prepack(*args)
+
+    def current(self, conv: nn.Conv2d, bn: nn.Module) -> bool:
+        """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
+        if bn.eps != self.eps:
+            return False
+        for now, then, version in zip(_sources(conv, bn), self.sources, self.versions):
+            if now is not then or (now is not None and now._version != version):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        if self.packed is not None and _backend.get_backend() in ("auto", self.backend):
+            out = self.packed(x, residual, relu)
+            if out is not None:
+                return out
+        return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
+
+
+class Preparable(nn.Module):
+    """Base of the fused modules that can be prepared: the prepared convs, in the order of
+    :meth:`eval_pairs`, live in ``self._prepared`` (not a registered buffer: no ``state_dict``
+    key) and everything that may change the tensors behind them drops them."""
+
+    def eval_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """The (conv, BN) pairs this module folds in eval, in the order it runs them."""
+        raise NotImplementedError
+
+    def prepare_for_inference(self) -> None:
+        """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
+        self.__dict__["_prepared"] = [PreparedConv(conv, bn) for conv, bn in self.eval_pairs()]
+
+    def prepared_convs(self) -> list[PreparedConv] | None:
+        """The prepared convs if they may serve this call (eager, no autograd, nothing changed)."""
+        prepared = self.__dict__.get("_prepared")
+        if prepared is None or torch.is_grad_enabled() or emits_aten():
+            return None
+        pairs = self.eval_pairs()
+        if len(pairs) == len(prepared) and all(p.current(c, b) for p, (c, b) in zip(prepared, pairs)):
+            return prepared
+        self.__dict__.pop("_prepared")
+        warnings.warn(
+            f"fused_resnet: a parameter or BN buffer of this {type(self).__name__} changed since "
+            "prepare_for_inference(); it runs unprepared (folding on every call) until prepared again",
+            stacklevel=3,
+        )
+        return None
+
+    def drop_prepared(self) -> None:
+        self.__dict__.pop("_prepared", None)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.drop_prepared()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_prepared()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.drop_prepared()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_prepared" in state:
+            state = dict(state)
+            del state["_prepared"]
+        return state
+
+
+def emits_aten() -> bool:
+    """Whether a fused module should emit plain ATen ops rather than ours: under ``torch.compile``
+    and ``torch.export`` (dynamo) and ``torch.jit.trace`` / the TorchScript-based ONNX exporter,
+    in eval, so that compilers fuse and exporters understand the model."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode and fold every fused BN into its conv once (prepacking the
+    weights where the backend in force can, e.g. for oneDNN on the CPU in float32), so that serving
+    forwards (``no_grad`` / ``inference_mode``) cost only the convolutions. Returns ``model``.
+
+    An explicit step: call it again after changing parameters or BN buffers yourself. What drops
+    the preparation, and the guard against changes it cannot see, are in this module's docstring.
+    Modules that are not fused are left alone."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, Preparable):
+            module.prepare_for_inference()
+    return model
