@@ -28,6 +28,7 @@ from ._backend import use_backend
 from .data import ImageDataset, collate_batch, random_crop_flip
 from .distributed import adopt_sync_batch_norms
 from .fuse import find_fusable, fuse
+from .inference import prepare_for_inference
 from .small_resnet import small_resnet
 
 MODELS = ("small", "resnet18", "resnet34", "resnet50")
@@ -159,8 +160,9 @@ def _progress(iterable, place, config, **kwargs):
 
 def evaluate(model: nn.Module, test: ImageDataset, config: TrainConfig,
              place: _torchrun.Place) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the test set (each process takes every world-th image)."""
-    model.eval()
+    """Mean cross-entropy and accuracy on the test set (each process takes every world-th image).
+    A fused model is prepared for serving (BN folded once); the next ``model.train()`` undoes it."""
+    prepare_for_inference(model)
     shard = list(range(place.rank, len(test), place.world_size))
     loader = DataLoader(test, batch_size=max(config.batch_size, 256), sampler=shard, collate_fn=collate_batch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=place.device)

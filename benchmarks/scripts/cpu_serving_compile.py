@@ -1,6 +1,7 @@
 """CPU serving, side by side in one process: eager, fused, and both under ``torch.compile`` with and
 without inductor's freezing (which turns parameters into constants, so the BN fold and oneDNN's weight
-reorder happen once). Prints median ms per batch.
+reorder happen once), and fused after ``fused_resnet.prepare_for_inference`` (BN folded and weights
+reordered once, eagerly). Prints median ms per batch.
 
     python benchmarks/scripts/cpu_serving_compile.py [--model resnet18] [--batch 4] [--image 56]
 """
@@ -8,6 +9,7 @@ reorder happen once). Prints median ms per batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -45,6 +47,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.model}, batch {args.batch}, "
           f"{args.image}x{args.image}, fp32, channels_last")
     rows = {"eager": median_ms(eager, x, args.rounds), "fused": median_ms(fused, x, args.rounds)}
+    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
+    rows["fused, prepare_for_inference"] = median_ms(prepared, x, args.rounds)
     for freezing in (False, True):
         inductor_config.freezing = freezing
         torch._dynamo.reset()

@@ -22,6 +22,7 @@ from torch import nn
 from .. import models
 from .._backend import backends, use_backend
 from ..fuse import fuse
+from ..inference import prepare_for_inference
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,14 @@ def _backend_ctx(variant: Variant):
     return use_backend(variant.backend) if variant.backend else contextlib.nullcontext()
 
 
+def _set_mode(module: nn.Module, variant: Variant, mode: str) -> None:
+    """Training or eval; a fused module in eval is served as users are told to: prepared once."""
+    module.train(mode == "train")
+    if mode == "eval" and variant.fused:
+        with _backend_ctx(variant):
+            prepare_for_inference(module)
+
+
 def _compiled(module: nn.Module, variant: Variant):
     if variant.compile_mode is None:
         return module
@@ -190,7 +199,7 @@ def _compiled(module: nn.Module, variant: Variant):
 
 def prepare_block(shape: BlockShape, variant: Variant, mode: str, sizes: Sizes, device: torch.device) -> Prepared:
     block = _place(build_block(shape, variant.fused), variant, device)
-    block.train(mode == "train")
+    _set_mode(block, variant, mode)
     run = _compiled(block, variant)
     size = sizes.block_size(shape)
     g = torch.Generator().manual_seed(2)
@@ -225,7 +234,7 @@ def prepare_block(shape: BlockShape, variant: Variant, mode: str, sizes: Sizes, 
 
 def prepare_model(name: str, variant: Variant, mode: str, sizes: Sizes, device: torch.device) -> Prepared:
     model = _place(build_model(name, variant.fused), variant, device)
-    model.train(mode == "train")
+    _set_mode(model, variant, mode)
     run = _compiled(model, variant)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(sizes.batch, 3, sizes.image, sizes.image, generator=g).to(device)
