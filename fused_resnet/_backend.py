@@ -178,6 +178,12 @@ def select(kernel: str, device_type: str, args: tuple, name: str | None = None) 
         if impl is not None and (impl.supports is None or impl.supports(*args)):
             chosen, fn = candidate, impl.fn
             break
-    for log in _traces:
-        log.append((kernel, chosen))
+    record(kernel, chosen)
     return chosen, fn
+
+
+def record(kernel: str, backend: str) -> None:
+    """Note in every open :func:`trace_dispatch` that ``backend`` ran ``kernel`` (for callers that
+    bound a kernel once, e.g. a prepared conv, and call it without :func:`select`)."""
+    for log in _traces:
+        log.append((kernel, backend))

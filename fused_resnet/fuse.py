@@ -17,7 +17,7 @@ import sys
 
 from torch import nn
 
-from . import distributed, models
+from . import distributed, resnet_arch
 from .distributed import FusedAwaySyncBatchNorm2d
 from .modules import (
     FusedAwayBatchNorm2d,
@@ -70,7 +70,7 @@ def _block_class(module: nn.Module) -> type | None:
 
 def _known_resnet_forward(model: nn.Module) -> bool:
     """True when ``model``'s forward is torchvision's or our ``ResNet``'s (ReLU used once, after bn1)."""
-    classes = [models.ResNet]
+    classes = [resnet_arch.ResNet]
     tv = sys.modules.get("torchvision.models.resnet")
     if tv is not None:
         classes.append(tv.ResNet)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _backend, ops
+from ._layout import conv_output_size
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
@@ -46,8 +47,15 @@ class PreparedConv:
             self.weight, self.bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                                  bn.eps)
             args = (self.weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-            self.backend, prepack = _backend.select("prepack_conv", self.weight.device.type, args)
+            device = self.weight.device.type
+            self.backend, prepack = _backend.select("prepack_conv", device, args)
             self.packed = prepack(*args)
+            # The conv_bias_act kernel for inputs of the weight's dtype, bound now: a serving call
+            # then skips the op layer (autograd, argument checks, backend choice), ~20 us a conv.
+            self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
+                              [int(v) for v in conv.dilation], int(conv.groups))
+            probe = (self.weight, self.weight, self.bias, None, *self.conv_args, True)  # x stands in by dtype
+            self.kernel_backend, self.kernel = _backend.select("conv_bias_act", device, probe)
 
     def current(self, conv: nn.Conv2d, bn: nn.Module) -> bool:
         """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
@@ -59,11 +67,26 @@ class PreparedConv:
         return True
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-        if self.packed is not None and _backend.get_backend() in ("auto", self.backend):
+        """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
+        asked = _backend.get_backend()
+        if self.packed is not None and asked in ("auto", self.backend):
             out = self.packed(x, residual, relu)
             if out is not None:
+                _backend.record("conv_bias_act", self.backend)
                 return out
+        if (
+            asked in ("auto", self.kernel_backend) and x.dtype == self.weight.dtype and x.dim() == 4
+            and x.device == self.weight.device and not torch.is_autocast_enabled(x.device.type)
+            and (residual is None or self._residual_fits(x, residual))
+        ):
+            _backend.record("conv_bias_act", self.kernel_backend)
+            return self.kernel(x, self.weight, self.bias, residual, *self.conv_args, relu)
         return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
+
+    def _residual_fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """The checks of the op layer that the bound kernel relies on for the residual."""
+        shape = conv_output_size(x.shape, self.weight.shape, *self.conv_args[:3])
+        return residual.dtype == x.dtype and residual.device == x.device and list(residual.shape) == shape
 
 
 class Preparable(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, inference, models, ops
+from . import distributed, inference, ops, resnet_arch
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -161,14 +161,14 @@ class _FusedBlockMixin(inference.Preparable):
         return residual_forward(x, self._chain(), self.downsample, prepared)
 
 
-class FusedBasicBlock(_FusedBlockMixin, models.BasicBlock):
+class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):
     """torchvision's ``BasicBlock`` (same signature, attributes and ``state_dict``), fused."""
 
     def _chain(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
 
-class FusedBottleneck(_FusedBlockMixin, models.Bottleneck):
+class FusedBottleneck(_FusedBlockMixin, resnet_arch.Bottleneck):
     """torchvision's ``Bottleneck`` (same signature, attributes and ``state_dict``), fused."""
 
     def _chain(self):

@@ -20,7 +20,7 @@ import torch
 
 from . import (
     _autograd,  # noqa: F401  (registers the ops' autograd formulas)
-    distributed,
+    _sync_stats,
 )
 from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
@@ -108,7 +108,7 @@ def conv_bn(
     ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
     statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
     those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
-    :mod:`fused_resnet.distributed`: one all-gather of ``2C + 1`` values forward, one all-reduce
+    :mod:`fused_resnet._sync_stats`: one all-gather of ``2C + 1`` values forward, one all-reduce
     of ``2C`` backward).
     """
     in_scale = in_shift = None
@@ -125,7 +125,7 @@ def conv_bn(
     y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if training and process_group is not None:
-        mean, var, count = distributed.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
+        mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
     else:
         check_batch_statistics(y.shape, True)
     if training and running_mean is not None and running_var is not None:
@@ -133,7 +133,7 @@ def conv_bn(
             if momentum is None:
                 raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
             num_batches_tracked = torch.zeros((), dtype=torch.long, device=y.device)
-        update = distributed.update_running_stats_ if isinstance(count, torch.Tensor) else _ops.update_running_stats_
+        update = _sync_stats.update_running_stats_ if isinstance(count, torch.Tensor) else _ops.update_running_stats_
         update(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
     return DeferredBN(y, *batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps, sdt))
 

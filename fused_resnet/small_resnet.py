@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import BasicBlock, conv1x1, conv3x3
+from .fuse import fuse
+from .resnet_arch import BasicBlock, conv1x1, conv3x3
 
 
 class SmallResNet(nn.Module):
@@ -63,8 +64,4 @@ def small_resnet(*, fused: bool = True, widths: tuple[int, ...] = (16, 32, 64), 
                  num_classes: int = 10, in_channels: int = 3) -> SmallResNet:
     """A :class:`SmallResNet`, fused in place by :func:`fused_resnet.fuse` unless ``fused=False``."""
     model = SmallResNet(widths, blocks, num_classes, in_channels)
-    if fused:
-        from .fuse import fuse
-
-        fuse(model)
-    return model
+    return fuse(model) if fused else model

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fused_resnet
+from fused_resnet import _sync_stats as sync_stats
 from fused_resnet import distributed as fdist
 from fused_resnet import models
 from fused_resnet._tolerances import assert_close, tolerance
@@ -77,14 +78,14 @@ def _split(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
 
 
 class _Counting:
-    """Counts the collectives of ``fused_resnet.distributed`` (forward gathers, backward reductions)."""
+    """Counts the collectives of ``fused_resnet._sync_stats`` (forward gathers, backward reductions)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
 
     def __enter__(self):
         self.gathers = self.reduces = 0
-        self._g, self._r = fdist._gather, fdist._all_reduce_sum
+        self._g, self._r = sync_stats._gather, sync_stats._all_reduce_sum
         if not self.enabled:
             return self
 
@@ -100,11 +101,11 @@ class _Counting:
             self.groups.add(group)
             return self._r(t, group)
 
-        fdist._gather, fdist._all_reduce_sum = gather, reduce
+        sync_stats._gather, sync_stats._all_reduce_sum = gather, reduce
         return self
 
     def __exit__(self, *exc):
-        fdist._gather, fdist._all_reduce_sum = self._g, self._r
+        sync_stats._gather, sync_stats._all_reduce_sum = self._g, self._r
 
 
 def _compare_training(rank, sizes, dtype, *, memory_format=torch.contiguous_format, compile_=False, steps=2,
