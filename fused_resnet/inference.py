@@ -69,24 +69,30 @@ class PreparedConv:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
         asked = _backend.get_backend()
-        if self.packed is not None and asked in ("auto", self.backend):
-            out = self.packed(x, residual, relu)
-            if out is not None:
-                _backend.record("conv_bias_act", self.backend)
-                return out
-        if (
-            asked in ("auto", self.kernel_backend) and x.dtype == self.weight.dtype and x.dim() == 4
-            and x.device == self.weight.device and not torch.is_autocast_enabled(x.device.type)
-            and (residual is None or self._residual_fits(x, residual))
-        ):
-            _backend.record("conv_bias_act", self.kernel_backend)
-            return self.kernel(x, self.weight, self.bias, residual, *self.conv_args, relu)
+        if self._fits(x, residual):
+            if self.packed is not None and asked in ("auto", self.backend):
+                out = self.packed(x, residual, relu)
+                if out is not None:
+                    _backend.record("conv_bias_act", self.backend)
+                    return out
+            if asked in ("auto", self.kernel_backend) and not torch.is_autocast_enabled(x.device.type):
+                _backend.record("conv_bias_act", self.kernel_backend)
+                return self.kernel(x, self.weight, self.bias, residual, *self.conv_args, relu)
         return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
 
-    def _residual_fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """The checks of the op layer that the bound kernel relies on for the residual."""
+    def _fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """The op layer's checks that the prepacked and bound kernels rely on (they may not bound
+        their reads by them), and the dtype they were chosen for; what does not fit goes through
+        ``ops.conv_bias_act``, which casts or says what is wrong."""
+        if (x.dim() != 4 or x.dtype != self.weight.dtype or x.device != self.weight.device
+                or x.shape[1] != self.weight.shape[1] * self.conv_args[3]):
+            return False
         shape = conv_output_size(x.shape, self.weight.shape, *self.conv_args[:3])
-        return residual.dtype == x.dtype and residual.device == x.device and list(residual.shape) == shape
+        if shape[2] < 1 or shape[3] < 1:
+            return False
+        return residual is None or (
+            residual.dtype == x.dtype and residual.device == x.device and list(residual.shape) == shape
+        )
 
 
 class Preparable(nn.Module):

@@ -195,3 +195,19 @@ def test_prepared_conv_on_other_backends_runs_conv_bias_act():
     x = torch.randn(2, 8, 9, 7)
     with torch.no_grad():
         assert_close(prepared(x, None, True), torch.relu(bn(conv(x))), F32, name="out")
+
+
+@pytest.mark.parametrize("bad", ["channels", "residual_shape", "too_small"])
+def test_prepared_conv_sends_bad_input_to_the_op_layer_checks(bad):
+    conv, bn = torch.nn.Conv2d(8, 12, 3, padding=1, bias=False), torch.nn.BatchNorm2d(12).eval()
+    prepared = PreparedConv(conv, bn)
+    x, residual = torch.randn(2, 8, 9, 7), None
+    if bad == "channels":
+        x = torch.randn(2, 6, 9, 7)
+    elif bad == "residual_shape":
+        residual = torch.randn(2, 12, 9, 6)
+    else:
+        prepared = PreparedConv(torch.nn.Conv2d(8, 12, 5, padding=0, bias=False), bn)
+        x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="fused_resnet"):
+        prepared(x, residual, True)
