@@ -22,6 +22,20 @@ bool is_nhwc(const Tensor& x) {
   return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
+// ATen's CPU convolution backward (oneDNN) corrupts memory for some 1x1 strided convolutions of
+// channels_last inputs (torch 2.13 and 2.14; eager conv2d's backward too): such a backward runs on
+// NCHW copies, where it is right (fused_resnet/_conv_backward.py says more).
+std::tuple<Tensor, Tensor> conv_backward(const Tensor& g, const Tensor& a, const Tensor& w, IntList stride,
+                                         IntList padding, IntList dilation, int64_t groups, bool need_input,
+                                         bool need_w) {
+  const bool nchw_only = a.device().is_cpu() && w.size(2) == 1 && w.size(3) == 1 &&
+                         (stride[0] > 1 || stride[1] > 1) && !a.is_contiguous();
+  auto [gi, gw, unused] = at::convolution_backward(nchw_only ? g.contiguous() : g, nchw_only ? a.contiguous() : a,
+                                                   nchw_only ? w.contiguous() : w, std::nullopt, stride, padding,
+                                                   dilation, false, {0, 0}, groups, {need_input, need_w, false});
+  return {gi, gw};
+}
+
 at::MemoryFormat format(bool nhwc) { return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
 
 Tensor dense(const Tensor& t, bool nhwc) { return t.contiguous(format(nhwc)); }
@@ -182,9 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
 
   Tensor a = prologue(k, x, in_scale, in_shift, in_relu, cdt, nhwc);
   const bool need_input = need_x || need_affine;
-  auto [grad_a, grad_w, unused] = at::convolution_backward(g, a, weight.to(cdt), std::nullopt, stride, padding,
-                                                           dilation, false, {0, 0}, groups,
-                                                           {need_input, need_w, false});
+  auto [grad_a, grad_w] = conv_backward(g, a, weight.to(cdt), stride, padding, dilation, groups, need_input, need_w);
   a.reset();
   g.reset();
   Tensor grad_x, grad_scale, grad_shift;
@@ -381,8 +393,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
   }
   Tensor grad_x, grad_w;
   if (need_conv) {
-    auto [gx, gw, unused] = at::convolution_backward(dz, x.to(cdt), weight.to(cdt), std::nullopt, stride, padding,
-                                                     dilation, false, {0, 0}, groups, {need_x, need_w, false});
+    auto [gx, gw] = conv_backward(dz, x.to(cdt), weight.to(cdt), stride, padding, dilation, groups, need_x, need_w);
     if (need_x) grad_x = dense(gx.to(x.scalar_type()), nhwc);
     if (need_w) grad_w = gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   }
@@ -392,6 +403,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
 void update_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
                            const Tensor& mean, const Tensor& var, int64_t count, std::optional<double> momentum) {
   TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
+  const auto f32_vector = [](const Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous();
+  };
+  if (f32_vector(running_mean) && f32_vector(running_var) && f32_vector(mean) && f32_vector(var) &&
+      num_batches_tracked.device().is_cpu() && num_batches_tracked.scalar_type() == at::kLong &&
+      num_batches_tracked.numel() == 1) {
+    // On the CPU, one loop instead of the ~12 small ATen ops below (they cost ~50 us a BN on the
+    // host); the same fp64 arithmetic in the same order, so the same results. Writes through raw
+    // pointers are made visible to PyTorch by their version counters.
+    int64_t* batches = num_batches_tracked.data_ptr<int64_t>();
+    *batches += 1;
+    const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(*batches);
+    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+    float* rm = running_mean.data_ptr<float>();
+    float* rv = running_var.data_ptr<float>();
+    const float* m = mean.const_data_ptr<float>();
+    const float* v = var.const_data_ptr<float>();
+    for (int64_t c = 0; c < running_mean.numel(); ++c) {
+      rm[c] = static_cast<float>(factor * static_cast<double>(m[c]) + (1 - factor) * static_cast<double>(rm[c]));
+      rv[c] = static_cast<float>(factor * (static_cast<double>(v[c]) * unbias) +
+                                 (1 - factor) * static_cast<double>(rv[c]));
+    }
+    for (const Tensor* t : {&running_mean, &running_var, &num_batches_tracked}) {
+      t->unsafeGetTensorImpl()->bump_version();
+    }
+    return;
+  }
   // As nn.BatchNorm2d, in fp64 and without a host sync: the cumulative-average factor stays on the device.
   num_batches_tracked.add_(1);
   const auto dbl = mean.options().dtype(at::kDouble);

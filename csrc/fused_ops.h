@@ -1,6 +1,6 @@
 // The native ops, written once for every device: ATen's convolution (oneDNN on the CPU, cuDNN on
 // the GPU) with everything around it (prologue, statistics, epilogue, backward reductions) done
-// by the device's fused kernels, given as a `Kernels` table. `register_impls<Device>` binds them
+// by the device's fused kernels, given as a `Kernels` table. routed_ops.h binds them
 // to a dispatch key; Device::kernels() returns the table.
 #pragma once
 
@@ -92,17 +92,6 @@ struct Impls {
   }
 };
 
-template <class Device>
-void register_impls(torch::Library& m) {
-  using I = Impls<Device>;
-  m.impl("conv_stats", &I::conv_stats_);
-  m.impl("conv_stats_backward", &I::conv_stats_backward_);
-  m.impl("bn_add_relu", &I::bn_add_relu_);
-  m.impl("bn_add_relu_backward", &I::bn_add_relu_backward_);
-  m.impl("conv_bias_act", &I::conv_bias_act_);
-  m.impl("conv_bias_act_backward", &I::conv_bias_act_backward_);
-  m.impl("update_running_stats_", &I::update_running_stats);
-}
 
 // Device guard that does nothing (CPU).
 struct NoGuard {

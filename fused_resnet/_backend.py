@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import reference
+from . import _extension, reference
 
 BACKEND_NAMES = ("auto", "reference", "triton", "native")
 # Backends tried by "auto", fastest first; the reference closes every list implicitly.
@@ -53,6 +53,8 @@ _load_errors: dict[str, str] = {}
 _availability: dict[tuple[str, str], str | None] = {}
 _loaded = False
 _default = os.environ.get("FUSED_RESNET_BACKEND", "auto")
+if _extension.C is not None and _default in BACKEND_NAMES:
+    _extension.C._set_default_backend(BACKEND_NAMES.index(_default))
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_resnet_backend", default=None)
 # Process-wide, not a ContextVar: CUDA backward passes run on autograd's device threads, which
 # would not see a context set by the thread that called trace_dispatch.
@@ -120,10 +122,17 @@ def backends(device_type: str | None = None) -> list[str]:
     return [n for n in BACKEND_NAMES[1:] if unavailable_reason(n, device_type) is None]
 
 
+def _native_state():
+    """The extension's copy of the choice (its CPU/CUDA kernels choose in C++), or None."""
+    return _extension.C
+
+
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``auto``, ``reference``, ``triton`` or ``native``)."""
     global _default
     _default = _check_name(name)
+    if _native_state() is not None:
+        _native_state()._set_default_backend(BACKEND_NAMES.index(_default))
 
 
 def get_backend() -> str:
@@ -135,10 +144,16 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: run fused ops with backend ``name`` inside the block (thread/task local)."""
     token = _override.set(_check_name(name))
+    native = _native_state()
+    before = native._thread_backend() if native is not None else -1
+    if native is not None:
+        native._set_thread_backend(BACKEND_NAMES.index(name))
     try:
         yield
     finally:
         _override.reset(token)
+        if native is not None:
+            native._set_thread_backend(before)
 
 
 @contextlib.contextmanager
@@ -147,10 +162,14 @@ def trace_dispatch() -> Iterator[list[tuple[str, str]]]:
     while it is open, in any thread (backward passes included)."""
     log: list[tuple[str, str]] = []
     _traces.append(log)
+    if _native_state() is not None:
+        _native_state()._set_trace_hook(record)
     try:
         yield log
     finally:
         _traces.remove(log)
+        if not _traces and _native_state() is not None:
+            _native_state()._set_trace_hook(None)
 
 
 def select(kernel: str, device_type: str, args: tuple, name: str | None = None) -> tuple[str, Callable]:

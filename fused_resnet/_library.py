@@ -1,9 +1,13 @@
-"""The ``fused_resnet`` operator library: every schema, its device implementation and its fake.
+"""The ``fused_resnet`` operator library: every schema, its fake, and its Python kernels.
 
-This is the one place where ops are declared. Each op's real implementation checks its
-arguments, picks a backend kernel (``_backend.select``) and runs it with autocast off (inputs
-were already cast by the functional layer); backward passes are ops of their own. Autograd
-formulas live in ``_autograd.py``.
+This is the one place where ops are declared (docs/design.md). The compiled extension
+(``_extension.py``) registers their CPU and CUDA kernels, which check the arguments and choose the
+backend in C++: native kernels run there; the reference and Triton backends are the Python
+kernels here (:func:`python_kernel`, which picks the backend's function with ``_backend.select``
+and runs it with autocast off: inputs were already cast by the functional layer). Autograd is the
+extension's too (``csrc/autograd.cpp``); backward passes are ops of their own. On a device the
+extension has no kernels for, the CompositeExplicitAutograd implementations below check the
+arguments and run the Python kernels.
 
 Conventions (``_layout.py``): activations are NCHW or channels_last, outputs follow the main
 input's layout; per-channel tensors (scale, shift, mean, var, bias) are fp32, or fp64 for fp64
@@ -14,14 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _extension
 from ._layout import conv_output_size, empty_activation, stat_dtype
 
 NAMESPACE = "fused_resnet"
 _CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
-# Backward ops run on the backend their forward asked for (recorded by _autograd.py at forward):
-# the choice made with use_backend() is a context variable, unset on autograd's CUDA threads.
-_BACKEND = 'str backend="auto"'
+# Backward ops run on the backend their forward asked for (recorded at forward by csrc/autograd.cpp):
+# the choice made with use_backend() is a context variable, unset on autograd's CUDA threads. "" (the
+# default, for a direct call): the backend in force.
+_BACKEND = 'str backend=""'
 
 SCHEMAS = {
     # y = conv(relu?(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y.
@@ -93,7 +98,11 @@ def _fill(outputs, likes):
 
 
 def _impl(name: str):
-    return torch.library.impl(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd", lib=_lib)
+    def register(fn):
+        torch.library.impl(f"{NAMESPACE}::{name}", "CompositeExplicitAutograd", lib=_lib)(fn)
+        return fn
+
+    return register
 
 
 def _fake(name: str):
@@ -111,6 +120,7 @@ def _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, 
 
 @_impl("conv_stats")
 def _conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
+    _extension.require()
     _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
     return _run("conv_stats", x.device, x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
 
@@ -125,7 +135,7 @@ def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, di
 
 @_impl("conv_stats_backward")
 def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                         stride, padding, dilation, groups, output_mask, backend="auto"):
+                         stride, padding, dilation, groups, output_mask, backend=""):
     grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu,
                  weight, y, mean, stride, padding, dilation, groups, output_mask, backend=backend)
     return _fill(grads, (x, mean, mean, weight))
@@ -133,7 +143,7 @@ def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_
 
 @_fake("conv_stats_backward")
 def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                              stride, padding, dilation, groups, output_mask, backend="auto"):
+                              stride, padding, dilation, groups, output_mask, backend=""):
     need_x, need_affine, need_w = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
@@ -159,6 +169,7 @@ def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift):
 
 @_impl("bn_add_relu")
 def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu):
+    _extension.require()
     _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift)
     return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, relu)
 
@@ -171,7 +182,7 @@ def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, relu):
 
 @_impl("bn_add_relu_backward")
 def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
-                          backend="auto"):
+                          backend=""):
     grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
                  output_mask, backend=backend)
     per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -180,7 +191,7 @@ def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_sh
 
 @_fake("bn_add_relu_backward")
 def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
-                               backend="auto"):
+                               backend=""):
     need_y, need_affine, need_res, need_res_affine = output_mask
     def like(t, needed):
         return torch.empty_like(t) if needed and t is not None else y.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -207,6 +218,7 @@ def _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, g
 
 @_impl("conv_bias_act")
 def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    _extension.require()
     _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
     return _run("conv_bias_act", x.device, x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
@@ -219,7 +231,7 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
 
 @_impl("conv_bias_act_backward")
 def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
-                            backend="auto"):
+                            backend=""):
     grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, relu, stride, padding, dilation,
                  groups, output_mask, backend=backend)
     return _fill(grads, (x, weight, grad_out.new_empty(0, dtype=stat_dtype(x.dtype)), out))
@@ -227,7 +239,7 @@ def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dil
 
 @_fake("conv_bias_act_backward")
 def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
-                                 backend="auto"):
+                                 backend=""):
     need_x, need_w, need_bias, need_res = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
@@ -242,10 +254,15 @@ def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding
 
 @_impl("update_running_stats_")
 def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    _extension.require()
     if count < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, None)
+
+
+def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, backend):
     _run("update_running_stats_", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
-         momentum)
+         momentum, backend=backend)
     # A kernel may write through raw pointers (Triton, CUDA), which PyTorch does not see: without
     # this, anything that keys on the version counter (autograd's saved-tensor checks, a caller's
     # memo) would take the old statistics for the current ones.
@@ -257,3 +274,29 @@ def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, 
 @_fake("update_running_stats_")
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     return None
+
+
+# The Python kernels the extension's backend choice calls ---------------------------------------------
+
+_BACKWARD = {
+    "conv_stats_backward": _conv_stats_backward,
+    "bn_add_relu_backward": _bn_add_relu_backward,
+    "conv_bias_act_backward": _conv_bias_act_backward,
+}
+
+
+def python_kernel(kernel: str, backend: str, *args):
+    """Run ``kernel`` of the reference or Triton backend (``backend``; ``auto`` picks among the
+    Python backends; ``""``: the one in force) on arguments the extension has checked; called from
+    C++ (``csrc/router.h``)."""
+    backend = backend or None
+    if kernel in _BACKWARD:
+        return _BACKWARD[kernel](*args, backend)
+    if kernel == "update_running_stats_":
+        return _update_running_stats_kernel(*args, backend)
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return _run(kernel, device, *args, backend=backend)
+
+
+if _extension.C is not None:
+    _extension.C._set_python_kernels(python_kernel)

@@ -28,6 +28,9 @@ from torch import nn
 
 from . import _backend, ops
 from ._layout import conv_output_size
+from ._library import NAMESPACE
+
+_conv_bias_act = getattr(torch.ops, NAMESPACE).conv_bias_act.default
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
@@ -50,12 +53,8 @@ class PreparedConv:
             device = self.weight.device.type
             self.backend, prepack = _backend.select("prepack_conv", device, args)
             self.packed = prepack(*args)
-            # The conv_bias_act kernel for inputs of the weight's dtype, bound now: a serving call
-            # then skips the op layer (autograd, argument checks, backend choice), ~20 us a conv.
-            self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
-                              [int(v) for v in conv.dilation], int(conv.groups))
-            probe = (self.weight, self.weight, self.bias, None, *self.conv_args, True)  # x stands in by dtype
-            self.kernel_backend, self.kernel = _backend.select("conv_bias_act", device, probe)
+        self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
+                          [int(v) for v in conv.dilation], int(conv.groups))
 
     def current(self, conv: nn.Conv2d, bn: nn.Module) -> bool:
         """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
@@ -68,22 +67,21 @@ class PreparedConv:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
-        asked = _backend.get_backend()
-        if self._fits(x, residual):
-            if self.packed is not None and asked in ("auto", self.backend):
-                out = self.packed(x, residual, relu)
-                if out is not None:
-                    _backend.record("conv_bias_act", self.backend)
-                    return out
-            if asked in ("auto", self.kernel_backend) and not torch.is_autocast_enabled(x.device.type):
-                _backend.record("conv_bias_act", self.kernel_backend)
-                return self.kernel(x, self.weight, self.bias, residual, *self.conv_args, relu)
-        return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
+        if self.packed is not None and _backend.get_backend() in ("auto", self.backend) and self._fits(x, residual):
+            out = self.packed(x, residual, relu)
+            if out is not None:
+                _backend.record("conv_bias_act", self.backend)
+                return out
+        if torch.is_autocast_enabled(x.device.type) or (residual is not None and residual.dtype != x.dtype):
+            return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
+        # The op itself (argument checks and backend choice in C++), not the functional layer: the
+        # prepared weight and bias are already in the dtypes it takes.
+        return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, relu)
 
     def _fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        """The op layer's checks that the prepacked and bound kernels rely on (they may not bound
-        their reads by them), and the dtype they were chosen for; what does not fit goes through
-        ``ops.conv_bias_act``, which casts or says what is wrong."""
+        """The op's checks that oneDNN's prepacked conv relies on (it may not bound its reads by
+        them), and the dtype it was prepared for; what does not fit goes through the op, which
+        says what is wrong."""
         if (x.dim() != 4 or x.dtype != self.weight.dtype or x.device != self.weight.device
                 or x.shape[1] != self.weight.shape[1] * self.conv_args[3]):
             return False

@@ -18,10 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import (
-    _autograd,  # noqa: F401  (registers the ops' autograd formulas)
-    _sync_stats,
-)
+from . import _sync_stats
 from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._conv_backward import convolution_backward
 from ._layout import channel_view, output_memory_format, stat_dtype
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -85,10 +86,8 @@ def conv_stats_backward(
     centred = y.to(sdt) - channel_view(mean)
     g = grad_y.to(sdt) + channel_view(grad_mean / count) + channel_view(2.0 * grad_var / count) * centred
     a = _prologue(x, in_scale, in_shift, in_relu)
-    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
-        g.to(a.dtype), a, weight.to(a.dtype), None, stride, padding, dilation, False, [0, 0], groups,
-        [need_x or need_affine, need_w, False],
-    )
+    grad_a, grad_w = convolution_backward(g.to(a.dtype), a, weight.to(a.dtype), stride, padding, dilation, groups,
+                                          need_x or need_affine, need_w)
     grad_x = grad_scale = grad_shift = None
     if need_x or need_affine:
         dz = grad_a.to(sdt)
@@ -168,10 +167,8 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
     if relu:
         dz = dz * (out > 0)
     a = x.to(_conv_dtype(x))
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        dz.to(a.dtype), a, weight.to(a.dtype), None, stride, padding, dilation, False, [0, 0], groups,
-        [need_x, need_w, False],
-    )
+    grad_x, grad_w = convolution_backward(dz.to(a.dtype), a, weight.to(a.dtype), stride, padding, dilation, groups,
+                                          need_x, need_w)
     return (
         _finish(grad_x, x) if need_x else None,
         _finish(grad_w, weight) if need_w else None,

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import fused_resnet
 from fused_resnet import _backend
 
 REASON = _backend.unavailable_reason("native", "cpu")
@@ -66,3 +67,25 @@ def layout_of(t: torch.Tensor) -> str:
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return "nhwc"
     return "nchw"
+
+
+class _NativeKernels:
+    """The native kernels as the tests call them: each public op under ``use_backend("native")``,
+    checked to have run there (``trace_dispatch``), with the gradients a backward op did not
+    compute (empty placeholders) given back as None, the reference's convention."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.fused_resnet, name)
+
+        def call(*args):
+            with fused_resnet.use_backend("native"), fused_resnet.trace_dispatch() as log:
+                out = op(*args)
+            assert log and all(backend == "native" for _, backend in log), log
+            if name.endswith("_backward"):
+                return tuple(None if g.numel() == 0 else g for g in out)
+            return out
+
+        return call
+
+
+native_kernels = _NativeKernels()

@@ -1,4 +1,4 @@
-"""The native kernels (torch.ops.fused_resnet_native.*) against fused_resnet.reference, on fresh
+"""The native kernels (the public ops on the native backend) against fused_resnet.reference, on fresh
 random inputs, forward and backward, for every dtype, layout and shape class they claim."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from _native_helpers import (
     act,
     device_params,
     layout_of,
+    native_kernels,
     per_channel,
     poison_outputs,  # noqa: F401  (autouse fixture)
     require_native,
@@ -21,7 +22,7 @@ from fused_resnet import reference
 from fused_resnet._tolerances import assert_close
 
 require_native()
-ops = torch.ops.fused_resnet_native
+ops = native_kernels
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): odd sizes, channels that are
 # not a multiple of any vector width, stride 2, 1x1, grouped and dilated convolutions, N = 1.

@@ -1,6 +1,6 @@
-// CPU implementations of the native ops: the device-generic ops of fused_ops.cpp with the CPU
+// The public ops' CPU kernels (routed_ops.h) over the native ops: the device-generic ops of fused_ops.cpp with the CPU
 // kernel table of the best instruction set this CPU has (AVX2 + FMA, else the baseline build).
-#include "../fused_ops.h"
+#include "../routed_ops.h"
 
 namespace fused_resnet_native::cpu {
 namespace DEFAULT {
@@ -35,6 +35,6 @@ struct CpuDevice {
 }  // namespace
 }  // namespace fused_resnet_native::cpu
 
-TORCH_LIBRARY_IMPL(fused_resnet_native, CPU, m) {
-  fused_resnet_native::register_impls<fused_resnet_native::cpu::CpuDevice>(m);
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  fused_resnet_native::register_routed<fused_resnet_native::cpu::CpuDevice>(m);
 }

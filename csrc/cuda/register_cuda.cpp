@@ -1,8 +1,8 @@
-// CUDA implementations of the native ops: the device-generic ops of fused_ops.cpp with the CUDA
+// The public ops' CUDA kernels (routed_ops.h) over the native ops: the device-generic ops of fused_ops.cpp with the CUDA
 // kernel table (bn_kernels.cu), run on the input's device and its current stream.
 #include <c10/cuda/CUDAGuard.h>
 
-#include "../fused_ops.h"
+#include "../routed_ops.h"
 
 namespace fused_resnet_native::cuda {
 const Kernels& kernels();
@@ -18,6 +18,6 @@ struct CudaDevice {
 }  // namespace
 }  // namespace fused_resnet_native::cuda
 
-TORCH_LIBRARY_IMPL(fused_resnet_native, CUDA, m) {
-  fused_resnet_native::register_impls<fused_resnet_native::cuda::CudaDevice>(m);
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  fused_resnet_native::register_routed<fused_resnet_native::cuda::CudaDevice>(m);
 }

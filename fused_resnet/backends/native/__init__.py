@@ -1,51 +1,22 @@
 """The ``native`` backend: the compiled extension ``fused_resnet._C`` (sources in ``csrc/``).
 
-The extension defines the kernel ops ``torch.ops.fused_resnet_native.*`` (schemas in
-``csrc/ops.cpp``, CPU and CUDA implementations in ``csrc/cpu`` and ``csrc/cuda``); this module
-loads it, registers their fakes (``_fakes.py``) and one thin wrapper per kernel. The kernels have the
-signatures and semantics of ``fused_resnet.reference`` and return None for gradients not asked
-for. Convolutions are ATen's (oneDNN / cuDNN); every pass around them (prologue, batch
-statistics, BN-apply + residual + ReLU epilogue, their backward reductions) is a fused,
-vectorised kernel of the extension.
-
-Covered: float32, bfloat16 and float16 activations, NCHW and channels_last, any conv geometry
-ATen supports. float64 goes to the reference (``supports`` is False).
-
-Loading never raises: a missing or broken extension leaves the backend registered but
-unavailable, with the reason given by ``python -m fused_resnet info``.
+Its kernels are registered in C++ as the CPU and CUDA kernels of the public ops, behind the
+backend choice (``csrc/routed_ops.h``): they are not called from Python, so this module only says
+where they can run and adds the serving path that ``prepare_for_inference`` binds (``_onednn.py``).
+Convolutions are ATen's (oneDNN / cuDNN); every pass around them (prologue, batch statistics,
+BN-apply + residual + ReLU epilogue, their backward reductions) is a fused, vectorised kernel of the
+extension. Covered: float32, bfloat16 and float16 activations, NCHW and channels_last, any conv
+geometry ATen supports; float64 goes to the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ... import _extension
 from ..._backend import register_backend, register_kernel
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
-
-
-def _load():
-    """The extension module and None, or None and why it could not be loaded."""
-    try:
-        from ... import _C
-    except ModuleNotFoundError as exc:
-        return None, f"the extension fused_resnet._C is not built ({exc}); {_BUILD_HINT}"
-    except Exception as exc:  # noqa: BLE001  (undefined symbols, ABI mismatch, missing libraries: any reason)
-        return None, (
-            f"the extension fused_resnet._C failed to load ({type(exc).__name__}: {exc}); rebuild it against "
-            f"torch {torch.__version__}: {_BUILD_HINT}"
-        )
-    built = getattr(_C, "TORCH_VERSION", None)
-    running = torch.__version__.split("+")[0]
-    if built is not None and built != running:
-        return None, f"the extension was built against torch {built} but torch {running} is running; {_BUILD_HINT}"
-    if not hasattr(torch.ops.fused_resnet_native, "conv_stats"):
-        return None, "the extension loaded but registered no fused_resnet_native ops"
-    return _C, None
-
-
-_C, LOAD_ERROR = _load()
+_C, LOAD_ERROR = _extension.C, _extension.LOAD_ERROR
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", False))
 
 
@@ -70,46 +41,8 @@ def availability(device_type: str) -> str | None:
 register_backend("native", availability)
 
 
-def _ok(t: torch.Tensor) -> bool:
-    return t.dtype in _DTYPES
-
-
 if _C is not None:
-    from . import _fakes, _onednn
-
-    _fakes.register()
-    _ops = torch.ops.fused_resnet_native
-
-    @register_kernel("native", "conv_stats", supports=lambda x, *args: _ok(x))
-    def conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
-        return _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
-
-    @register_kernel("native", "conv_stats_backward", supports=lambda grad_y, grad_mean, grad_var, x, *args: _ok(x))
-    def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                            stride, padding, dilation, groups, output_mask):
-        return _ops.conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                                        stride, padding, dilation, groups, output_mask)
-
-    @register_kernel("native", "bn_add_relu", supports=lambda y, *args: _ok(y))
-    def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu):
-        return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu)
-
-    @register_kernel("native", "bn_add_relu_backward", supports=lambda grad_out, y, *args: _ok(y))
-    def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask):
-        return _ops.bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask)
-
-    @register_kernel("native", "conv_bias_act", supports=lambda x, *args: _ok(x))
-    def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-        return _ops.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-
-    @register_kernel("native", "conv_bias_act_backward", supports=lambda grad_out, x, *args: _ok(x))
-    def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
-        return _ops.conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups,
-                                           output_mask)
-
-    @register_kernel("native", "update_running_stats_")
-    def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-        _ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    from . import _onednn
 
     register_kernel("native", "prepack_conv", supports=_onednn.supports)(_onednn.prepack_conv)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._conv_backward import convolution_backward
 from ..._layout import empty_activation, output_memory_format
 from . import _elementwise
 from ._stats import batch_mean_var
@@ -79,9 +80,8 @@ def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_r
     g = stats_grad(grad_y, grad_mean, grad_var, y, mean, cdt)
     # The conv backward reads its input only for the weight gradient, else just its shape.
     a = _prologue(x, in_scale, in_shift, in_relu) if need_w else x.to(cdt)
-    grad_a, grad_w, _ = _aten.convolution_backward(
-        g, a, weight.to(cdt), None, stride, padding, dilation, False, [0, 0], groups, [need_input_grad, need_w, False]
-    )
+    grad_a, grad_w = convolution_backward(g, a, weight.to(cdt), stride, padding, dilation, groups, need_input_grad,
+                                          need_w)
     del g, a
     grad_x = grad_scale = grad_shift = None
     if need_input_grad and not prologue:
@@ -129,10 +129,8 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
         dz = grad_out.to(cdt)
     grad_x = grad_w = None
     if need_conv:
-        grad_x, grad_w, _ = _aten.convolution_backward(
-            dz, x.to(cdt), weight.to(cdt), None, stride, padding, dilation, False, [0, 0], groups,
-            [need_x, need_w, False],
-        )
+        grad_x, grad_w = convolution_backward(dz, x.to(cdt), weight.to(cdt), stride, padding, dilation, groups,
+                                              need_x, need_w)
         grad_x = _finish(grad_x, x) if need_x else None
         grad_w = _finish(grad_w, weight) if need_w else None
     return grad_x, grad_w, grad_bias, grad_res

@@ -1,0 +1,195 @@
+// Autograd of the public ops, one torch::autograd::Function each, registered for the Autograd key
+// (torchvision's csrc/ops/autograd/ shape): forward redispatches below autograd, backward calls the
+// backward op of the same name, on the backend the forward asked for (autograd runs CUDA backward
+// passes on its own threads, which do not see the caller's use_backend).
+//
+// What is saved is the memory story of the library: conv_stats keeps its raw input x, the
+// prologue's in_scale/in_shift, the weight, its output y and mean; the normalised, ReLU'd
+// activation that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
+// (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
+// applies a ReLU (the mask).
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "router.h"
+
+namespace fused_resnet_native::autograd {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+using IntList = c10::IntArrayRef;
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using ConvStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool,
+                                                        const Tensor&, IntList, IntList, IntList, int64_t);
+using ConvStatsBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const Tensor&, const Tensor&, IntList, IntList, IntList, int64_t, std::array<bool, 3>,
+    c10::string_view);
+using BnAddReluSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                            const OptTensor&, bool);
+using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, bool, std::array<bool, 4>, c10::string_view);
+using ConvBiasActSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, IntList, IntList,
+                              IntList, int64_t, bool);
+using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, IntList, IntList, IntList, int64_t,
+    std::array<bool, 4>, c10::string_view);
+
+Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// Which of the tensor arguments (in order; `saved` holds each, undefined for an absent optional
+// one) need a gradient: autograd numbers only the tensors that were given.
+std::vector<bool> needs_grad(AutogradContext* ctx, const std::vector<Tensor>& tensors) {
+  std::vector<bool> needs;
+  size_t edge = 0;
+  for (const Tensor& t : tensors) needs.push_back(t.defined() && ctx->needs_input_grad(edge++));
+  return needs;
+}
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+Tensor if_needed(const Tensor& grad, bool needed) { return needed ? grad : Tensor(); }
+
+void save_conv(AutogradContext* ctx, IntList stride, IntList padding, IntList dilation, int64_t groups) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["backend"] = std::string(router::name(router::requested()));
+}
+
+struct Conv {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  std::string backend;
+  explicit Conv(AutogradContext* ctx)
+      : stride(ctx->saved_data["stride"].toIntVector()),
+        padding(ctx->saved_data["padding"].toIntVector()),
+        dilation(ctx->saved_data["dilation"].toIntVector()),
+        groups(ctx->saved_data["groups"].toInt()),
+        backend(ctx->saved_data["backend"].toStringRef()) {}
+};
+
+struct ConvStats : public torch::autograd::Function<ConvStats> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& in_scale,
+                               const OptTensor& in_shift, bool in_relu, const Tensor& weight, IntList stride,
+                               IntList padding, IntList dilation, int64_t groups) {
+    static auto conv_stats = op<ConvStatsSig>("fused_resnet::conv_stats");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, mean, var] = conv_stats.call(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups);
+    ctx->save_for_backward({x, or_undefined(in_scale), or_undefined(in_shift), weight, y, mean});
+    save_conv(ctx, stride, padding, dilation, groups);
+    ctx->saved_data["in_relu"] = in_relu;
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto conv_stats_backward = op<ConvStatsBackwardSig>("fused_resnet::conv_stats_backward");
+    const auto saved = ctx->get_saved_variables();
+    const Conv conv(ctx);
+    const auto need = needs_grad(ctx, {saved[0], saved[1], saved[2], saved[3]});
+    const bool need_x = need[0], need_scale = need[1], need_shift = need[2], need_w = need[3];
+    auto [gx, gs, gb, gw] = conv_stats_backward.call(
+        grads[0], grads[1], grads[2], saved[0], optional(saved[1]), optional(saved[2]),
+        ctx->saved_data["in_relu"].toBool(), saved[3], saved[4], saved[5], conv.stride, conv.padding, conv.dilation,
+        conv.groups, {need_x, need_scale || need_shift, need_w}, conv.backend);
+    return {if_needed(gx, need_x), if_needed(gs, need_scale), if_needed(gb, need_shift), Tensor(),
+            if_needed(gw, need_w), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
+                               const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
+                               bool relu) {
+    static auto bn_add_relu = op<BnAddReluSig>("fused_resnet::bn_add_relu");
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = bn_add_relu.call(y, scale, shift, residual, res_scale, res_shift, relu);
+    ctx->save_for_backward({y, or_undefined(scale), or_undefined(shift), or_undefined(residual),
+                            or_undefined(res_scale), or_undefined(res_shift)});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["backend"] = std::string(router::name(router::requested()));
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bn_add_relu_backward = op<BnAddReluBackwardSig>("fused_resnet::bn_add_relu_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto need = needs_grad(ctx, s);
+    auto [gy, gs, gb, gr, grs, grb] = bn_add_relu_backward.call(
+        grads[0], s[0], optional(s[1]), optional(s[2]), optional(s[3]), optional(s[4]), optional(s[5]),
+        ctx->saved_data["relu"].toBool(), {need[0], need[1] || need[2], need[3], need[4] || need[5]},
+        ctx->saved_data["backend"].toStringRef());
+    return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]), if_needed(gr, need[3]),
+            if_needed(grs, need[4]), if_needed(grb, need[5]), Tensor()};
+  }
+};
+
+struct ConvBiasAct : public torch::autograd::Function<ConvBiasAct> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                               const OptTensor& residual, IntList stride, IntList padding, IntList dilation,
+                               int64_t groups, bool relu) {
+    static auto conv_bias_act = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = conv_bias_act.call(x, weight, bias, residual, stride, padding, dilation, groups, relu);
+    // The output is kept only for the ReLU mask: without ReLU, a caller may modify it in place.
+    ctx->save_for_backward({x, weight, relu ? out : Tensor()});
+    save_conv(ctx, stride, padding, dilation, groups);
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto conv_bias_act_backward = op<ConvBiasActBackwardSig>("fused_resnet::conv_bias_act_backward");
+    const auto s = ctx->get_saved_variables();
+    const Conv conv(ctx);
+    // Stand-ins for the bias and residual, which are not saved: only whether they were given counts.
+    const Tensor given = s[0];
+    const auto need = needs_grad(ctx, {s[0], s[1], ctx->saved_data["has_bias"].toBool() ? given : Tensor(),
+                                       ctx->saved_data["has_residual"].toBool() ? given : Tensor()});
+    auto [gx, gw, gbias, gres] = conv_bias_act_backward.call(
+        grads[0], s[0], s[1], s[2].defined() ? s[2] : grads[0], ctx->saved_data["relu"].toBool(), conv.stride,
+        conv.padding, conv.dilation, conv.groups, {need[0], need[1], need[2], need[3]}, conv.backend);
+    return {if_needed(gx, need[0]), if_needed(gw, need[1]), if_needed(gbias, need[2]), if_needed(gres, need[3]),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, bool r,
+                                              const Tensor& w, IntList st, IntList p, IntList d, int64_t g) {
+  auto out = ConvStats::apply(x, s, b, r, w, st, p, d, g);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
+                   const OptTensor& rb, bool relu) {
+  return BnAddRelu::apply(y, s, b, res, rs, rb, relu)[0];
+}
+
+Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res, IntList st,
+                     IntList p, IntList d, int64_t g, bool relu) {
+  return ConvBiasAct::apply(x, w, bias, res, st, p, d, g, relu)[0];
+}
+
+}  // namespace
+}  // namespace fused_resnet_native::autograd
+
+TORCH_LIBRARY_IMPL(fused_resnet, Autograd, m) {
+  m.impl("conv_stats", &fused_resnet_native::autograd::conv_stats);
+  m.impl("bn_add_relu", &fused_resnet_native::autograd::bn_add_relu);
+  m.impl("conv_bias_act", &fused_resnet_native::autograd::conv_bias_act);
+}
