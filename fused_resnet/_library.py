@@ -20,8 +20,9 @@ from ._layout import conv_output_size, empty_activation, stat_dtype
 NAMESPACE = "fused_resnet"
 _CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 # Backward ops run on the backend their forward asked for (recorded by _autograd.py at forward):
-# the choice made with use_backend() is a context variable, unset on autograd's CUDA threads.
-_BACKEND = 'str backend="auto"'
+# the choice made with use_backend() is a context variable, unset on autograd's CUDA threads. "" (the
+# default, for a direct call): the backend in force.
+_BACKEND = 'str backend=""'
 
 SCHEMAS = {
     # y = conv(relu?(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y.
@@ -125,7 +126,7 @@ def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, di
 
 @_impl("conv_stats_backward")
 def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                         stride, padding, dilation, groups, output_mask, backend="auto"):
+                         stride, padding, dilation, groups, output_mask, backend=""):
     grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu,
                  weight, y, mean, stride, padding, dilation, groups, output_mask, backend=backend)
     return _fill(grads, (x, mean, mean, weight))
@@ -133,7 +134,7 @@ def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_
 
 @_fake("conv_stats_backward")
 def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
-                              stride, padding, dilation, groups, output_mask, backend="auto"):
+                              stride, padding, dilation, groups, output_mask, backend=""):
     need_x, need_affine, need_w = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
@@ -171,7 +172,7 @@ def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, relu):
 
 @_impl("bn_add_relu_backward")
 def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
-                          backend="auto"):
+                          backend=""):
     grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
                  output_mask, backend=backend)
     per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -180,7 +181,7 @@ def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_sh
 
 @_fake("bn_add_relu_backward")
 def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
-                               backend="auto"):
+                               backend=""):
     need_y, need_affine, need_res, need_res_affine = output_mask
     def like(t, needed):
         return torch.empty_like(t) if needed and t is not None else y.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -219,7 +220,7 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
 
 @_impl("conv_bias_act_backward")
 def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
-                            backend="auto"):
+                            backend=""):
     grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, relu, stride, padding, dilation,
                  groups, output_mask, backend=backend)
     return _fill(grads, (x, weight, grad_out.new_empty(0, dtype=stat_dtype(x.dtype)), out))
@@ -227,7 +228,7 @@ def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dil
 
 @_fake("conv_bias_act_backward")
 def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
-                                 backend="auto"):
+                                 backend=""):
     need_x, need_w, need_bias, need_res = output_mask
     return (
         empty_activation(x, x.shape) if need_x else x.new_empty(0),
