@@ -49,6 +49,12 @@ using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, IntList, IntList, IntList, int64_t,
     std::array<bool, 4>, c10::string_view);
 
+using BnFinalizeSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                                 double);
+using BnFinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                         const Tensor&, const OptTensor&, double,
+                                                                         std::array<bool, 4>);
+
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 // Which of the tensor arguments (in order; `saved` holds each, undefined for an absent optional
@@ -169,6 +175,36 @@ struct ConvBiasAct : public torch::autograd::Function<ConvBiasAct> {
   }
 };
 
+struct BnFinalize : public torch::autograd::Function<BnFinalize> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    static auto bn_finalize = op<BnFinalizeSig>("fused_resnet::bn_finalize");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [scale, shift] = bn_finalize.call(mean, var, weight, bias, eps);
+    ctx->save_for_backward({mean, var, or_undefined(weight), or_undefined(bias)});
+    ctx->saved_data["eps"] = eps;
+    return {scale, shift};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bn_finalize_backward = op<BnFinalizeBackwardSig>("fused_resnet::bn_finalize_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto need = needs_grad(ctx, s);
+    auto [gm, gv, gw, gb] = bn_finalize_backward.call(grads[0], grads[1], s[0], s[1], optional(s[2]),
+                                                      ctx->saved_data["eps"].toDouble(),
+                                                      {need[0], need[1], need[2], need[3]});
+    // Each gradient in its input's dtype, as autograd requires (BN parameters may be fp16/bf16).
+    return {if_needed(gm, need[0]), if_needed(gv, need[1]), if_needed(gw, need[2]),
+            need[3] ? gb.to(s[3].scalar_type()) : Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                       const OptTensor& bias, double eps) {
+  auto out = BnFinalize::apply(mean, var, weight, bias, eps);
+  return {out[0], out[1]};
+}
+
 std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, bool r,
                                               const Tensor& w, IntList st, IntList p, IntList d, int64_t g) {
   auto out = ConvStats::apply(x, s, b, r, w, st, p, d, g);
@@ -192,4 +228,5 @@ TORCH_LIBRARY_IMPL(fused_resnet, Autograd, m) {
   m.impl("conv_stats", &fused_resnet_native::autograd::conv_stats);
   m.impl("bn_add_relu", &fused_resnet_native::autograd::bn_add_relu);
   m.impl("conv_bias_act", &fused_resnet_native::autograd::conv_bias_act);
+  m.impl("bn_finalize", &fused_resnet_native::autograd::bn_finalize);
 }

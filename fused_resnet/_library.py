@@ -48,6 +48,11 @@ SCHEMAS = {
     "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool relu, {_CONV},"
     f" bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias,"
     " Tensor grad_residual)",
+    # A BN's scale = weight / sqrt(var + eps) and shift = bias - mean * scale (per channel, in mean's
+    # dtype), so that bn(y) = y * scale + shift; one op forward and one backward (csrc/bn_finalize.cpp).
+    "bn_finalize": "(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor scale, Tensor shift)",
+    "bn_finalize_backward": "(Tensor grad_scale, Tensor grad_shift, Tensor mean, Tensor var, Tensor? weight,"
+    " float eps, bool[4] output_mask) -> (Tensor grad_mean, Tensor grad_var, Tensor grad_weight, Tensor grad_bias)",
     # nn.BatchNorm2d's running-statistics update, in place; momentum None = cumulative average.
     "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked,"
     " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
@@ -269,6 +274,21 @@ def _update_running_stats_kernel(running_mean, running_var, num_batches_tracked,
     for t in (running_mean, running_var, num_batches_tracked):
         if not t.is_inference():  # inference tensors have no version counter
             torch.autograd.graph.increment_version(t)
+
+
+@_fake("bn_finalize")
+def _bn_finalize_fake(mean, var, weight, bias, eps):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@_fake("bn_finalize_backward")
+def _bn_finalize_backward_fake(grad_scale, grad_shift, mean, var, weight, eps, output_mask):
+    need_mean, need_var, need_weight, need_bias = output_mask
+    def like(t, needed):
+        return torch.empty_like(t) if needed else mean.new_empty(0)
+
+    return (like(mean, need_mean), like(var, need_var), like(weight, need_weight and weight is not None),
+            like(mean, need_bias))
 
 
 @_fake("update_running_stats_")

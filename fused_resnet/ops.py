@@ -62,7 +62,8 @@ def _promote(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, tor
 
 def batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps: float, dtype: torch.dtype):
     """Per-channel ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` in
-    ``dtype``, so that ``bn(y) = y * scale + shift``; ``bn_weight``/``bn_bias`` may be None."""
+    ``dtype``, so that ``bn(y) = y * scale + shift``; ``bn_weight``/``bn_bias`` may be None. Plain
+    ATen ops (what :func:`fold_bn` exports); the fused path uses the op ``bn_finalize``."""
     scale = torch.rsqrt(var.to(dtype) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(dtype)
@@ -118,7 +119,7 @@ def conv_bn(
     sdt = stat_dtype(x.dtype)
     if not uses_batch_stats(training, running_mean, running_var):
         y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
-        return DeferredBN(y, *batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, sdt))
+        return DeferredBN(y, *_ops.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps))
     y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if training and process_group is not None:
@@ -132,7 +133,7 @@ def conv_bn(
             num_batches_tracked = torch.zeros((), dtype=torch.long, device=y.device)
         update = _sync_stats.update_running_stats_ if isinstance(count, torch.Tensor) else _ops.update_running_stats_
         update(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
-    return DeferredBN(y, *batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps, sdt))
+    return DeferredBN(y, *_ops.bn_finalize(mean, var, bn_weight, bn_bias, eps))
 
 
 def bn_add_relu(

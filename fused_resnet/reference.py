@@ -177,6 +177,33 @@ def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dila
     )
 
 
+def bn_finalize(mean, var, weight, bias, eps):
+    """A BatchNorm's per-channel ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean *
+    scale`` in ``mean``'s dtype, so that ``bn(y) = y * scale + shift``; ``weight``/``bias`` may be None."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(mean.dtype)
+    shift = -(mean * scale) if bias is None else bias.to(mean.dtype) - mean * scale
+    return scale, shift
+
+
+def bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps, output_mask):
+    """Gradients of :func:`bn_finalize` w.r.t. ``(mean, var, weight, bias)``: with ``invstd =
+    (var + eps)^-1/2`` and ``g = grad_scale - grad_shift * mean`` (scale reaches the loss directly and
+    through ``shift``), ``grad_mean = -grad_shift * scale``, ``grad_var = -g * weight * invstd^3 / 2``,
+    ``grad_weight = g * invstd``, ``grad_bias = grad_shift``; None where not asked for or absent."""
+    need_mean, need_var, need_weight, need_bias = output_mask
+    invstd = torch.rsqrt(var + eps)
+    w = None if weight is None else weight.to(mean.dtype)
+    g = grad_scale - grad_shift * mean
+    return (
+        -(grad_shift * (invstd if w is None else invstd * w)) if need_mean else None,
+        (g if w is None else g * w) * invstd ** 3 * -0.5 if need_var else None,
+        (g * invstd).to(weight.dtype) if need_weight and weight is not None else None,
+        grad_shift.clone() if need_bias else None,
+    )
+
+
 def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     """In place, exactly as ``nn.BatchNorm2d`` in training: ``num_batches_tracked += 1``, then
     ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or ``1 / num_batches_tracked``

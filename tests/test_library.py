@@ -45,6 +45,12 @@ def _op_samples(dtype=torch.float64, layout="nchw"):
         mask = [True, True, b is not None, rr is not None]
         samples.append(("conv_bias_act_backward",
                         (torch.randn_like(out), x, w, out, relu, stride, padding, dilation, groups, mask)))
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, var = torch.randn(6, dtype=sdt), torch.rand(6, dtype=sdt) + 0.5
+    for gamma, beta in ((per_channel(6, dtype), per_channel(6, dtype)), (None, None)):
+        samples.append(("bn_finalize", (mean, var, gamma, beta, 1e-5)))
+        samples.append(("bn_finalize_backward", (torch.randn_like(mean), torch.randn_like(mean), mean, var, gamma,
+                                                 1e-5, [True, True, gamma is not None, True])))
     return samples
 
 
@@ -81,6 +87,32 @@ def test_gradcheck_float64(index):
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
     with fused_resnet.use_backend("reference"):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_finalize_matches_the_reference_forward_and_backward(affine):
+    """The op (ATen composition in C++, its autograd) against the reference's formulas, in fp32
+    against an fp64 oracle; the BN parameters in fp16 get their gradients in fp16."""
+    from fused_resnet import reference
+
+    mean, var = torch.randn(7) * 3, torch.rand(7) + 0.1
+    gamma = (torch.rand(7) + 0.5).half().requires_grad_() if affine else None
+    beta = torch.randn(7).half().requires_grad_() if affine else None
+    inputs = [mean.requires_grad_(), var.requires_grad_()]
+    scale, shift = OPS.bn_finalize(mean, var, gamma, beta, 1e-5)
+    want = reference.bn_finalize(mean.double(), var.double(), None if gamma is None else gamma.double(),
+                                 None if beta is None else beta.double(), 1e-5)
+    assert_close(scale, want[0], torch.float32, name="scale")
+    assert_close(shift, want[1], torch.float32, name="shift")
+    gs, gb = torch.randn(7), torch.randn(7)
+    (scale * gs + shift * gb).sum().backward()
+    grads = reference.bn_finalize_backward(gs.double(), gb.double(), mean.double(), var.double(),
+                                           None if gamma is None else gamma.double(), 1e-5, [True] * 4)
+    for tensor, expected, name in zip(inputs + [gamma, beta], grads, ("mean", "var", "weight", "bias")):
+        if tensor is None:
+            continue
+        assert tensor.grad.dtype == tensor.dtype, name
+        assert_close(tensor.grad, expected, tensor.dtype, name=f"grad {name}")
 
 
 def test_update_running_stats_matches_batchnorm():
