@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +227,37 @@ def test_prepare_for_inference_then_invalidating_events(backend, dtype, layout, 
             _eval_both_modes(trio, size, batch, f"prepared, after {event}")
         if edit:  # an in-place change after prepare is detected and said
             assert any(issubclass(w.category, UserWarning) for w in caught), f"{event}: no UserWarning"
+
+
+# Found by test_model_fuzz: the native backward of a fused stride-2 BasicBlock whose downsample narrows
+# the channels (8 -> 4), fed a channels_last input, dies with SIGSEGV/SIGFPE in conv_stats_backward.
+# Run in a child process so that a crash fails this test instead of killing the whole session.
+_STRIDED_BLOCK = """
+import copy, torch, fused_resnet
+from torch import nn
+from fused_resnet._tolerances import assert_close
+from _tv_resnet import TVBasicBlock
+torch.manual_seed(0)
+ds = nn.Sequential(nn.Conv2d(8, 4, 1, 2, bias=False), nn.BatchNorm2d(4))
+block = fused_resnet.fuse(nn.Sequential(TVBasicBlock(8, 4, 2, ds)))
+x = torch.randn(3, 8, 10, 10).to(memory_format=torch.channels_last)
+grads = {}
+for backend in ("reference", "native"):
+    m = copy.deepcopy(block)
+    with fused_resnet.use_backend(backend):
+        m(x).square().sum().backward()
+    grads[backend] = [p.grad for p in m.parameters()]
+for g, r in zip(grads["native"], grads["reference"]):
+    assert_close(g, r, tol=1e-4)
+print("ok")
+"""
+
+
+def test_native_strided_narrowing_block_channels_last_backward():
+    _require("native")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", _STRIDED_BLOCK], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
+        f"exit status {proc.returncode}: {proc.stderr[-1500:]}")
