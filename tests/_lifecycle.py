@@ -14,6 +14,7 @@ tolerance as a floor. NaN never passes (``relative_error`` is inf then).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -49,6 +50,20 @@ def init_bns(model: nn.Module) -> nn.Module:
                 m.running_var.uniform_(0.5, 1.5)
     return model
 
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """ATen's CPU convolutions through oneDNN corrupt memory (SIGSEGV/abort, sometimes later) for
+    some strided convolutions of very few channels (2-8, as in the fuzz's random nets; torch 2.13 and
+    2.14, eager models too; the 1x1 channels_last case our kernels avoid: fused_resnet/_conv_backward.py):
+    tests of random tiny shapes run every convolution without oneDNN."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 class TinyNet(nn.Module):
     """A CIFAR-style stem (3x3 conv + BN + ReLU, fused as conv+BN) and a list of torchvision blocks
