@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# Installs what fused_resnet needs, idempotently, into the current Python:
-#   torch   only if none is importable (then the pinned CPU build 2.13.0: an unpinned
-#           `pip install torch` would pull gigabytes of CUDA packages); a present torch (e.g. a
-#           CUDA build on a GPU machine) is kept;
+# Installs what fused_resnet needs, idempotently, into one Python environment ($PYTHON, default python3):
+#   torch   FUSED_RESNET_TORCH_REQS if set (pinned requirements, e.g. "torch==2.14.1 torchvision==0.29.1
+#           timm"; pip leaves them alone when already satisfied); else only if none is importable, then
+#           the pinned CPU build 2.13.0 (an unpinned `pip install torch` would pull gigabytes of CUDA
+#           packages); a present torch (e.g. a CUDA build on a GPU machine) is kept;
 #   triton, ninja and the test/train tools;
-#   the package itself, editable, built against that torch (--no-build-isolation: the build
-#   imports torch to compile the native extension in csrc/).
+#   the package itself, editable (once: `pip install -e` with FUSED_RESNET_SKIP_EXT=1, metadata only),
+#   then its native extension built in place against this torch (`setup.py build_ext --inplace`: objects
+#   under build/torch<version>/, so rebuilding for a torch built before only relinks, and the in-place
+#   _C*.so always matches the torch of the last install).
 # Usage: scripts/install.sh            (FUSED_RESNET_SKIP_EXT=1 for a pure-Python install)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
 pip() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
 
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+if [ -n "${FUSED_RESNET_TORCH_REQS:-}" ]; then
+  # shellcheck disable=SC2086  # a list of requirements
+  pip $FUSED_RESNET_TORCH_REQS
+elif ! "$PYTHON" -c "import torch" 2>/dev/null; then
   pip "torch==2.13.0"
 fi
 "$PYTHON" -c "import triton" 2>/dev/null || pip "triton>=3.0"
 pip ninja "setuptools>=64" wheel build pytest pytest-benchmark hypothesis numpy scikit-learn matplotlib tqdm
-pip --no-build-isolation --no-deps -e .
+
+# Editable from this checkout already? (Asked from / so that the working directory cannot answer.)
+if ! (cd / && "$PYTHON" -c "import sys, fused_resnet; sys.exit(fused_resnet.__file__ != sys.argv[1])" \
+      "$PWD/fused_resnet/__init__.py") 2>/dev/null; then
+  FUSED_RESNET_SKIP_EXT=1 pip --no-build-isolation --no-deps -e .
+fi
+if [ "${FUSED_RESNET_SKIP_EXT:-0}" != 1 ]; then
+  "$PYTHON" setup.py --quiet build_ext --inplace
+fi
 "$PYTHON" -m fused_resnet info
