@@ -30,6 +30,16 @@ if ! (cd / && "$PYTHON" -c "import sys, fused_resnet; sys.exit(fused_resnet.__fi
   FUSED_RESNET_SKIP_EXT=1 pip --no-build-isolation --no-deps -e .
 fi
 if [ "${FUSED_RESNET_SKIP_EXT:-0}" != 1 ]; then
-  "$PYTHON" setup.py --quiet build_ext --inplace
+  # The compiler's output (thousands of lines of torch header warnings) goes to a log; setup.py's own
+  # lines (which toolkit, or why no CUDA kernels) are shown.
+  log="build/build_ext-torch$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null).log"
+  mkdir -p build
+  if ! "$PYTHON" setup.py build_ext --inplace >"$log" 2>&1; then
+    tail -n 80 "$log"
+    echo "building the extension FAILED (whole log: $log)" >&2
+    exit 1
+  fi
+  grep -E "^(fused_resnet: |WARNING \(fused_resnet\))" "$log" || true
+  echo "extension built in place (log: $log)"
 fi
 "$PYTHON" -m fused_resnet info
