@@ -49,7 +49,8 @@ _C, LOAD_ERROR = _load()
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", False))
 # Why the build left the CUDA kernels out, as setup.py recorded it (older builds did not record it).
 CUDA_SKIP_REASON = None if _C is None or WITH_CUDA else getattr(
-    _C, "CUDA_SKIP_REASON", "CPU-only torch or no CUDA toolkit at build time; rebuild with FORCE_CUDA=1 and a CUDA torch"
+    _C, "CUDA_SKIP_REASON",
+    "CPU-only torch or no CUDA toolkit at build time; rebuild with FORCE_CUDA=1 and a CUDA torch",
 )
 
 
