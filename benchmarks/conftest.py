@@ -1,7 +1,7 @@
 """Benchmark suite setup: the device, the timer and the machine information in the JSON.
 
-Run with ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (plain ``pytest``
-skips benchmarks: ``--benchmark-skip`` is in the default options). ``FUSED_RESNET_BENCH_DEVICE``
+Run with ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (a plain ``pytest benchmarks/``
+skips the benchmarks: see ``pytest_configure``). ``FUSED_RESNET_BENCH_DEVICE``
 picks the device (default: cuda when present).
 """
 
@@ -19,6 +19,15 @@ from fused_resnet.benchmark.machine import machine_info as machine_info_for
 def bench_device() -> torch.device:
     name = os.environ.get("FUSED_RESNET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Skip the benchmarks unless ``--benchmark-only`` is given, as ``--benchmark-skip`` would. Set here,
+    before pytest-benchmark reads its options, rather than in pyproject's addopts, where it would make
+    every pytest run (``pytest tests`` too) fail without the plugin."""
+    if hasattr(config.option, "benchmark_skip") and not config.getoption("benchmark_only"):
+        config.option.benchmark_skip = True
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -3,6 +3,7 @@ built, random inputs in a given dtype and layout, and output poisoning."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -53,14 +54,31 @@ def per_channel(c: int, device, *, around: float = 0.0) -> torch.Tensor:
     return torch.randn(c, device=device) * 0.5 + around
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """fp32 convolutions and matmuls in true fp32 (no TF32) inside, the flags as they were after.
+
+    Not ``monkeypatch.setattr``: ``torch.backends.cuda.matmul`` serves ``allow_tf32`` from ``__getattr__``
+    (no instance or class attribute), so the monkeypatch of pytest 9.2 (not 9.0) records it as absent and its undo
+    calls ``delattr``, which fails (an AttributeError at every teardown). Plain get/set works on every torch."""
+    flags = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    try:
+        for obj, name in flags:
+            setattr(obj, name, False)
+        yield
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every tensor the native ops allocate starts as NaN: an unwritten element fails the test.
     On a GPU, fp32 convolutions run in true fp32 (no TF32), in the kernels and the reference."""
     monkeypatch.setenv("FUSED_RESNET_NATIVE_POISON", "1")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
+    with no_tf32():
+        yield
 
 
 def layout_of(t: torch.Tensor) -> str:

@@ -1,11 +1,12 @@
 """The wheel: `pip wheel . --no-build-isolation` builds one, and that wheel installed into a fresh
-virtual environment (seeing the system torch) imports with the native backend working.
+virtual environment (seeing the running torch) imports with the native backend working.
 
 Slow the first time (it compiles the extension); reuses build/ afterwards."""
 
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -48,8 +49,14 @@ def test_wheel_installs_and_runs_native(wheel, tmp_path):
     # make it skip the install as "already satisfied").
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path, env=env, timeout=600)
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, env=env, timeout=600)
     python = venv / "bin" / "python"
+    # The fresh environment sees this one's torch: its site-packages as plain paths (a .pth line adds a
+    # directory but runs no .pth inside it, so this environment's editable install stays invisible).
+    # Not --system-site-packages: from a virtual environment that is the base interpreter's, with
+    # another torch or none.
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env=env).stdout
+    Path(purelib.strip(), "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
          cwd=tmp_path, env=env, timeout=600)
     code = textwrap.dedent("""

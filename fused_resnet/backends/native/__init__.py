@@ -18,6 +18,11 @@ from ..._backend import register_backend, register_kernel
 
 _C, LOAD_ERROR = _extension.C, _extension.LOAD_ERROR
 WITH_CUDA = bool(getattr(_C, "WITH_CUDA", False))
+# Why the build left the CUDA kernels out, as setup.py recorded it (older builds did not record it).
+CUDA_SKIP_REASON = None if _C is None or WITH_CUDA else getattr(
+    _C, "CUDA_SKIP_REASON",
+    "CPU-only torch or no CUDA toolkit at build time; rebuild with FORCE_CUDA=1 and a CUDA torch",
+)
 
 
 def availability(device_type: str) -> str | None:
@@ -28,10 +33,7 @@ def availability(device_type: str) -> str | None:
         return None
     if device_type == "cuda":
         if not WITH_CUDA:
-            return (
-                "the extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit at build "
-                "time; rebuild with FORCE_CUDA=1 and a CUDA torch)"
-            )
+            return f"the extension was built without CUDA kernels: {CUDA_SKIP_REASON}"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return None
@@ -51,7 +53,8 @@ def info_lines() -> list[str]:
     """What ``python -m fused_resnet info`` says about the extension."""
     if _C is None:
         return [f"not loaded: {LOAD_ERROR}"]
-    lines = [f"built against torch {getattr(_C, 'TORCH_VERSION', '?')}, CUDA kernels: {'yes' if WITH_CUDA else 'no'}"]
+    cuda = "yes" if WITH_CUDA else f"no ({CUDA_SKIP_REASON})"
+    lines = [f"built against torch {getattr(_C, 'TORCH_VERSION', '?')}, CUDA kernels: {cuda}"]
     if not torch.backends.mkldnn.is_available():
         lines.append("CPU conv_bias_act: ATen convolution + fused epilogue (this torch has no oneDNN)")
     elif not torch.backends.mkldnn.enabled:
