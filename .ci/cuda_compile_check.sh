@@ -16,8 +16,10 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 read -r -a INCLUDES < <("$PYTHON" - <<'PY'
+import sysconfig
 from torch.utils.cpp_extension import include_paths
-print(" ".join(p for p in include_paths()))
+# The Python headers too: the op router (csrc/router.h) calls Python, as a real build allows.
+print(" ".join(list(include_paths()) + [sysconfig.get_paths()["include"]]))
 PY
 )
 ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
