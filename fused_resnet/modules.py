@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, inference, ops, resnet_arch
+from . import _dynamic, distributed, inference, ops, resnet_arch
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -175,30 +175,40 @@ class FusedBottleneck(_FusedBlockMixin, resnet_arch.Bottleneck):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
 
-class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """A stem ``nn.Conv2d`` that also applies the following BN (and ReLU): ``fuse`` turns a model's
-    conv into this class in place, so its parameter and ``state_dict`` key stay the conv's own.
-    The BN module stays where it was (its class becomes :class:`FusedAwayBatchNorm2d`) and is
-    read through an unregistered reference, so its keys do not move either.
+Slot = tuple[nn.Module, str, nn.Module]  # (owner, name, module): while fused, owner._modules[name] is module
 
-    The three modules check on every call that the model still holds them where ``fuse`` found
-    them (``stem_owner.conv1/bn1/relu``): if one was replaced since (``convert_sync_batchnorm``
-    after ``fuse``, a BN swapped for ``nn.Identity``, another activation), the others do their
-    own work again, so the stem computes what the model now says instead of normalising twice or
-    dropping a step. ``fuse`` called again re-fuses such a stem."""
+
+def slots_intact(slots) -> bool:
+    return all(owner._modules.get(name) is module for owner, name, module in slots)
+
+
+class FusedConvBN2d(inference.Preparable, nn.Conv2d):
+    """An ``nn.Conv2d`` that also applies the BN (and ReLU) its container calls right after it:
+    ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
+    the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
+    :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not
+    move either. The container (``stem_owner``) is one whose ``forward`` is known to call the conv,
+    the BN and the activation in a row (``_patterns.py``): a model's stem, an ``nn.Sequential``, a
+    timm ``ConvNormAct`` or block.
+
+    The modules check on every call that the model still holds them where ``fuse`` found them
+    (``fused_slots``, ``relu_slots``): if one was replaced since (``convert_sync_batchnorm`` after
+    ``fuse``, a BN swapped for ``nn.Identity``, another activation), the others do their own work
+    again, so the chain computes what the model now says instead of normalising twice or dropping
+    a step. ``fuse`` called again re-fuses such a chain."""
 
     fused_bn: nn.BatchNorm2d
     fused_relu: bool
     fused_relu_module: nn.Module | None
-    stem_owner: nn.Module  # the model whose conv1/bn1/relu were fused
+    stem_owner: nn.Module  # the container whose forward calls conv, BN (and ReLU) in a row
+    fused_slots: tuple[Slot, ...]  # where the container (and its parents) held the conv and the BN
+    relu_slots: tuple[Slot, ...]  # where the modules between the BN and the ReLU, and the ReLU, were
 
     def fused_state(self) -> tuple[bool, bool]:
         """Whether this conv still applies the BN, and the ReLU: whether the model still holds
-        this conv, the fused BN and (when fused) the ReLU module where ``fuse`` found them."""
-        owner = self.stem_owner._modules
-        bn_intact = owner.get("conv1") is self and owner.get("bn1") is self.fused_bn
-        relu_intact = bn_intact and self.fused_relu and owner.get("relu") is self.fused_relu_module
-        return bn_intact, relu_intact
+        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them."""
+        bn_intact = slots_intact(self.fused_slots)
+        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots)
 
     def eval_pairs(self):
         return [(self, self.fused_bn)] if self.fused_state()[0] else []
@@ -215,13 +225,13 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
 
 
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
-    """``x`` as it is while the stem conv ``module.fused_into`` does ``module``'s work (``which``:
+    """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
     0 for its BN, 1 for its ReLU), else ``own_forward(module, x)``: the work of the class it was."""
     return x if module.fused_into.fused_state()[which] else own_forward(module, x)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BN whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+    """A BN whose work the preceding :class:`FusedConvBN2d` does: it passes its input through."""
 
     fused_into: FusedConvBN2d
 
@@ -239,3 +249,45 @@ class FusedAwayReLU(nn.ReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_away_forward(self, nn.ReLU.forward, x, 1)
+
+
+@_dynamic.register_mixin
+class FusedAwayNormAct:
+    """Mixed into timm's ``BatchNormAct2d`` (BN, then its own ``drop`` and ``act``) whose BN the
+    preceding :class:`FusedConvBN2d` applies: then only ``act(drop(x))`` is left, or nothing when
+    the conv applies the ReLU too; its own forward otherwise."""
+
+    fused_into: FusedConvBN2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn_intact, relu = self.fused_into.fused_state()
+        if not bn_intact:
+            return super().forward(x)
+        return x if relu else self.act(self.drop(x))
+
+
+def _inactive(drop: nn.Module | None) -> bool:
+    """Whether a timm DropPath / DropBlock2d (or nn.Identity / None) returns its input as it is now:
+    both do in eval and with a zero drop probability (their forwards, checked by ``_patterns``)."""
+    return drop is None or type(drop) is nn.Identity or not drop.training or not drop.drop_prob
+
+
+@_dynamic.register_mixin
+class FusedResidualBlock(_FusedBlockMixin):
+    """Mixed into a residual block whose forward is ``act_last(bn_k(conv_k(...)) + shortcut(x))``
+    with the activations between the convs (timm's ``BasicBlock`` / ``Bottleneck`` without SE and
+    anti-aliasing, checked by ``_patterns.residual_block``): fused as the torchvision blocks are.
+    While its DropBlock / DropPath would drop something (training with a drop probability) it runs
+    its own forward, unfused, so that they draw the same random numbers as unfused."""
+
+    fused_names: tuple[tuple[str, str], ...]  # (conv, bn) attribute names, in order
+    fused_acts: tuple[str, ...]  # the activations' names, the last one after the add
+
+    def _chain(self):
+        return [(getattr(self, c), getattr(self, b)) for c, b in self.fused_names]
+
+    def fusable(self) -> bool:
+        from . import _patterns  # the block's structure as fuse checked it, checked again now
+
+        return _patterns.residual_block_intact(self) and _inactive(getattr(self, "drop_block", None)) and _inactive(
+            getattr(self, "drop_path", None))
