@@ -166,12 +166,19 @@ def residual_block_intact(block: nn.Module) -> bool:
 # The scan --------------------------------------------------------------------------------------
 
 
+def broken(conv: nn.Module) -> bool:
+    """A fused chain conv one of whose modules was replaced since ``fuse`` (say by
+    ``convert_sync_batchnorm``): it runs unfused (``FusedConvBN2d.fused_state``) until ``fuse``
+    gives it back its class and fuses it anew, so it is judged as that class."""
+    return isinstance(conv, FusedConvBN2d) and conv.fused_state() != (True, conv.fused_relu)
+
+
 def _why_not_pair(conv: nn.Module | None, bn: nn.Module) -> str | None:
     if conv is None:
         return "first in its container's run: its input is not a conv output fuse can see"
     if not isinstance(conv, nn.Conv2d):
         return f"follows a {type(conv).__name__}, not a Conv2d (pre-activation or another op first)"
-    if not is_fusable_conv(conv):
+    if not is_fusable_conv(conv, conv.__dict__["class_before_fuse"] if broken(conv) else None):
         return "its conv has a bias" if conv.bias is not None else f"its conv ({type(conv).__name__}, " \
             f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}) is not a plain zero-padded nn.Conv2d"
     if not fusable_norm(bn, conv.out_channels):

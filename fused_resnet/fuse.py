@@ -10,7 +10,7 @@ Three rules, in this order:
   a module with the same children but another ``forward`` would be misread, which is why the
   structure test is strict).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
-  class becomes a fused subclass of their own (``modules.FusedResidualBlock``), in place.
+  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
 - **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
   call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
@@ -26,16 +26,15 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _dynamic, _patterns, distributed
+from . import _foreign, _patterns, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
+from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
     FusedAwayBatchNorm2d,
-    FusedAwayNormAct,
     FusedAwayReLU,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBN2d,
-    FusedResidualBlock,
     _FusedBlockMixin,
     downsample_pair,
     fusable_pair,
@@ -81,12 +80,6 @@ def _block_class(module: nn.Module) -> type | None:
     return None
 
 
-def _broken(conv: nn.Module) -> bool:
-    """A fused chain conv one of whose modules was replaced since ``fuse`` (say by
-    ``convert_sync_batchnorm``): it runs unfused (``FusedConvBN2d.fused_state``) until fused anew."""
-    return isinstance(conv, FusedConvBN2d) and conv.fused_state() != (True, conv.fused_relu)
-
-
 def _fuse_chain(chain: _patterns.Chain) -> None:
     conv, bn, relu = chain.conv, chain.bn, chain.relu
     modules = [conv, bn] + ([relu] if relu is not None else [])
@@ -99,7 +92,7 @@ def _fuse_chain(chain: _patterns.Chain) -> None:
                          stem_owner=chain.container, stem_modules=modules, fused_slots=tuple(chain.fused_slots),
                          relu_slots=tuple(chain.relu_slots))
     if _patterns.norm_act(bn):
-        bn.__class__ = _dynamic.subclass(FusedAwayNormAct, type(bn))
+        bn.__class__ = _foreign.subclass(FusedAwayNormAct, type(bn))
     else:
         bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
     bn.__dict__["fused_into"] = conv
@@ -122,8 +115,9 @@ def find_fusable(model: nn.Module) -> list[str]:
     conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
     found = _patterns.scan(model, _block_class)
-    broken = [name for name, m in model.named_modules() if _broken(m)]
-    return blocks + list(found.blocks) + [c.name for c in found.chains] + broken
+    chains = [c.name for c in found.chains]
+    broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
+    return blocks + list(found.blocks) + chains + broken
 
 
 def fusion_report(model: nn.Module) -> dict[str, str]:
@@ -177,12 +171,12 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
                 distributed.adopt_sync_batch_norms(getattr(parent, child_name))
                 swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     for module in list(model.modules()):
-        if _broken(module):
+        if _patterns.broken(module):
             _unfuse_chain(module)
     found = _patterns.scan(model, _block_class)
     for name, block in found.blocks.items():
         names, acts = _patterns.residual_block(block)
-        block.__class__ = _dynamic.subclass(FusedResidualBlock, type(block))
+        block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
         block.__dict__.update(fused_names=names, fused_acts=acts)
         distributed.adopt_sync_batch_norms(block)
         swapped.append(name)

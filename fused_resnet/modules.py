@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _dynamic, distributed, inference, ops, resnet_arch
+from . import distributed, inference, ops, resnet_arch
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
 
-def is_fusable_conv(conv: nn.Module) -> bool:
-    """A plain ``nn.Conv2d`` without bias and with numeric zero padding."""
+def is_fusable_conv(conv: nn.Module, cls: type | None = None) -> bool:
+    """A plain ``nn.Conv2d`` without bias and with numeric zero padding (``cls``: the class to judge
+    it by, by default its own)."""
     return (
-        type(conv).forward is nn.Conv2d.forward
+        (cls or type(conv)).forward is nn.Conv2d.forward
         and isinstance(conv, nn.Conv2d)
         and conv.bias is None
         and conv.padding_mode == "zeros"
@@ -249,45 +250,3 @@ class FusedAwayReLU(nn.ReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_away_forward(self, nn.ReLU.forward, x, 1)
-
-
-@_dynamic.register_mixin
-class FusedAwayNormAct:
-    """Mixed into timm's ``BatchNormAct2d`` (BN, then its own ``drop`` and ``act``) whose BN the
-    preceding :class:`FusedConvBN2d` applies: then only ``act(drop(x))`` is left, or nothing when
-    the conv applies the ReLU too; its own forward otherwise."""
-
-    fused_into: FusedConvBN2d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn_intact, relu = self.fused_into.fused_state()
-        if not bn_intact:
-            return super().forward(x)
-        return x if relu else self.act(self.drop(x))
-
-
-def _inactive(drop: nn.Module | None) -> bool:
-    """Whether a timm DropPath / DropBlock2d (or nn.Identity / None) returns its input as it is now:
-    both do in eval and with a zero drop probability (their forwards, checked by ``_patterns``)."""
-    return drop is None or type(drop) is nn.Identity or not drop.training or not drop.drop_prob
-
-
-@_dynamic.register_mixin
-class FusedResidualBlock(_FusedBlockMixin):
-    """Mixed into a residual block whose forward is ``act_last(bn_k(conv_k(...)) + shortcut(x))``
-    with the activations between the convs (timm's ``BasicBlock`` / ``Bottleneck`` without SE and
-    anti-aliasing, checked by ``_patterns.residual_block``): fused as the torchvision blocks are.
-    While its DropBlock / DropPath would drop something (training with a drop probability) it runs
-    its own forward, unfused, so that they draw the same random numbers as unfused."""
-
-    fused_names: tuple[tuple[str, str], ...]  # (conv, bn) attribute names, in order
-    fused_acts: tuple[str, ...]  # the activations' names, the last one after the add
-
-    def _chain(self):
-        return [(getattr(self, c), getattr(self, b)) for c, b in self.fused_names]
-
-    def fusable(self) -> bool:
-        from . import _patterns  # the block's structure as fuse checked it, checked again now
-
-        return _patterns.residual_block_intact(self) and _inactive(getattr(self, "drop_block", None)) and _inactive(
-            getattr(self, "drop_path", None))
