@@ -142,9 +142,9 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     if any(type(a) is not nn.ReLU for a in activations) or len({id(a) for a in activations}) != len(acts):
         return "its activations are not distinct nn.ReLU modules"
     if m.__dict__.get("se") is not None or m._modules.get("se") is not None:
-        return "SE between the last BN and the add (the convs are fused as chains)"
+        return "SE between the last BN and the add"
     if type(m._modules.get("aa")) is not nn.Identity:
-        return "anti-aliasing after an activation (the convs are fused as chains)"
+        return "anti-aliasing after an activation"
     if not (_droppable(m._modules.get("drop_block"), "DropBlock2d") and _droppable(m._modules.get("drop_path"), "DropPath")):
         return "its drop_block / drop_path is not timm's"
     if any(_hooked(x) for pair in pairs for x in pair) or any(_hooked(a) for a in activations):
@@ -209,7 +209,7 @@ def scan(model: nn.Module, block_class) -> Scan:
                 out.blocks[name] = m
                 chain = [(m._modules[c], m._modules[b]) for c, b in spec[0]]
             else:
-                out.notes[id(m._modules.get(spec[0][-1][1]))] = f"fused as a chain, not with the add: {reason}"
+                out.notes[id(m._modules.get(spec[0][-1][1]))] = f"not with the residual add: {reason}"
         if chain is not None:
             ds = downsample_pair(m._modules.get("downsample"))
             reserved.update(id(x) for pair in chain + ([ds] if ds else []) for x in pair)

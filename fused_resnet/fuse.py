@@ -120,6 +120,14 @@ def find_fusable(model: nn.Module) -> list[str]:
     return blocks + list(found.blocks) + chains + broken
 
 
+def _block_state(block: _FusedBlockMixin, name: str) -> str:
+    if block.fusable():
+        return f"fused: in the residual block {name}"
+    if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
+        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, its own forward runs)"
+    return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
+
+
 def fusion_report(model: nn.Module) -> dict[str, str]:
     """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
     (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
@@ -132,20 +140,25 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         if name in found.blocks:
             pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
         ds = downsample_pair(m._modules.get("downsample")) if pairs else None
-        state = "fused" if isinstance(m, _FusedBlockMixin) and m.fusable() else "fusable"
+        state = f"fusable: in the residual block {name or type(m).__name__}"
+        if isinstance(m, _FusedBlockMixin):
+            state = _block_state(m, name or type(m).__name__)
         for _, bn in pairs + ([ds] if ds else []):
-            in_block[id(bn)] = f"{state}: in the residual block {name or type(m).__name__}"
+            in_block[id(bn)] = state
     report = {}
     for name, bn in model.named_modules():
         if not isinstance(bn, _BatchNorm):
             continue
-        into = bn.__dict__.get("fused_into")
+        into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
-            report[name] = "fused: into the preceding conv" if into.fused_state()[0] else \
+            state = "fused: into the preceding conv" if into.fused_state()[0] else \
                 "fusable: again (a module of its chain was replaced since fuse)"
         else:
-            report[name] = in_block.get(id(bn)) or chained.get(id(bn)) or "not fused: " + found.notes.get(
-                id(bn), "its container's forward is not one fuse knows, so the order it calls it in is unknown")
+            state = in_block.get(id(bn)) or chained.get(id(bn))
+        if state is None:
+            state, note = "not fused: " + (note or "its container's forward is not one fuse knows, so the order "
+                                           "it calls it in is unknown"), None
+        report[name] = state + (f" ({note})" if note else "")
     return report
 
 
