@@ -81,7 +81,8 @@ def known_runs(m: nn.Module) -> list[Run] | None:
         if _is(m, cls, "forward", "_forward_impl"):
             return _stem("relu")(m)
     for cls, runs in ((resnet_arch.BasicBlock, _TV_BASIC), (resnet_arch.Bottleneck, _TV_BOTTLENECK),
-                      (getattr(tvr, "BasicBlock", None), _TV_BASIC), (getattr(tvr, "Bottleneck", None), _TV_BOTTLENECK)):
+                      (getattr(tvr, "BasicBlock", None), _TV_BASIC),
+                      (getattr(tvr, "Bottleneck", None), _TV_BOTTLENECK)):
         if _is(m, cls, "forward"):
             return runs(m)
     if tmr is not None:
@@ -145,7 +146,8 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
         return "SE between the last BN and the add"
     if type(m._modules.get("aa")) is not nn.Identity:
         return "anti-aliasing after an activation"
-    if not (_droppable(m._modules.get("drop_block"), "DropBlock2d") and _droppable(m._modules.get("drop_path"), "DropPath")):
+    if not (_droppable(m._modules.get("drop_block"), "DropBlock2d")
+            and _droppable(m._modules.get("drop_path"), "DropPath")):
         return "its drop_block / drop_path is not timm's"
     if any(_hooked(x) for pair in pairs for x in pair) or any(_hooked(a) for a in activations):
         return "a module of the block has hooks"
@@ -202,7 +204,7 @@ def scan(model: nn.Module, block_class) -> Scan:
     for name, m in model.named_modules():
         chain = None
         if isinstance(m, _FusedBlockMixin) or block_class(m) is not None:
-            chain = [(c, b) for c, b in (m._chain() if isinstance(m, _FusedBlockMixin) else _TV_PAIRS(m))]
+            chain = m._chain() if isinstance(m, _FusedBlockMixin) else tv_block_pairs(m)
         elif (spec := residual_block(m)) is not None:
             reason = why_not_residual(m, *spec)
             if reason is None:
@@ -223,7 +225,8 @@ def scan(model: nn.Module, block_class) -> Scan:
     return out
 
 
-def _TV_PAIRS(m):
+def tv_block_pairs(m: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (conv, BN) pairs of a torchvision-structured block, in order."""
     return [(m.conv1, m.bn1), (m.conv2, m.bn2)] + ([(m.conv3, m.bn3)] if "conv3" in m._modules else [])
 
 

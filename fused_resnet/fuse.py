@@ -124,7 +124,8 @@ def _block_state(block: _FusedBlockMixin, name: str) -> str:
     if block.fusable():
         return f"fused: in the residual block {name}"
     if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
-        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, its own forward runs)"
+        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, " \
+               "its own forward runs)"
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
 
@@ -136,7 +137,7 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     in_block = {}
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
-        pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns._TV_PAIRS(m) if fused_cls else []
+        pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
         if name in found.blocks:
             pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
         ds = downsample_pair(m._modules.get("downsample")) if pairs else None
