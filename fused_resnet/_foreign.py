@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from . import _patterns

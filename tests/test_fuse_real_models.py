@@ -39,6 +39,18 @@ def _x(dtype=F64):
     return torch.randn(2, 3, 64, 64, dtype=dtype)
 
 
+def _pair(spec: str, **kw) -> tuple[nn.Module, nn.Module]:
+    """The model in fp64 with a non-trivial BN state, and a fused deep copy of it."""
+    plain = randomize_bns(build(spec, **kw).to(F64))
+    return plain, fused_resnet.fuse(copy.deepcopy(plain))
+
+
+def _train_and_eval_match(plain: nn.Module, fused: nn.Module) -> None:
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
+
+
 def test_coverage_and_state_dict():
     """The issue's targets: >= 90% of these models' BatchNorms fused overall, every model >= 50%;
     parameters and buffers are the very same tensors under the same keys."""
@@ -69,8 +81,7 @@ def test_densenet_is_left_alone_and_says_why():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("spec", MODELS)
 def test_fp64_parity_reference_backend(spec, train):
-    plain = randomize_bns(build(spec).to(F64))
-    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    plain, fused = _pair(spec)
     with fused_resnet.use_backend("reference"):
         for _ in range(2 if train else 1):  # a second training step sees the running statistics updated
             assert_step_matches(plain, fused, _x(), train)
@@ -109,18 +120,14 @@ def test_timm_extras_drop_path_dropblock_antialias():
     """DropPath / DropBlock active in training: the same random draws as unfused (the block runs its own
     forward); anti-aliasing: the block is fused conv by conv, the blur pool runs as it is."""
     for kw in (dict(drop_path_rate=0.2, drop_block_rate=0.2), dict(aa_layer=nn.AvgPool2d)):
-        plain = randomize_bns(build("timm:resnet18", **kw).to(F64))
-        fused = fused_resnet.fuse(copy.deepcopy(plain))
+        plain, fused = _pair("timm:resnet18", **kw)
         n, of = fused_count(fused)
         assert n == of, kw
-        with fused_resnet.use_backend("reference"):
-            for train in (True, False):
-                assert_step_matches(plain, fused, _x(), train)
+        _train_and_eval_match(plain, fused)
 
 
 def test_timm_model_keeps_its_api():
-    plain = randomize_bns(build("timm:seresnet50").to(F64))
-    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    plain, fused = _pair("timm:seresnet50")
     assert type(fused) is type(plain) and isinstance(fused.layer1[0], timm.models.resnet.Bottleneck)
     assert fused.feature_info == plain.feature_info
     report = fused_resnet.fusion_report(plain)
@@ -136,22 +143,15 @@ def test_timm_model_keeps_its_api():
 
 def test_fused_timm_model_compiles():
     """Blocks fused whole, the deep stem's chains and the avg-pool downsamples, under torch.compile."""
-    plain = randomize_bns(build("timm:resnet26t").to(F64))
-    fused = fused_resnet.fuse(copy.deepcopy(plain))
-    compiled = torch.compile(fused, backend="aot_eager")
-    with fused_resnet.use_backend("reference"):
-        for train in (True, False):
-            assert_step_matches(plain, compiled, _x(), train)
+    plain, fused = _pair("timm:resnet26t")
+    _train_and_eval_match(plain, torch.compile(fused, backend="aot_eager"))
 
 
 def test_timm_block_fused_whole_falls_back_when_changed():
-    plain = randomize_bns(build("timm:resnet18").to(F64))
-    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    plain, fused = _pair("timm:resnet18")
     block = fused.layer2[0]
     assert fused_resnet.fusion_report(fused)["layer2.0.bn2"].startswith("fused: in the residual block")
     for model in (plain, fused):
         model.layer2[0].act1 = nn.SiLU()  # not the structure fuse found: the block's own forward runs
     assert not block.fusable() and block.zero_init_last is not None
-    with fused_resnet.use_backend("reference"):
-        for train in (True, False):
-            assert_step_matches(plain, fused, _x(), train)
+    _train_and_eval_match(plain, fused)
