@@ -17,7 +17,7 @@ from ._backend import (
     trace_dispatch,
     use_backend,
 )
-from .fuse import find_fusable, fuse
+from .fuse import find_fusable, fuse, fusion_report
 from .inference import prepare_for_inference
 from .models import ResNet, resnet18, resnet34, resnet50, resnet101, resnext50_32x4d, wide_resnet50_2
 from .modules import FusedBasicBlock, FusedBottleneck
@@ -32,6 +32,7 @@ __all__ = [
     "backends",
     "find_fusable",
     "fuse",
+    "fusion_report",
     "get_backend",
     "ops",
     "prepare_for_inference",

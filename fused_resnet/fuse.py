@@ -1,30 +1,42 @@
-"""``fuse(model)``: swap, in place, the residual blocks and the stem of an existing model for fused
-ones that share its very parameter and buffer tensors.
+"""``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
+blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Blocks are recognised by structure, not class: any module whose children are exactly
-torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or ``Bottleneck``
-(``conv1 bn1 conv2 bn2 conv3 bn3 relu [downsample]``) with consistent channel counts, so a
-user's own copy of the torchvision block is swapped too. The fused block computes what
-torchvision's ``forward`` computes; a module with the same children but another ``forward``
-would be misread, which is why the structure test is strict. Stems are fused as conv+BN (and the
-ReLU too when the model's class is torchvision's or our ``ResNet``, whose ``forward`` is known).
+Three rules, in this order:
+
+- **torchvision-structured blocks**, recognised by structure, not class: any module whose children
+  are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
+  ``Bottleneck`` (``conv1 bn1 conv2 bn2 conv3 bn3 relu [downsample]``) with consistent channel
+  counts is swapped for ``FusedBasicBlock``/``FusedBottleneck`` (a user's copy of the block too;
+  a module with the same children but another ``forward`` would be misread, which is why the
+  structure test is strict).
+- **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
+  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
+- **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
+  the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
+  call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
+
+Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
+and if not, why.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, resnet_arch
+from . import _foreign, _patterns, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
+from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
     FusedAwayBatchNorm2d,
     FusedAwayReLU,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBN2d,
+    _FusedBlockMixin,
+    downsample_pair,
     fusable_pair,
 )
 
@@ -68,81 +80,97 @@ def _block_class(module: nn.Module) -> type | None:
     return None
 
 
-def _known_resnet_forward(model: nn.Module) -> bool:
-    """True when ``model``'s forward is torchvision's or our ``ResNet``'s (ReLU used once, after bn1)."""
-    classes = [resnet_arch.ResNet]
-    tv = sys.modules.get("torchvision.models.resnet")
-    if tv is not None:
-        classes.append(tv.ResNet)
-    for cls in classes:
-        if type(model).forward is cls.forward and getattr(type(model), "_forward_impl", None) is getattr(
-            cls, "_forward_impl", None
-        ):
-            return True
-    return False
-
-
-def _has_stem(model: nn.Module) -> bool:
-    """A ResNet-like model (it has ``layer1``) whose ``conv1``/``bn1`` stem is fusable and not fused."""
-    conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
-    return (
-        isinstance(conv, nn.Module) and isinstance(bn, nn.Module) and hasattr(model, "layer1")
-        and not isinstance(conv, FusedConvBN2d) and fusable_pair(conv, bn) and _block_class(model) is None
-    )
-
-
-def _broken_stem(model: nn.Module) -> FusedConvBN2d | None:
-    """``model``'s fused stem conv if a module of that stem was replaced since ``fuse`` (say by
-    ``convert_sync_batchnorm``): it then runs unfused (``FusedConvBN2d.fused_state``) until fused anew."""
-    conv = model._modules.get("conv1")
-    if isinstance(conv, FusedConvBN2d) and (conv.stem_owner is not model or conv.fused_state() != (True, conv.fused_relu)):
-        return conv
-    return None
-
-
-def _fuse_stem(model: nn.Module) -> bool:
-    if not _has_stem(model):
-        return False
-    conv, bn, relu = model.conv1, model.bn1, getattr(model, "relu", None)
-    fuse_relu = _known_resnet_forward(model) and type(relu) is nn.ReLU
-    stem = [conv, bn] + ([relu] if fuse_relu else [])
-    for module in stem:
+def _fuse_chain(chain: _patterns.Chain) -> None:
+    conv, bn, relu = chain.conv, chain.bn, chain.relu
+    modules = [conv, bn] + ([relu] if relu is not None else [])
+    for module in modules:
         module.__dict__["class_before_fuse"] = type(module)
     conv.__class__ = FusedConvBN2d
-    # Unregistered references: the state_dict keys stay model.conv1/bn1.*, and no module cycle is
-    # registered. The stem modules check them on every call (FusedConvBN2d.fused_state).
-    conv.__dict__.update(fused_bn=bn, fused_relu=fuse_relu, fused_relu_module=relu if fuse_relu else None,
-                         stem_owner=model, stem_modules=stem)
-    bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
+    # Unregistered references: the state_dict keys stay where they were, and no module cycle is
+    # registered. The chain's modules check them on every call (FusedConvBN2d.fused_state).
+    conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_relu_module=relu,
+                         stem_owner=chain.container, stem_modules=modules, fused_slots=tuple(chain.fused_slots),
+                         relu_slots=tuple(chain.relu_slots))
+    if _patterns.norm_act(bn):
+        bn.__class__ = _foreign.subclass(FusedAwayNormAct, type(bn))
+    else:
+        bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
     bn.__dict__["fused_into"] = conv
-    if fuse_relu:
+    if relu is not None:
         relu.__class__ = FusedAwayReLU
         relu.__dict__["fused_into"] = conv
-    return True
 
 
-def _unfuse_stem(conv: FusedConvBN2d) -> None:
-    """Give each module of a fused stem back the class it had before ``fuse``."""
+def _unfuse_chain(conv: FusedConvBN2d) -> None:
+    """Give each module of a fused chain back the class it had before ``fuse``."""
     for module in conv.stem_modules:
         module.__class__ = module.__dict__.pop("class_before_fuse")
-        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_relu_module", "stem_owner", "stem_modules"):
+        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_relu_module", "stem_owner", "stem_modules",
+                     "fused_slots", "relu_slots"):
             module.__dict__.pop(attr, None)
 
 
 def find_fusable(model: nn.Module) -> list[str]:
-    """Qualified names of the modules of ``model`` that :func:`fuse` would swap."""
-    names = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
-    stems = [name for name, m in model.named_modules() if _has_stem(m) or _broken_stem(m) is not None]
-    return names + [f"{name}.conv1" if name else "conv1" for name in stems]
+    """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, and the
+    conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
+    blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
+    found = _patterns.scan(model, _block_class)
+    chains = [c.name for c in found.chains]
+    broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
+    return blocks + list(found.blocks) + chains + broken
+
+
+def _block_state(block: _FusedBlockMixin, name: str) -> str:
+    if block.fusable():
+        return f"fused: in the residual block {name}"
+    if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
+        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, " \
+               "its own forward runs)"
+    return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
+
+
+def fusion_report(model: nn.Module) -> dict[str, str]:
+    """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
+    (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
+    found = _patterns.scan(model, _block_class)
+    chained = {id(c.bn): f"fusable: into {c.name}" + (" with its ReLU" if c.relu_slots else "") for c in found.chains}
+    in_block = {}
+    for name, m in model.named_modules():
+        fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
+        pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
+        if name in found.blocks:
+            pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
+        ds = downsample_pair(m._modules.get("downsample")) if pairs else None
+        state = f"fusable: in the residual block {name or type(m).__name__}"
+        if isinstance(m, _FusedBlockMixin):
+            state = _block_state(m, name or type(m).__name__)
+        for _, bn in pairs + ([ds] if ds else []):
+            in_block[id(bn)] = state
+    report = {}
+    for name, bn in model.named_modules():
+        if not isinstance(bn, _BatchNorm):
+            continue
+        into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
+        if into is not None:
+            state = "fused: into the preceding conv" if into.fused_state()[0] else \
+                "fusable: again (a module of its chain was replaced since fuse)"
+        else:
+            state = in_block.get(id(bn)) or chained.get(id(bn))
+        if state is None:
+            state, note = "not fused: " + (note or "its container's forward is not one fuse knows, so the order "
+                                           "it calls it in is unknown"), None
+        report[name] = state + (f" ({note})" if note else "")
+    return report
 
 
 def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
-    """Swap, in place, every torchvision-structured ``BasicBlock``/``Bottleneck`` of ``model`` for
-    ``FusedBasicBlock``/``FusedBottleneck`` and fuse the stem conv+BN(+ReLU); parameters, buffers
-    and ``state_dict`` keys are unchanged. Returns ``model``. What was swapped is logged on the
-    ``fused_resnet`` logger (INFO), and printed when ``verbose``; unrecognised modules are left
-    as they are. A block passed as ``model`` itself cannot be swapped in place: the fused block
-    (sharing its tensors) is returned instead."""
+    """Fuse, in place, the torchvision-structured ``BasicBlock``/``Bottleneck`` blocks of ``model``
+    (swapped for ``FusedBasicBlock``/``FusedBottleneck``), timm's ResNet blocks and every conv ->
+    BN (-> ReLU) chain of a container whose forward is known (see the module docstring);
+    parameters, buffers and ``state_dict`` keys are unchanged. Returns ``model``. What was swapped
+    is logged on the ``fused_resnet`` logger (INFO), and printed when ``verbose``; unrecognised
+    modules are left as they are. A block passed as ``model`` itself cannot be swapped in place:
+    the fused block (sharing its tensors) is returned instead."""
     top = _block_class(model)
     if top is not None:
         fused = top.from_block(model)
@@ -156,12 +184,19 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
                 setattr(parent, child_name, fused_cls.from_block(child))
                 distributed.adopt_sync_batch_norms(getattr(parent, child_name))
                 swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    for name, module in list(model.named_modules()):
-        broken = _broken_stem(module)
-        if broken is not None:
-            _unfuse_stem(broken)
-        if _fuse_stem(module):
-            swapped.append(f"{name}.conv1" if name else "conv1")
+    for module in list(model.modules()):
+        if _patterns.broken(module):
+            _unfuse_chain(module)
+    found = _patterns.scan(model, _block_class)
+    for name, block in found.blocks.items():
+        names, acts = _patterns.residual_block(block)
+        block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
+        block.__dict__.update(fused_names=names, fused_acts=acts)
+        distributed.adopt_sync_batch_norms(block)
+        swapped.append(name)
+    for chain in found.chains:
+        _fuse_chain(chain)
+        swapped.append(chain.name)
     message = f"fused_resnet.fuse: swapped {len(swapped)} module(s): {', '.join(swapped) or 'none'}"
     log.info(message)
     if verbose:

@@ -24,10 +24,11 @@ from . import distributed, inference, ops, resnet_arch
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
 
-def is_fusable_conv(conv: nn.Module) -> bool:
-    """A plain ``nn.Conv2d`` without bias and with numeric zero padding."""
+def is_fusable_conv(conv: nn.Module, cls: type | None = None) -> bool:
+    """A plain ``nn.Conv2d`` without bias and with numeric zero padding (``cls``: the class to judge
+    it by, by default its own)."""
     return (
-        type(conv).forward is nn.Conv2d.forward
+        (cls or type(conv)).forward is nn.Conv2d.forward
         and isinstance(conv, nn.Conv2d)
         and conv.bias is None
         and conv.padding_mode == "zeros"
@@ -175,30 +176,40 @@ class FusedBottleneck(_FusedBlockMixin, resnet_arch.Bottleneck):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
 
-class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """A stem ``nn.Conv2d`` that also applies the following BN (and ReLU): ``fuse`` turns a model's
-    conv into this class in place, so its parameter and ``state_dict`` key stay the conv's own.
-    The BN module stays where it was (its class becomes :class:`FusedAwayBatchNorm2d`) and is
-    read through an unregistered reference, so its keys do not move either.
+Slot = tuple[nn.Module, str, nn.Module]  # (owner, name, module): while fused, owner._modules[name] is module
 
-    The three modules check on every call that the model still holds them where ``fuse`` found
-    them (``stem_owner.conv1/bn1/relu``): if one was replaced since (``convert_sync_batchnorm``
-    after ``fuse``, a BN swapped for ``nn.Identity``, another activation), the others do their
-    own work again, so the stem computes what the model now says instead of normalising twice or
-    dropping a step. ``fuse`` called again re-fuses such a stem."""
+
+def slots_intact(slots) -> bool:
+    return all(owner._modules.get(name) is module for owner, name, module in slots)
+
+
+class FusedConvBN2d(inference.Preparable, nn.Conv2d):
+    """An ``nn.Conv2d`` that also applies the BN (and ReLU) its container calls right after it:
+    ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
+    the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
+    :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not
+    move either. The container (``stem_owner``) is one whose ``forward`` is known to call the conv,
+    the BN and the activation in a row (``_patterns.py``): a model's stem, an ``nn.Sequential``, a
+    timm ``ConvNormAct`` or block.
+
+    The modules check on every call that the model still holds them where ``fuse`` found them
+    (``fused_slots``, ``relu_slots``): if one was replaced since (``convert_sync_batchnorm`` after
+    ``fuse``, a BN swapped for ``nn.Identity``, another activation), the others do their own work
+    again, so the chain computes what the model now says instead of normalising twice or dropping
+    a step. ``fuse`` called again re-fuses such a chain."""
 
     fused_bn: nn.BatchNorm2d
     fused_relu: bool
     fused_relu_module: nn.Module | None
-    stem_owner: nn.Module  # the model whose conv1/bn1/relu were fused
+    stem_owner: nn.Module  # the container whose forward calls conv, BN (and ReLU) in a row
+    fused_slots: tuple[Slot, ...]  # where the container (and its parents) held the conv and the BN
+    relu_slots: tuple[Slot, ...]  # where the modules between the BN and the ReLU, and the ReLU, were
 
     def fused_state(self) -> tuple[bool, bool]:
         """Whether this conv still applies the BN, and the ReLU: whether the model still holds
-        this conv, the fused BN and (when fused) the ReLU module where ``fuse`` found them."""
-        owner = self.stem_owner._modules
-        bn_intact = owner.get("conv1") is self and owner.get("bn1") is self.fused_bn
-        relu_intact = bn_intact and self.fused_relu and owner.get("relu") is self.fused_relu_module
-        return bn_intact, relu_intact
+        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them."""
+        bn_intact = slots_intact(self.fused_slots)
+        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots)
 
     def eval_pairs(self):
         return [(self, self.fused_bn)] if self.fused_state()[0] else []
@@ -215,13 +226,13 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
 
 
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
-    """``x`` as it is while the stem conv ``module.fused_into`` does ``module``'s work (``which``:
+    """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
     0 for its BN, 1 for its ReLU), else ``own_forward(module, x)``: the work of the class it was."""
     return x if module.fused_into.fused_state()[which] else own_forward(module, x)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BN whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+    """A BN whose work the preceding :class:`FusedConvBN2d` does: it passes its input through."""
 
     fused_into: FusedConvBN2d
 

@@ -1,0 +1,84 @@
+"""CPU eval of real torchvision / timm models: eager vs ``fuse`` + ``prepare_for_inference``, median
+ms per batch, side by side in one process, with the share of BatchNorms fused. Random init; both
+models hold the same weights (the fused one is a deep copy, fused in place).
+
+    python benchmarks/scripts/fuse_models_eval.py [--models tv:resnet50 timm:resnet18 ...]
+        [--batches 1 8] [--image 64] [--rounds 15] [--channels-last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+
+import torch
+
+import fused_resnet
+
+MODELS = ["tv:resnet50", "tv:resnext50_32x4d", "tv:mobilenet_v2", "tv:regnet_y_400mf", "tv:densenet121",
+          "timm:resnet18", "timm:resnet50", "timm:resnet50d", "timm:seresnet50", "timm:resnet26t",
+          "timm:regnetx_002"]
+
+
+def build(spec: str) -> torch.nn.Module:
+    lib, name = spec.split(":")
+    if lib == "tv":
+        import torchvision
+
+        return getattr(torchvision.models, name)()
+    import timm
+
+    return timm.create_model(name, pretrained=False)
+
+
+def timings_ms(models, x, rounds: int) -> list[tuple[float, float]]:
+    """(median, min) ms per call of each model, the calls interleaved round by round so that a load
+    spike of a shared machine hits both alike (the min is the figure least affected by such load)."""
+    times = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            for _ in range(3):  # warm-up: oneDNN primitives, allocator
+                model(x)
+        for _ in range(rounds):
+            for model, acc in zip(models, times):
+                start = time.perf_counter()
+                model(x)
+                acc.append(time.perf_counter() - start)
+    return [(sorted(t)[rounds // 2] * 1e3, min(t) * 1e3) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--image", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f"torch {torch.__version__}, fused_resnet {fused_resnet.__version__}, backends {fused_resnet.backends()}, "
+          f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, fp32, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, 3x{args.image}x{args.image}")
+    print("| model | BN fused | batch | eager ms (median / min) | fused+prepared ms (median / min) "
+          "| speedup (median / min) | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in args.models:
+        torch.manual_seed(0)
+        eager = build(spec).eval().to(memory_format=fmt)
+        fused = fused_resnet.fuse(copy.deepcopy(eager))
+        report = fused_resnet.fusion_report(fused)
+        share = f"{sum(v.startswith('fused') for v in report.values())}/{len(report)}"
+        fused_resnet.prepare_for_inference(fused)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, args.image, args.image).to(memory_format=fmt)
+            with torch.inference_mode():
+                diff = (fused(x) - eager(x)).abs().max().item()
+            (med_e, min_e), (med_f, min_f) = timings_ms([eager, fused], x, args.rounds)
+            print(f"| {spec} | {share} | {batch} | {med_e:.2f} / {min_e:.2f} | {med_f:.2f} / {min_f:.2f} "
+                  f"| {med_e / med_f:.2f}x / {min_e / min_f:.2f}x | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> ReLU)
+chains and residual blocks in them.
+
+A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
+read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
+MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
+timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``. For each such class a
+*run* lists children the forward calls one after the other, each on the previous one's output and
+nothing else reading it in between: a conv followed by a BN in a run can be fused, and the ReLU
+after them too (nn.Identity between them is skipped). Other libraries are looked up in
+``sys.modules`` only: fused_resnet imports neither, and a model built from them has imported them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import resnet_arch
+from .modules import FusedConvBN2d, Slot, _FusedBlockMixin, downsample_pair, fusable_pair, is_fusable_bn, \
+    is_fusable_conv, slots_intact
+
+
+@dataclass
+class Run:
+    slots: list[tuple[nn.Module, str]]  # (container, child name), called in this order
+    guards: list[Slot] = field(default_factory=list)  # modules that must stay where they are
+
+
+@dataclass
+class Chain:
+    """A conv -> BN (-> ReLU) run that ``fuse`` turns into a FusedConvBN2d and pass-through modules."""
+
+    name: str  # the conv's qualified name
+    container: nn.Module
+    conv: nn.Conv2d
+    bn: nn.Module
+    fused_slots: list[Slot]
+    relu_slots: list[Slot]  # empty when the activation is not a ReLU the conv can apply
+    relu: nn.Module | None  # a plain nn.ReLU module that becomes a pass-through one
+
+
+def _mod(name: str):
+    return sys.modules.get(name)
+
+
+def _is(module: nn.Module, cls: type | None, *methods: str) -> bool:
+    """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (a subclass may add others)."""
+    return cls is not None and isinstance(module, cls) and all(
+        getattr(type(module), m, None) is getattr(cls, m, None) for m in methods)
+
+
+def _named(*groups):
+    return lambda m: [Run([(m, n) for n in group]) for group in groups]
+
+
+def _stem(act: str):
+    """conv1 -> bn1 -> act of a ResNet; conv1 may be a Sequential ending in the conv (ResNet-D's deep stem)."""
+    def runs(m):
+        conv = m._modules.get("conv1")
+        if isinstance(conv, nn.Sequential) and type(conv).forward is nn.Sequential.forward and len(conv):
+            return [Run([(conv, list(conv._modules)[-1]), (m, "bn1"), (m, act)], [(m, "conv1", conv)])]
+        return [Run([(m, "conv1"), (m, "bn1"), (m, act)])]
+    return runs
+
+
+_TV_BASIC, _TV_BOTTLENECK = _named(("conv1", "bn1"), ("conv2", "bn2")), _named(
+    ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # their one ReLU module is used 2-3 times: not fused
+
+
+def known_runs(m: nn.Module) -> list[Run] | None:
+    """The runs of ``m``'s children that its forward calls in a row; None when its forward is not known."""
+    if _is(m, nn.Sequential, "forward"):
+        return [Run([(m, name) for name in m._modules])]
+    tvr, tmr, tml = _mod("torchvision.models.resnet"), _mod("timm.models.resnet"), _mod("timm.layers.conv_bn_act")
+    for cls in (resnet_arch.ResNet, getattr(tvr, "ResNet", None)):
+        if _is(m, cls, "forward", "_forward_impl"):
+            return _stem("relu")(m)
+    for cls, runs in ((resnet_arch.BasicBlock, _TV_BASIC), (resnet_arch.Bottleneck, _TV_BOTTLENECK),
+                      (getattr(tvr, "BasicBlock", None), _TV_BASIC),
+                      (getattr(tvr, "Bottleneck", None), _TV_BOTTLENECK)):
+        if _is(m, cls, "forward"):
+            return runs(m)
+    if tmr is not None:
+        if _is(m, tmr.ResNet, "forward", "forward_features", "forward_intermediates"):
+            return _stem("act1")(m)
+        if _is(m, tmr.BasicBlock, "forward"):  # drop_block sits between bn1 and act1
+            return _named(("conv1", "bn1", "drop_block", "act1"), ("conv2", "bn2"))(m)
+        if _is(m, tmr.Bottleneck, "forward"):
+            return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "drop_block", "act2"), ("conv3", "bn3"))(m)
+    if tml is not None and _is(m, tml.ConvNormAct, "forward"):
+        return _named(("conv", "bn"))(m)
+    if not isinstance(m, FusedConvBN2d) and isinstance(m._modules.get("conv1"), nn.Conv2d) and hasattr(m, "layer1"):
+        # fuse's first rule, kept: a ResNet-like model (conv1, bn1, layer1) calls bn1 on conv1's output.
+        return [Run([(m, "conv1"), (m, "bn1")])]
+    return None
+
+
+def norm_act(bn: nn.Module) -> bool:
+    """timm's BatchNormAct2d: nn.BatchNorm2d's forward, then its own ``drop`` and ``act`` modules."""
+    tna = _mod("timm.layers.norm_act")
+    return tna is not None and _is(bn, tna.BatchNormAct2d, "forward") and bn.track_running_stats == (
+        bn.running_mean is not None)
+
+
+def fusable_norm(bn: nn.Module, channels: int) -> bool:
+    return is_fusable_bn(bn, channels) or (norm_act(bn) and bn.num_features == channels)
+
+
+def _hooked(m: nn.Module) -> bool:
+    # A fused module never runs its own forward: its hooks would not see what they expect.
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+
+
+# Residual blocks (timm's, fused whole like torchvision's) ---------------------------------------
+
+
+def residual_block(m: nn.Module) -> tuple[tuple, tuple] | None:
+    """(conv/BN names, activation names) of a timm BasicBlock / Bottleneck, by its forward."""
+    tmr = _mod("timm.models.resnet")
+    if tmr is not None and _is(m, tmr.BasicBlock, "forward"):
+        return (("conv1", "bn1"), ("conv2", "bn2")), ("act1", "act2")
+    if tmr is not None and _is(m, tmr.Bottleneck, "forward"):
+        return (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), ("act1", "act2", "act3")
+    return None
+
+
+def _droppable(m: nn.Module | None, cls_name: str) -> bool:
+    """None, nn.Identity or timm's own DropBlock2d / DropPath (identity while inactive: ``_inactive``)."""
+    return m is None or type(m) is nn.Identity or _is(m, getattr(_mod("timm.layers.drop"), cls_name, None), "forward")
+
+
+def why_not_residual(m: nn.Module, names, acts) -> str | None:
+    """Why the timm block ``m`` cannot run fused as a whole (None: it can)."""
+    pairs = [(m._modules.get(c), m._modules.get(b)) for c, b in names]
+    if not all(fusable_pair(c, b) for c, b in pairs):
+        return "a conv or BN of the block is not a plain Conv2d(bias=False) / BatchNorm2d"
+    activations = [m._modules.get(a) for a in acts]
+    if any(type(a) is not nn.ReLU for a in activations) or len({id(a) for a in activations}) != len(acts):
+        return "its activations are not distinct nn.ReLU modules"
+    if m.__dict__.get("se") is not None or m._modules.get("se") is not None:
+        return "SE between the last BN and the add"
+    if type(m._modules.get("aa")) is not nn.Identity:
+        return "anti-aliasing after an activation"
+    if not (_droppable(m._modules.get("drop_block"), "DropBlock2d")
+            and _droppable(m._modules.get("drop_path"), "DropPath")):
+        return "its drop_block / drop_path is not timm's"
+    if any(_hooked(x) for pair in pairs for x in pair) or any(_hooked(a) for a in activations):
+        return "a module of the block has hooks"
+    convs = [c for c, _ in pairs]
+    if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
+        return "its convs' channels do not chain"
+    if m._modules.get("downsample") is None and (
+            convs[0].in_channels != convs[-1].out_channels or any(c.stride != (1, 1) for c in convs)):
+        return "no downsample, but the block changes the shape"
+    return None
+
+
+def residual_block_intact(block: nn.Module) -> bool:
+    """Whether a fused timm block still has the structure ``fuse`` found (checked on every call)."""
+    return why_not_residual(block, block.fused_names, block.fused_acts) is None
+
+
+# The scan --------------------------------------------------------------------------------------
+
+
+def broken(conv: nn.Module) -> bool:
+    """A fused chain conv one of whose modules was replaced since ``fuse`` (say by
+    ``convert_sync_batchnorm``): it runs unfused (``FusedConvBN2d.fused_state``) until ``fuse``
+    gives it back its class and fuses it anew, so it is judged as that class."""
+    return isinstance(conv, FusedConvBN2d) and conv.fused_state() != (True, conv.fused_relu)
+
+
+def _why_not_pair(conv: nn.Module | None, bn: nn.Module) -> str | None:
+    if conv is None:
+        return "first in its container's run: its input is not a conv output fuse can see"
+    if not isinstance(conv, nn.Conv2d):
+        return f"follows a {type(conv).__name__}, not a Conv2d (pre-activation or another op first)"
+    if not is_fusable_conv(conv, conv.__dict__["class_before_fuse"] if broken(conv) else None):
+        return "its conv has a bias" if conv.bias is not None else f"its conv ({type(conv).__name__}, " \
+            f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}) is not a plain zero-padded nn.Conv2d"
+    if not fusable_norm(bn, conv.out_channels):
+        return f"a {type(bn).__name__}, not nn.BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d (with running stats)"
+    return None
+
+
+@dataclass
+class Scan:
+    chains: list[Chain]
+    blocks: dict[str, nn.Module]  # timm blocks to fuse whole, by qualified name
+    notes: dict[int, str]  # id(BN) -> why it is not fused
+
+
+def scan(model: nn.Module, block_class) -> Scan:
+    """The chains and timm blocks ``fuse`` would fuse in ``model`` now, and why other BNs are not.
+    ``block_class``: fuse's torchvision-structure test (those blocks are swapped whole first)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    out, reserved = Scan([], {}, {}), set()
+    for name, m in model.named_modules():
+        chain = None
+        if isinstance(m, _FusedBlockMixin) or block_class(m) is not None:
+            chain = m._chain() if isinstance(m, _FusedBlockMixin) else tv_block_pairs(m)
+        elif (spec := residual_block(m)) is not None:
+            reason = why_not_residual(m, *spec)
+            if reason is None:
+                out.blocks[name] = m
+                chain = [(m._modules[c], m._modules[b]) for c, b in spec[0]]
+            else:
+                out.notes[id(m._modules.get(spec[0][-1][1]))] = f"not with the residual add: {reason}"
+        if chain is not None:
+            ds = downsample_pair(m._modules.get("downsample"))
+            reserved.update(id(x) for pair in chain + ([ds] if ds else []) for x in pair)
+            if ds is not None:
+                reserved.add(id(m._modules["downsample"]))
+    for name, m in model.named_modules():
+        if id(m) in reserved or isinstance(m, _FusedBlockMixin) or name in out.blocks:
+            continue
+        for run in known_runs(m) or []:
+            _scan_run(run, m, names, uses, reserved, out)
+    return out
+
+
+def tv_block_pairs(m: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (conv, BN) pairs of a torchvision-structured block, in order."""
+    return [(m.conv1, m.bn1), (m.conv2, m.bn2)] + ([(m.conv3, m.bn3)] if "conv3" in m._modules else [])
+
+
+def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
+    if not slots_intact(run.guards):
+        return
+    mods = [owner._modules.get(n) for owner, n in run.slots]
+    slots = [(owner, n, x) for (owner, n), x in zip(run.slots, mods)]
+    k = 0
+    while k < len(mods):
+        bn = mods[k]
+        if not isinstance(bn, _BatchNorm) or id(bn) in reserved or "fused_into" in bn.__dict__:
+            k += 1
+            continue
+        conv = mods[k - 1] if k else None
+        reason = _why_not_pair(conv, bn)
+        if reason is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
+            reason = "its conv or BN is used more than once in the model"
+        if reason is None and (_hooked(conv) or _hooked(bn)):
+            reason = "its conv or BN has hooks"
+        if reason is not None:
+            out.notes.setdefault(id(bn), reason)
+            k += 1
+            continue
+        relu_slots, relu, j = [], None, k + 1
+        if norm_act(bn):  # its own drop and act run after the BN
+            if type(bn.act) is nn.ReLU and type(bn.drop) is nn.Identity and not _hooked(bn.act):
+                relu_slots = [(bn, "drop", bn.drop), (bn, "act", bn.act)]
+        else:
+            while j < len(mods) and type(mods[j]) is nn.Identity:
+                j += 1
+            act = mods[j] if j < len(mods) else None
+            if type(act) is nn.ReLU and uses[id(act)] == 1 and not _hooked(act):
+                relu_slots, relu, j = slots[k + 1:j + 1], act, j + 1
+        out.chains.append(Chain(names[id(conv)], container, conv, bn, run.guards + slots[k - 1:k + 1], relu_slots,
+                                relu))
+        k = j

@@ -1,0 +1,69 @@
+"""Shared by the fuse tests on whole models: a non-trivial BN state, and one step of a plain and a
+fused model compared output by output, gradient by gradient, buffer by buffer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fused_resnet._tolerances import relative_error
+
+FP64_MODEL_TOL = 1e-9  # the issue's bar for whole fused models in fp64
+
+
+def randomize_bns(model: nn.Module) -> nn.Module:
+    """BN weights, biases and running statistics away from their (1, 0, 0, 1) init: with those a
+    BN's output has an exactly zero batch mean, and the next BN's running mean is pure rounding."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def grad_errors(plain: nn.Module, fused: nn.Module) -> dict[str, float]:
+    """Relative error of every parameter's gradient. A gradient that is zero in exact arithmetic (a
+    BN bias feeding, through 1x1 convs only, BNs in training, which remove any constant) is
+    rounding noise in both models: its error is taken relative to 1e-6 of the largest gradient."""
+    grads = [p.grad.norm().item() for p in plain.parameters() if p.grad is not None]
+    floor = 1e-6 * max(grads, default=0.0)
+    errors = {}
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        errors[name] = (q.grad - p.grad).double().norm().item() / max(p.grad.norm().item(), floor)
+    return errors
+
+
+def step_errors(plain: nn.Module, fused: nn.Module, x: torch.Tensor, train: bool) -> dict[str, float]:
+    """One forward + backward of each in ``train`` mode (the same random draws for dropout, drop
+    path, DropBlock); the relative error of the output, every gradient and every float buffer."""
+    plain.train(train), fused.train(train)
+    torch.manual_seed(1234)
+    out_p = plain(x)
+    torch.manual_seed(1234)
+    out_f = fused(x)
+    out_p.square().sum().backward()
+    out_f.square().sum().backward()
+    errors = {"output": relative_error(out_f, out_p)}
+    errors.update({f"grad {k}": v for k, v in grad_errors(plain, fused).items()})
+    for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
+        if b.is_floating_point():
+            errors[name] = relative_error(c, b)
+        else:
+            assert torch.equal(c, b), name
+    plain.zero_grad(), fused.zero_grad()
+    return errors
+
+
+def assert_step_matches(plain: nn.Module, fused: nn.Module, x: torch.Tensor, train: bool,
+                        tol: float = FP64_MODEL_TOL) -> float:
+    errors = step_errors(plain, fused, x, train)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol, f"{worst}: relative error {errors[worst]:.3e} exceeds {tol:.1e}"
+    return errors[worst]

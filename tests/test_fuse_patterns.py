@@ -1,0 +1,177 @@
+"""fuse() on conv -> BN (-> activation) chains of containers whose forward it knows (here nn.Sequential,
+the project's own small models: no torchvision or timm needed): what it fuses, what it leaves and why,
+and that the fused model computes what the plain one does (fp64: outputs, gradients, running stats)."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from fused_resnet.distributed import FusedAwaySyncBatchNorm2d
+from fused_resnet.modules import FusedAwayBatchNorm2d, FusedAwayReLU, FusedConvBN2d
+
+from _parity import FP64_MODEL_TOL, assert_step_matches, randomize_bns
+
+F64 = torch.float64
+
+
+def conv_bn(cin, cout, stride=1, act=nn.ReLU):
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+    return layers + ([act()] if act else [])
+
+
+class SimpleResNet(nn.Module):
+    """A ResNet written the simple way: each block an nn.Sequential, the residual add in forward."""
+
+    def __init__(self, width=8, act=nn.ReLU):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, width, 2, act))
+        self.blocks = nn.ModuleList(nn.Sequential(*conv_bn(width, width, 1, act), *conv_bn(width, width, 1, None))
+                                    for _ in range(2))
+        self.down = nn.Sequential(*conv_bn(width, 2 * width, 2, act), nn.Conv2d(2 * width, 2 * width, 1, bias=False),
+                                  nn.BatchNorm2d(2 * width))
+        self.head = nn.Linear(2 * width, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(self.down(x).mean((2, 3)))
+
+
+def _pair(model):
+    plain = randomize_bns(model.to(F64))
+    return plain, fused_resnet.fuse(copy.deepcopy(plain))
+
+
+def _x(channels=3, size=16):
+    return torch.randn(2, channels, size, size, dtype=F64)
+
+
+def _fused_bns(model):
+    return sum(v.startswith("fused") for v in fused_resnet.fusion_report(model).values())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_simple_resnet_fuses_every_chain_and_matches(train):
+    plain, fused = _pair(SimpleResNet())
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert _fused_bns(fused) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == 7
+    assert isinstance(fused.stem[0], FusedConvBN2d) and isinstance(fused.stem[2], FusedAwayReLU)
+    assert type(fused.blocks[0][3]) is FusedConvBN2d and type(fused.blocks[0][4]) is FusedAwayBatchNorm2d
+    for _ in range(2):  # the second step sees the running statistics the first one updated
+        assert_step_matches(plain, fused, _x(), train)
+
+
+def test_find_fusable_names_the_convs_and_fuse_is_idempotent():
+    model = SimpleResNet().to(F64)
+    names = fused_resnet.find_fusable(model)
+    assert names == ["stem.0", "blocks.0.0", "blocks.0.3", "blocks.1.0", "blocks.1.3", "down.0", "down.3"]
+    fused_resnet.fuse(model)
+    kinds = [type(m) for m in model.modules()]
+    assert fused_resnet.find_fusable(model) == []
+    fused_resnet.fuse(model)
+    assert [type(m) for m in model.modules()] == kinds
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Identity])
+def test_other_activations_run_as_they_are(act):
+    plain, fused = _pair(SimpleResNet(act=act))
+    assert _fused_bns(fused) == 7
+    assert [type(m) for m in fused.modules() if isinstance(m, act)] == [act] * sum(
+        isinstance(m, act) for m in plain.modules())
+    assert not any(m.fused_relu for m in fused.modules() if isinstance(m, FusedConvBN2d))
+    for train in (True, False):
+        assert_step_matches(plain, fused, _x(), train)
+
+
+def test_identity_between_bn_and_relu_is_skipped_a_shared_relu_is_not_fused():
+    relu = nn.ReLU()
+    plain, fused = _pair(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Identity(), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), relu,
+                                       nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), relu))
+    assert [m.fused_relu for m in fused.modules() if isinstance(m, FusedConvBN2d)] == [True, False, False]
+    assert type(fused[6]) is nn.ReLU  # used twice: one pass-through module could not serve both uses
+    for train in (True, False):
+        assert_step_matches(plain, fused, _x(), train)
+
+
+def test_fusion_report_says_why():
+    class Unknown(nn.Module):  # its forward is not one fuse knows
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    hooked = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    hooked[1].register_forward_hook(lambda *a: None)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.BatchNorm2d(4), Unknown(), hooked, nn.Sequential(nn.GroupNorm(2, 4)))
+    report = fused_resnet.fusion_report(model)
+    assert report["0"].startswith("not fused: first")
+    assert report["2"] == "not fused: its conv has a bias"
+    assert report["5"].startswith("not fused: follows a MaxPool2d")
+    assert "forward is not one fuse knows" in report["6.bn"]
+    assert report["7.1"] == "not fused: its conv or BN has hooks"
+    assert "8.0" not in report  # not a BatchNorm
+    fused_resnet.fuse(model)
+    assert fused_resnet.fusion_report(model) == report  # nothing here was fusable
+
+
+def test_a_replaced_chain_module_is_obeyed_and_fuse_again_refuses():
+    plain, fused = _pair(SimpleResNet())
+    for model in (plain, fused):
+        torch.manual_seed(3)
+        model.blocks[0][1] = nn.Identity()  # a fused-away BN replaced
+        model.blocks[1][2] = nn.SiLU()  # a fused-away ReLU replaced
+        model.stem[1] = nn.BatchNorm2d(8, eps=1e-3).to(F64)  # the conv's own BN replaced
+    for train in (True, False):
+        assert_step_matches(plain, fused, _x(), train)
+    report = fused_resnet.fusion_report(fused)
+    assert report["blocks.1.1"].startswith("fused")  # its ReLU was replaced: the BN is still the conv's
+    assert report["stem.1"].startswith("fusable") and report["blocks.0.4"].startswith("fused")
+    assert {"stem.0", "blocks.1.0"} <= set(fused_resnet.find_fusable(fused))
+    fused_resnet.fuse(fused)
+    assert fused.stem[0].fused_state() == (True, True) and fused.stem[0].fused_bn is fused.stem[1]
+    assert fused.blocks[1][0].fused_state() == (True, False)  # SiLU: BN fused, activation on its own
+    for train in (True, False):
+        assert_step_matches(plain, fused, _x(), train)
+
+
+def test_deepcopy_pickle_and_prepared_eval():
+    plain, fused = _pair(SimpleResNet())
+    twin = copy.deepcopy(fused)
+    assert twin.stem[0].stem_owner is twin.stem and twin.stem[1].fused_into is twin.stem[0]
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    plain.eval()
+    x = _x()
+    with torch.no_grad():
+        expected = plain(x)
+        for model in (twin, loaded, fused):
+            fused_resnet.prepare_for_inference(model)
+            err = fused_resnet._tolerances.relative_error(model(x), expected)
+            assert err <= FP64_MODEL_TOL, err
+    assert "_prepared" in fused.stem[0].__dict__
+
+
+def test_sync_batchnorm_chain_is_fused_after_conversion():
+    plain, _ = _pair(SimpleResNet())
+    fused = fused_resnet.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)))
+    assert isinstance(fused.stem[1], FusedAwaySyncBatchNorm2d)
+    assert not any(type(m) is nn.SyncBatchNorm for m in fused.modules())
+    assert_step_matches(plain, fused, _x(), train=False)  # SyncBatchNorm without a process group: eval
+
+
+def test_the_chain_check_compiles_without_a_graph_break():
+    plain, fused = _pair(SimpleResNet())
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    for train in (True, False):
+        assert_step_matches(plain, compiled, _x(), train)
