@@ -22,7 +22,8 @@ elif ! "$PYTHON" -c "import torch" 2>/dev/null; then
   pip "torch==2.13.0"
 fi
 "$PYTHON" -c "import triton" 2>/dev/null || pip "triton>=3.0"
-pip ninja "setuptools>=64" wheel build pytest pytest-benchmark hypothesis numpy scikit-learn matplotlib tqdm
+pip ninja "setuptools>=64" wheel build pytest pytest-benchmark hypothesis numpy scikit-learn matplotlib tqdm \
+  onnx onnxruntime onnxscript  # the export tests (tests/test_export_eval.py)
 
 # Editable from this checkout already? (Asked from / so that the working directory cannot answer.)
 if ! (cd / && "$PYTHON" -c "import sys, fused_resnet; sys.exit(fused_resnet.__file__ != sys.argv[1])" \
