@@ -15,8 +15,9 @@ model, starts unprepared). It is used only in eager mode without autograd (``no_
 ATen from its parameters (the compiler folds and fuses itself, with ``freezing`` for constants).
 As a guard for what the model cannot see, each prepared conv checks on every call that its conv
 and BN still hold the same tensors, unchanged since the preparation (an optimizer step, an EMA
-update, a ``.data`` edit in place): if not, it warns once and the module runs unprepared again,
-with the right numbers, until :func:`prepare_for_inference` is called again.
+update, a ``load_state_dict`` of a submodule): if not, it warns once and the module runs unprepared
+again, with the right numbers, until :func:`prepare_for_inference` is called again. Writes through
+``.data`` do not move the version counters the guard reads: after those, prepare again.
 """
 
 from __future__ import annotations
