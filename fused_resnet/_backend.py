@@ -122,17 +122,12 @@ def backends(device_type: str | None = None) -> list[str]:
     return [n for n in BACKEND_NAMES[1:] if unavailable_reason(n, device_type) is None]
 
 
-def _native_state():
-    """The extension's copy of the choice (its CPU/CUDA kernels choose in C++), or None."""
-    return _extension.C
-
-
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``auto``, ``reference``, ``triton`` or ``native``)."""
     global _default
     _default = _check_name(name)
-    if _native_state() is not None:
-        _native_state()._set_default_backend(BACKEND_NAMES.index(_default))
+    if _extension.C is not None:  # the extension's copy of the choice: its kernels choose in C++
+        _extension.C._set_default_backend(BACKEND_NAMES.index(_default))
 
 
 def get_backend() -> str:
@@ -144,7 +139,7 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: run fused ops with backend ``name`` inside the block (thread/task local)."""
     token = _override.set(_check_name(name))
-    native = _native_state()
+    native = _extension.C
     before = native._thread_backend() if native is not None else -1
     if native is not None:
         native._set_thread_backend(BACKEND_NAMES.index(name))
@@ -162,14 +157,14 @@ def trace_dispatch() -> Iterator[list[tuple[str, str]]]:
     while it is open, in any thread (backward passes included)."""
     log: list[tuple[str, str]] = []
     _traces.append(log)
-    if _native_state() is not None:
-        _native_state()._set_trace_hook(record)
+    if _extension.C is not None:  # the extension's kernels report through this hook while a trace is open
+        _extension.C._set_trace_hook(record)
     try:
         yield log
     finally:
         _traces.remove(log)
-        if not _traces and _native_state() is not None:
-            _native_state()._set_trace_hook(None)
+        if not _traces and _extension.C is not None:
+            _extension.C._set_trace_hook(None)
 
 
 def select(kernel: str, device_type: str, args: tuple, name: str | None = None) -> tuple[str, Callable]:

@@ -26,8 +26,16 @@ def _load():
     built = getattr(_C, "TORCH_VERSION", None)
     running = torch.__version__.split("+")[0]
     if built is not None and built != running:
-        # Its kernels are registered already, but it must not be used: the C++ ABI may differ.
-        return None, f"the extension was built against torch {built} but torch {running} is running; {BUILD_HINT}"
+        # Importing it registered its kernels already, but its C++ ABI is another torch's: every call
+        # is sent to Python (the reference backend's choice), which refuses with the reason.
+        reason = f"the extension was built against torch {built} but torch {running} is running; {BUILD_HINT}"
+
+        def refuse(*args):
+            raise RuntimeError(f"fused_resnet: the ops need the compiled extension: {reason}")
+
+        _C._set_python_kernels(refuse)
+        _C._set_default_backend(1)
+        return None, reason
     return _C, None
 
 

@@ -275,3 +275,27 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for got, want in zip(captured, step()):
         assert_close(got, want, torch.float32)
+
+
+def test_an_extension_built_for_another_torch_is_refused_with_the_reason():
+    """Importing `_C` registers its kernels; built for another torch (whose C++ ABI may differ) it
+    must not run them: every op raises the reason, and `native` is unavailable with it."""
+    code = textwrap.dedent("""
+        import torch
+        torch.__version__ = "0.0.1"  # what a torch other than the one _C was built against reports
+        import fused_resnet
+        from fused_resnet import _backend, ops
+        reason = _backend.unavailable_reason("native", "cpu")
+        assert reason and "built against torch" in reason, reason
+        for backend in ("auto", "native", "reference"):
+            try:
+                with fused_resnet.use_backend(backend):
+                    ops.add_relu(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3))
+            except RuntimeError as exc:
+                assert "built against torch" in str(exc), exc
+            else:
+                raise AssertionError(f"{backend}: no error")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
