@@ -211,3 +211,17 @@ def test_prepared_conv_sends_bad_input_to_the_op_layer_checks(bad):
         x = torch.randn(2, 8, 3, 3)
     with torch.no_grad(), pytest.raises(RuntimeError, match="fused_resnet"):
         prepared(x, residual, True)
+
+
+def test_prepacked_conv_reorders_per_input_shape_and_keeps_few():
+    """oneDNN's reorder depends on the input's size: one per shape, each right, a bounded number kept."""
+    x, w, b, r, conv = _inputs("nhwc")
+    packed = _onednn.prepack_conv(w, b, *conv)
+    with torch.no_grad():
+        for n in range(1, 2 * _onednn._MAX_SHAPES + 1):
+            xs = act((n, 8, 7, 6), F32, "nhwc", "cpu")
+            out = packed(xs, None, True)
+            assert_close(out, reference.conv_bias_act(xs, w, b, None, *conv, True), F32, name=f"batch {n}")
+            assert 1 <= len(packed.packed) <= _onednn._MAX_SHAPES
+        again = packed(x, None, True)  # a shape seen before (or anew): the same results
+        assert_close(again, reference.conv_bias_act(x, w, b, None, *conv, True), F32, name="again")

@@ -1,15 +1,16 @@
 """Serving convolutions on the CPU by oneDNN's own fused conv, on weights reordered once.
 
 ``fused_resnet.prepare_for_inference`` (``inference.py``) asks the backend in force for a
-``prepack_conv`` of each folded conv; this is the native backend's. It reorders the weight into
-oneDNN's blocked layout once, on that explicit call, and then runs ``relu?(conv(x, w) + bias +
-residual)`` as one oneDNN primitive (bias, residual add and ReLU as post-ops): ATen's
+``prepack_conv`` of each folded conv; this is the native backend's. It keeps the folded weight and
+reorders it into oneDNN's blocked layout once per input shape (oneDNN's choice of layout depends on
+it), on the first call with that shape, and then runs ``relu?(conv(x, w) + bias + residual)`` as
+one oneDNN primitive (bias, residual add and ReLU as post-ops): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
-as the convolution in the deep stages. The reorder belongs to the preparation and to nothing
+as the convolution in the deep stages. The reorders belong to the preparation and to nothing
 else: there is no cache keyed on tensor identity or version (a compiler reusing a buffer would
-make such a cache serve another weight's reorder), so it can go stale only with the preparation,
+make such a cache serve another weight's reorder), so they can go stale only with the preparation,
 which ``inference.py`` guards.
 """
 
@@ -23,6 +24,7 @@ import torch
 # setup (~0.1 ms) costs about what it saves (measured on whole CIFAR ResNets at batch 1). Read at
 # each preparation, not at each call.
 _DEFAULT_MIN_MACS = 1 << 23
+_MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 
 
 def _pointwise_ops():
@@ -60,7 +62,20 @@ class PackedConv:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         # oneDNN picks a channels_last output when the weight is: the weight keeps the layout of
         # the inputs it will see, so that the output follows the input as the op's contract says.
-        self.packed = _OPS[2](weight.detach().contiguous(memory_format=fmt), *self.conv)
+        self.dense = weight.detach().contiguous(memory_format=fmt)
+        # The reorder oneDNN picks depends on the input's size (without it, or for another size, a
+        # 1x1 conv of 1024 -> 512 channels at 14x14 took 8.8 ms instead of 0.5 ms): one per input
+        # shape, made on its first call, a few at most. Part of the preparation, like the fold: it
+        # cannot go stale apart from it.
+        self.packed: dict[tuple, torch.Tensor] = {}
+
+    def _packed_for(self, shape: tuple) -> torch.Tensor:
+        packed = self.packed.get(shape)
+        if packed is None:
+            if len(self.packed) >= _MAX_SHAPES:  # serving sees few sizes; a stream of new ones starts over
+                self.packed.clear()
+            packed = self.packed[shape] = _OPS[2](self.dense, *self.conv, list(shape))
+        return packed
 
     def _macs(self, x: torch.Tensor) -> int:
         padding, stride, dilation, _ = self.conv
@@ -90,12 +105,12 @@ class PackedConv:
             return None
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         x = x.contiguous(memory_format=torch.channels_last if nhwc or (either and self.nhwc) else fmt)
+        packed = self._packed_for(tuple(x.shape))
         if residual is None:
-            out = _OPS[0](x, self.packed, self.bias, *self.conv, "relu" if relu else "none", [], None)
+            out = _OPS[0](x, packed, self.bias, *self.conv, "relu" if relu else "none", [], None)
         else:
             residual = residual.contiguous(memory_format=fmt)
-            out = _OPS[1](x, residual, self.packed, self.bias, *self.conv, "add", None, "relu" if relu else None, [],
-                          None)
+            out = _OPS[1](x, residual, packed, self.bias, *self.conv, "add", None, "relu" if relu else None, [], None)
         return out.contiguous(memory_format=fmt)
 
 
