@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import resnet_arch
-from .modules import FusedConvBN2d, Slot, _FusedBlockMixin, downsample_pair, fusable_pair, is_fusable_bn, \
+from .modules import FusedConvBN2d, Slot, _FusedBlockMixin, downsample_pair, fusable_pair, has_hooks, is_fusable_bn, \
     is_fusable_conv, slots_intact
 
 
@@ -111,11 +111,6 @@ def fusable_norm(bn: nn.Module, channels: int) -> bool:
     return is_fusable_bn(bn, channels) or (norm_act(bn) and bn.num_features == channels)
 
 
-def _hooked(m: nn.Module) -> bool:
-    # A fused module never runs its own forward: its hooks would not see what they expect.
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
-
-
 # Residual blocks (timm's, fused whole like torchvision's) ---------------------------------------
 
 
@@ -149,7 +144,7 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     if not (_droppable(m._modules.get("drop_block"), "DropBlock2d")
             and _droppable(m._modules.get("drop_path"), "DropPath")):
         return "its drop_block / drop_path is not timm's"
-    if any(_hooked(x) for pair in pairs for x in pair) or any(_hooked(a) for a in activations):
+    if any(has_hooks(x) for pair in pairs for x in pair) or any(has_hooks(a) for a in activations):
         return "a module of the block has hooks"
     convs = [c for c, _ in pairs]
     if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
@@ -245,7 +240,7 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
         reason = _why_not_pair(conv, bn)
         if reason is None and (uses[id(conv)] > 1 or uses[id(bn)] > 1):
             reason = "its conv or BN is used more than once in the model"
-        if reason is None and (_hooked(conv) or _hooked(bn)):
+        if reason is None and (has_hooks(conv) or has_hooks(bn)):
             reason = "its conv or BN has hooks"
         if reason is not None:
             out.notes.setdefault(id(bn), reason)
@@ -253,13 +248,13 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
             continue
         relu_slots, relu, j = [], None, k + 1
         if norm_act(bn):  # its own drop and act run after the BN
-            if type(bn.act) is nn.ReLU and type(bn.drop) is nn.Identity and not _hooked(bn.act):
+            if type(bn.act) is nn.ReLU and type(bn.drop) is nn.Identity and not has_hooks(bn.act):
                 relu_slots = [(bn, "drop", bn.drop), (bn, "act", bn.act)]
         else:
             while j < len(mods) and type(mods[j]) is nn.Identity:
                 j += 1
             act = mods[j] if j < len(mods) else None
-            if type(act) is nn.ReLU and uses[id(act)] == 1 and not _hooked(act):
+            if type(act) is nn.ReLU and uses[id(act)] == 1 and not has_hooks(act):
                 relu_slots, relu, j = slots[k + 1:j + 1], act, j + 1
         out.chains.append(Chain(names[id(conv)], container, conv, bn, run.guards + slots[k - 1:k + 1], relu_slots,
                                 relu))

@@ -44,6 +44,12 @@ def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
     return (plain or synced) and bn.num_features == channels
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of its own. A module fused away never runs its own forward, so its
+    hooks would not fire or not see what they expect: a fused module that holds one runs unfused."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
     return is_fusable_conv(conv) and is_fusable_bn(bn, conv.out_channels)
 
@@ -149,8 +155,14 @@ class _FusedBlockMixin(inference.Preparable):
         return fused
 
     def fusable(self) -> bool:
-        """Whether the fused path covers this block as configured now."""
-        return all(fusable_pair(conv, bn) for conv, bn in self._chain()) and type(self.relu) is nn.ReLU
+        """Whether the fused path covers this block as configured now (checked on every call: a module
+        replaced, or given a hook, since ``fuse`` makes the block run its own forward)."""
+        chain = self._chain()
+        ds = downsample_pair(self.downsample)
+        modules = [m for pair in chain for m in pair] + [self.relu] + (list(ds) if ds else [])
+        return (all(fusable_pair(conv, bn) for conv, bn in chain) and type(self.relu) is nn.ReLU
+                and not any(has_hooks(m) for m in modules)
+                and not (self.downsample is not None and has_hooks(self.downsample)))
 
     def eval_pairs(self):
         return _eval_pairs(self._chain(), self.downsample) if self.fusable() else []

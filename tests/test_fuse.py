@@ -186,3 +186,31 @@ def test_prepared_eval_folds_once_and_follows_parameter_changes(monkeypatch):
         fused.load_state_dict(tv_resnet18(width=8).double().state_dict())
         plain.load_state_dict(fused.state_dict())
         assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+
+
+def test_a_hook_registered_after_fuse_fires_as_unfused_and_its_removal_fuses_again():
+    """Forward hooks on the modules inside a fused block (feature extraction, debugging): while one
+    is registered the block runs its own forward, so the hook sees what it would unfused; removed,
+    the block is fused again. Hooks on blocks and stages fire either way."""
+    plain, fused = _pair(tv_resnet18, width=8)
+    plain.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = {}
+
+    def keep(name):
+        return lambda module, inputs, output: seen.__setitem__(name, output.detach().clone())
+
+    handles = [fused.layer2[0].bn1.register_forward_hook(keep("fused bn1")),
+               plain.layer2[0].bn1.register_forward_hook(keep("plain bn1")),
+               fused.layer3.register_forward_hook(keep("fused layer3")),
+               plain.layer3.register_forward_hook(keep("plain layer3"))]
+    with torch.no_grad(), fused_resnet.trace_dispatch() as log:
+        assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+    assert_close(seen["fused bn1"], seen["plain bn1"], tol=FP64_MODEL_TOL, name="hooked BN's output")
+    assert_close(seen["fused layer3"], seen["plain layer3"], tol=FP64_MODEL_TOL, name="stage output")
+    hooked_convs = sum(k == "conv_bias_act" for k, _ in log)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad(), fused_resnet.trace_dispatch() as log:
+        assert_close(fused(x), plain(x), tol=FP64_MODEL_TOL)
+    assert sum(k == "conv_bias_act" for k, _ in log) == hooked_convs + 3  # layer2[0]: conv1, conv2, downsample
