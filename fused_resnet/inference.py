@@ -45,7 +45,6 @@ class PreparedConv:
         self.sources = _sources(conv, bn)
         self.versions = tuple(None if t is None else t._version for t in self.sources)
         self.eps = bn.eps
-        self.conv_kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
         # Made outside inference_mode: an inference tensor could not be used later with autograd on.
         with torch.inference_mode(False), torch.no_grad():
             self.weight, self.bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -74,7 +73,9 @@ class PreparedConv:
                 _backend.record("conv_bias_act", self.backend)
                 return out
         if torch.is_autocast_enabled(x.device.type) or (residual is not None and residual.dtype != x.dtype):
-            return ops.conv_bias_act(x, self.weight, self.bias, residual, relu=relu, **self.conv_kwargs)
+            stride, padding, dilation, groups = self.conv_args
+            return ops.conv_bias_act(x, self.weight, self.bias, residual, stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups, relu=relu)
         # The op itself (argument checks and backend choice in C++), not the functional layer: the
         # prepared weight and bias are already in the dtypes it takes.
         return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, relu)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _sync_stats
+from . import _sync_stats, reference
 from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE
@@ -58,19 +58,6 @@ def _promote(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, tor
         return a, b
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype), b.to(dtype)
-
-
-def batch_norm_scale_shift(mean, var, bn_weight, bn_bias, eps: float, dtype: torch.dtype):
-    """Per-channel ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` in
-    ``dtype``, so that ``bn(y) = y * scale + shift``; ``bn_weight``/``bn_bias`` may be None. Plain
-    ATen ops (what :func:`fold_bn` exports); the fused path uses the op ``bn_finalize``."""
-    scale = torch.rsqrt(var.to(dtype) + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight.to(dtype)
-    shift = -mean.to(dtype) * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(dtype)
-    return scale, shift
 
 
 def uses_batch_stats(training: bool, running_mean, running_var) -> bool:
@@ -160,7 +147,9 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
     """Conv weight and bias with an eval-mode BN folded in: ``bn(conv(x, w)) == conv(x, w') + b'``.
     The folding runs in fp32 (fp64 for fp64 weights); ``w'`` keeps ``weight``'s dtype."""
-    scale, shift = batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps, stat_dtype(weight.dtype))
+    # The reference's formulas as plain ATen ops, not the op bn_finalize: this is what exporters see.
+    sdt = stat_dtype(weight.dtype)
+    scale, shift = reference.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps)
     return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift
 
 
