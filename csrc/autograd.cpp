@@ -3,8 +3,8 @@
 // backward op of the same name, on the backend the forward asked for (autograd runs CUDA backward
 // passes on its own threads, which do not see the caller's use_backend).
 //
-// What is saved is the memory story of the library: conv_stats keeps its raw input x, the
-// prologue's in_scale/in_shift, the weight, its output y and mean; the normalised, ReLU'd
+// What is saved is the memory story of the library: conv_stats (and conv_bn) keeps its raw input x,
+// the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised, ReLU'd
 // activation that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
 // (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
 // applies a ReLU (the mask).
@@ -49,6 +49,14 @@ using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, IntList, IntList, IntList, int64_t,
     std::array<bool, 4>, c10::string_view);
 
+using ConvBnSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, std::optional<double>, double, IntList, IntList, IntList,
+    int64_t);
+using ConvBnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, double, IntList, IntList, IntList,
+    int64_t, std::array<bool, 4>, c10::string_view);
 using BnFinalizeSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                                  double);
 using BnFinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -113,6 +121,47 @@ struct ConvStats : public torch::autograd::Function<ConvStats> {
         conv.groups, {need_x, need_scale || need_shift, need_w}, conv.backend);
     return {if_needed(gx, need_x), if_needed(gs, need_scale), if_needed(gb, need_shift), Tensor(),
             if_needed(gw, need_w), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// One node for a training conv+BN: x, the prologue, the conv weight and the BN's affine parameters
+// get their gradients from those of (y, scale, shift) in one backward op; mean and var are the
+// batch statistics (saved for backward, not differentiable: gradients reach them through scale and
+// shift). The running statistics the forward updated in place are buffers: nothing flows to them.
+struct ConvBn : public torch::autograd::Function<ConvBn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& in_scale,
+                               const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+                               const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, const OptTensor& num_batches_tracked,
+                               std::optional<double> momentum, double eps, IntList stride, IntList padding,
+                               IntList dilation, int64_t groups) {
+    static auto conv_bn = op<ConvBnSig>("fused_resnet::conv_bn");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, scale, shift, mean, var] =
+        conv_bn.call(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+                     num_batches_tracked, momentum, eps, stride, padding, dilation, groups);
+    ctx->save_for_backward({x, or_undefined(in_scale), or_undefined(in_shift), weight, or_undefined(bn_weight),
+                            or_undefined(bn_bias), y, mean, var});
+    ctx->mark_non_differentiable({mean, var});
+    save_conv(ctx, stride, padding, dilation, groups);
+    ctx->saved_data["in_relu"] = in_relu;
+    ctx->saved_data["eps"] = eps;
+    return {y, scale, shift, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto conv_bn_backward = op<ConvBnBackwardSig>("fused_resnet::conv_bn_backward");
+    const auto s = ctx->get_saved_variables();
+    const Conv conv(ctx);
+    const auto need = needs_grad(ctx, {s[0], s[1], s[2], s[3], s[4], s[5]});
+    auto [gx, gis, gib, gw, gbw, gbb] = conv_bn_backward.call(
+        grads[0], grads[1], grads[2], s[0], optional(s[1]), optional(s[2]), ctx->saved_data["in_relu"].toBool(),
+        s[3], optional(s[4]), s[6], s[7], s[8], ctx->saved_data["eps"].toDouble(), conv.stride, conv.padding,
+        conv.dilation, conv.groups, {need[0], need[1] || need[2], need[3], need[4] || need[5]}, conv.backend);
+    // Each gradient in its input's dtype, as autograd requires (BN parameters may be fp16/bf16).
+    return {if_needed(gx, need[0]), if_needed(gis, need[1]), if_needed(gib, need[2]), Tensor(),
+            if_needed(gw, need[3]), if_needed(gbw, need[4]), need[5] ? gbb.to(s[5].scalar_type()) : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -211,6 +260,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& 
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
+    const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+    const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
+    double eps, IntList st, IntList p, IntList d, int64_t g) {
+  auto out = ConvBn::apply(x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
                    const OptTensor& rb, bool relu) {
   return BnAddRelu::apply(y, s, b, res, rs, rb, relu)[0];
@@ -226,6 +283,7 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, co
 
 TORCH_LIBRARY_IMPL(fused_resnet, Autograd, m) {
   m.impl("conv_stats", &fused_resnet_native::autograd::conv_stats);
+  m.impl("conv_bn", &fused_resnet_native::autograd::conv_bn);
   m.impl("bn_add_relu", &fused_resnet_native::autograd::bn_add_relu);
   m.impl("conv_bias_act", &fused_resnet_native::autograd::conv_bias_act);
   m.impl("bn_finalize", &fused_resnet_native::autograd::bn_finalize);

@@ -1,26 +1,82 @@
 // bn_finalize (cuDNN frontend's BN-finalize node): a BatchNorm's per-channel scale and shift from
-// its batch statistics and affine parameters, one op forward and one backward instead of a chain
-// of small autograd ops. The same ATen composition on every device (C per-channel values:
-// nothing to fuse, only host calls to save); fused_resnet/reference.py states the math.
+// its batch statistics and affine parameters, and its backward; the op bn_finalize and, inside
+// conv_bn (conv_bn.cpp), the same math. C per-channel values: nothing to fuse, only host calls to
+// save, so fp32 vectors on the CPU take one loop over the channels (in fp64, rounded once) instead
+// of ~6 ATen ops (~1 us each on the host); elsewhere the ATen composition. fused_resnet/reference.py
+// states the math.
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "fused_ops.h"
 
 namespace fused_resnet_native {
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
 bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                                       const OptTensor& bias, double eps) {
+bool cpu_f32(const Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous();
+}
+bool cpu_f32(const OptTensor& t) { return !has(t) || cpu_f32(*t); }
+const float* data(const OptTensor& t) { return has(t) ? t->const_data_ptr<float>() : nullptr; }
+Tensor empty_like_stats(const Tensor& like) { return at::empty({0}, like.options()); }
+
+void check_stats(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias) {
   TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(),
               "fused_resnet: bn_finalize expects 1-D mean and var of one dtype, got ", mean.sizes(), " and ",
               var.sizes());
   for (const OptTensor* p : {&weight, &bias}) {
     TORCH_CHECK(!has(*p) || (*p)->sizes() == mean.sizes(), "fused_resnet: BN weight/bias of shape ", (*p)->sizes(),
                 " for ", mean.size(0), " channels");
+  }
+}
+
+// The per-channel backward on fp32 CPU vectors. With invstd = (var + eps)^-1/2, w the weight (1 if
+// absent) and g = grad_scale - grad_shift * mean (scale reaches the loss directly and through
+// shift = bias - mean * scale): grad_mean = -grad_shift * invstd * w, grad_var = -g * w * invstd^3 / 2,
+// grad_weight = g * invstd, grad_bias = grad_shift; each multiplied by out_scale[0..1] (conv_bn folds
+// 1/M and 2/M in here). Null outputs are not written.
+void finalize_backward_loop(const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& mean, const Tensor& var,
+                            const OptTensor& weight, double eps, float* gm, float* gv, float* gw, float* gb,
+                            double mean_factor, double var_factor) {
+  const float *dscale = grad_scale.const_data_ptr<float>(), *dshift = grad_shift.const_data_ptr<float>();
+  const float *m = mean.const_data_ptr<float>(), *v = var.const_data_ptr<float>(), *w = data(weight);
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(v[c]) + eps);
+    const double wc = w != nullptr ? w[c] : 1.0;
+    const double g = static_cast<double>(dscale[c]) - static_cast<double>(dshift[c]) * m[c];
+    if (gm != nullptr) gm[c] = static_cast<float>(mean_factor * -dshift[c] * invstd * wc);
+    if (gv != nullptr) gv[c] = static_cast<float>(var_factor * -0.5 * g * wc * invstd * invstd * invstd);
+    if (gw != nullptr) gw[c] = static_cast<float>(g * invstd);
+    if (gb != nullptr) gb[c] = dshift[c];
+  }
+}
+
+bool fast(const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& mean, const Tensor& var,
+          const OptTensor& weight) {
+  return cpu_f32(grad_scale) && cpu_f32(grad_shift) && cpu_f32(mean) && cpu_f32(var) && cpu_f32(weight) &&
+         grad_scale.numel() == mean.numel() && grad_shift.numel() == mean.numel();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                       const OptTensor& bias, double eps) {
+  check_stats(mean, var, weight, bias);
+  if (cpu_f32(mean) && cpu_f32(var) && cpu_f32(weight) && cpu_f32(bias)) {
+    Tensor scale = at::empty_like(mean), shift = at::empty_like(mean);
+    float *s = scale.data_ptr<float>(), *t = shift.data_ptr<float>();
+    const float *m = mean.const_data_ptr<float>(), *v = var.const_data_ptr<float>();
+    const float *w = data(weight), *b = data(bias);
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(v[c]) + eps);
+      s[c] = static_cast<float>(w != nullptr ? invstd * w[c] : invstd);
+      // From the rounded scale: y * scale + shift = (y - mean) * scale + bias then holds to rounding.
+      t[c] = static_cast<float>((b != nullptr ? static_cast<double>(b[c]) : 0.0) - static_cast<double>(m[c]) * s[c]);
+    }
+    return {scale, shift};
   }
   Tensor scale = (var + eps).rsqrt();
   if (has(weight)) scale = scale * weight->to(mean.scalar_type());
@@ -33,19 +89,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_backward(const Tensor& gr
                                                                 const OptTensor& weight, double eps,
                                                                 std::array<bool, 4> mask) {
   const auto [need_mean, need_var, need_weight, need_bias] = mask;
+  const bool want_weight = need_weight && has(weight);
+  if (fast(grad_scale, grad_shift, mean, var, weight)) {
+    const auto make = [&](bool needed) { return needed ? at::empty_like(mean) : empty_like_stats(mean); };
+    Tensor gm = make(need_mean), gv = make(need_var), gw = make(want_weight), gb = make(need_bias);
+    const auto ptr = [](Tensor& t, bool needed) { return needed ? t.data_ptr<float>() : nullptr; };
+    finalize_backward_loop(grad_scale, grad_shift, mean, var, weight, eps, ptr(gm, need_mean), ptr(gv, need_var),
+                           ptr(gw, want_weight), ptr(gb, need_bias), 1.0, 1.0);
+    return {gm, gv, gw, gb};
+  }
   const Tensor invstd = (var + eps).rsqrt();
   const Tensor w = has(weight) ? weight->to(mean.scalar_type()) : Tensor();
-  // d/d(scale), all of it: scale reaches the loss directly and through shift = bias - mean * scale.
   const Tensor g = grad_scale - grad_shift * mean;
-  const auto empty = [&](const Tensor& like) { return at::empty({0}, like.options()); };
-  Tensor grad_mean = need_mean ? -(grad_shift * (w.defined() ? invstd * w : invstd)) : empty(mean);
-  Tensor grad_var = need_var ? (w.defined() ? g * w : g) * (invstd * invstd * invstd) * -0.5 : empty(var);
-  Tensor grad_weight = need_weight && has(weight) ? (g * invstd).to(weight->scalar_type()) : empty(mean);
-  Tensor grad_bias = need_bias ? grad_shift.clone() : empty(mean);
+  Tensor grad_mean = need_mean ? -(grad_shift * (w.defined() ? invstd * w : invstd)) : empty_like_stats(mean);
+  Tensor grad_var = need_var ? (w.defined() ? g * w : g) * (invstd * invstd * invstd) * -0.5 : empty_like_stats(var);
+  Tensor grad_weight = want_weight ? (g * invstd).to(weight->scalar_type()) : empty_like_stats(mean);
+  Tensor grad_bias = need_bias ? grad_shift.clone() : empty_like_stats(mean);
   return {grad_mean, grad_var, grad_weight, grad_bias};
 }
 
-}  // namespace
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_terms(const Tensor& grad_scale, const Tensor& grad_shift,
+                                                             const Tensor& mean, const Tensor& var,
+                                                             const OptTensor& weight, double eps, double count,
+                                                             bool need_affine) {
+  const bool want_weight = need_affine && has(weight);
+  if (fast(grad_scale, grad_shift, mean, var, weight)) {
+    Tensor g_shift = at::empty_like(mean), g_scale = at::empty_like(mean);
+    Tensor gw = want_weight ? at::empty_like(mean) : empty_like_stats(mean);
+    Tensor gb = need_affine ? at::empty_like(mean) : empty_like_stats(mean);
+    finalize_backward_loop(grad_scale, grad_shift, mean, var, weight, eps, g_shift.data_ptr<float>(),
+                           g_scale.data_ptr<float>(), want_weight ? gw.data_ptr<float>() : nullptr,
+                           need_affine ? gb.data_ptr<float>() : nullptr, 1.0 / count, 2.0 / count);
+    return {g_shift, g_scale, gw, gb};
+  }
+  auto [gm, gv, gw, gb] = bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps,
+                                               {true, true, need_affine, need_affine});
+  return {gm / count, gv * (2.0 / count), gw, gb};
+}
+
 }  // namespace fused_resnet_native
 
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeExplicitAutograd, m) {

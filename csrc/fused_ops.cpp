@@ -164,7 +164,19 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x_
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
-    const Kernels& k, const Tensor& grad_y, const Tensor& grad_mean, const Tensor& grad_var, const Tensor& x_,
+    const Kernels& k, const Tensor& grad_y, const Tensor& grad_mean, const Tensor& grad_var, const Tensor& x,
+    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const int64_t c = y.size(1);
+  const double count = static_cast<double>(std::max<int64_t>(y.numel() / std::max<int64_t>(c, 1), 1));
+  return conv_stats_backward_folded(k, grad_y, zeros_if_empty(grad_mean, y, c) / count,
+                                    zeros_if_empty(grad_var, y, c) * (2.0 / count), x, in_scale, in_shift, in_relu,
+                                    weight, y, mean, stride, padding, dilation, groups, output_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
+    const Kernels& k, const Tensor& grad_y, const Tensor& g_shift, const Tensor& g_scale, const Tensor& x_,
     const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y_,
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
@@ -173,21 +185,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
   const Tensor x = dense(x_, nhwc), y = dense(y_, nhwc);
   const at::ScalarType cdt = conv_dtype(k, x.scalar_type());
   const Shape ys = shape_of(y, nhwc);
-  const double count = static_cast<double>(std::max<int64_t>(ys.per_channel(), 1));
 
-  // g = grad_y + grad_mean / M + 2 grad_var / M * (y - mean): one pass, straight into the conv dtype.
+  // g = grad_y + g_shift + g_scale * (y - mean): one pass, straight into the conv dtype.
   PerChannel pc;
   Tensor g = empty_act(y, cdt, nhwc);
-  Tensor shift = zeros_if_empty(grad_mean, y, ys.c) / count;
-  Tensor scale = zeros_if_empty(grad_var, y, ys.c) * (2.0 / count);
   Tensor gy = dense(grad_y.to(y.scalar_type()), nhwc);
   ApplyArgs args;
   args.shape = ys;
   args.y = cptr(y);
   args.y_dtype = tag(y);
   args.centre = pc(mean);
-  args.scale = pc(scale);
-  args.shift = pc(shift);
+  args.scale = pc(g_scale);
+  args.shift = pc(g_shift);
   args.res = cptr(gy);
   args.res_dtype = tag(gy);
   args.out = mptr(g);
@@ -398,46 +407,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
     if (need_w) grad_w = gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   }
   return {grad_x, grad_w, grad_bias, grad_res};
-}
-
-void update_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
-                           const Tensor& mean, const Tensor& var, int64_t count, std::optional<double> momentum) {
-  TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
-  const auto f32_vector = [](const Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous();
-  };
-  if (f32_vector(running_mean) && f32_vector(running_var) && f32_vector(mean) && f32_vector(var) &&
-      num_batches_tracked.device().is_cpu() && num_batches_tracked.scalar_type() == at::kLong &&
-      num_batches_tracked.numel() == 1) {
-    // On the CPU, one loop instead of the ~12 small ATen ops below (they cost ~50 us a BN on the
-    // host); the same fp64 arithmetic in the same order, so the same results. Writes through raw
-    // pointers are made visible to PyTorch by their version counters.
-    int64_t* batches = num_batches_tracked.data_ptr<int64_t>();
-    *batches += 1;
-    const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(*batches);
-    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-    float* rm = running_mean.data_ptr<float>();
-    float* rv = running_var.data_ptr<float>();
-    const float* m = mean.const_data_ptr<float>();
-    const float* v = var.const_data_ptr<float>();
-    for (int64_t c = 0; c < running_mean.numel(); ++c) {
-      rm[c] = static_cast<float>(factor * static_cast<double>(m[c]) + (1 - factor) * static_cast<double>(rm[c]));
-      rv[c] = static_cast<float>(factor * (static_cast<double>(v[c]) * unbias) +
-                                 (1 - factor) * static_cast<double>(rv[c]));
-    }
-    for (const Tensor* t : {&running_mean, &running_var, &num_batches_tracked}) {
-      t->unsafeGetTensorImpl()->bump_version();
-    }
-    return;
-  }
-  // As nn.BatchNorm2d, in fp64 and without a host sync: the cumulative-average factor stays on the device.
-  num_batches_tracked.add_(1);
-  const auto dbl = mean.options().dtype(at::kDouble);
-  Tensor factor = momentum.has_value() ? at::scalar_tensor(*momentum, dbl)
-                                       : num_batches_tracked.to(at::kDouble).reciprocal();
-  Tensor unbiased = var.to(at::kDouble) * (static_cast<double>(count) / static_cast<double>(count - 1));
-  running_mean.copy_(factor * mean.to(at::kDouble) + (1 - factor) * running_mean.to(at::kDouble));
-  running_var.copy_(factor * unbiased + (1 - factor) * running_var.to(at::kDouble));
 }
 
 }  // namespace fused_resnet_native

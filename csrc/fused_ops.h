@@ -28,6 +28,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask);
 
+// conv_stats_backward with the statistics' gradients already folded into per-channel terms (fp32 [C]):
+// the conv output's gradient is grad_y + g_shift + g_scale * (y - mean) (conv_bn's backward forms them).
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
+    const Kernels& k, const Tensor& grad_y, const Tensor& g_shift, const Tensor& g_scale, const Tensor& x,
+    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
+    std::array<bool, 3> output_mask);
+
+// conv_bn (conv_bn.cpp): conv_stats, the running-statistics update, the BN finalize; and its backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
+    const Kernels& k, const Tensor& x, const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
+    const Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,
+    IntList stride, IntList padding, IntList dilation, int64_t groups);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
+    const Kernels& k, const Tensor& grad_y, const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& x,
+    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+    const OptTensor& bn_weight, const Tensor& y, const Tensor& mean, const Tensor& var, double eps, IntList stride,
+    IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask);
+
+// The BN finalize and its backward (bn_finalize.cpp), on any device; one loop over the channels for
+// fp32 vectors on the CPU. bn_backward_terms gives what conv_stats_backward_folded takes: with M values
+// per channel, g_shift = grad_mean / M and g_scale = 2 grad_var / M; then grad_bn_weight, grad_bn_bias.
+std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                       const OptTensor& bias, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_backward(const Tensor& grad_scale, const Tensor& grad_shift,
+                                                                const Tensor& mean, const Tensor& var,
+                                                                const OptTensor& weight, double eps,
+                                                                std::array<bool, 4> mask);
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_terms(const Tensor& grad_scale, const Tensor& grad_shift,
+                                                             const Tensor& mean, const Tensor& var,
+                                                             const OptTensor& weight, double eps, double count,
+                                                             bool need_affine);
+
 Tensor bn_add_relu(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
                    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu);
 
@@ -62,6 +97,20 @@ struct Impls {
       std::array<bool, 3> mask) {
     typename Device::Guard guard(x);
     return conv_stats_backward(Device::kernels(), gy, gm, gv, x, s, b, r, w, y, mean, st, p, d, g, mask);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_(
+      const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+      const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
+      double eps, IntList st, IntList p, IntList d, int64_t g) {
+    typename Device::Guard guard(x);
+    return conv_bn(Device::kernels(), x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward_(
+      const Tensor& gy, const Tensor& gs, const Tensor& gb, const Tensor& x, const OptTensor& s, const OptTensor& b,
+      bool r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
+      IntList st, IntList p, IntList d, int64_t g, std::array<bool, 4> mask) {
+    typename Device::Guard guard(x);
+    return conv_bn_backward(Device::kernels(), gy, gs, gb, x, s, b, r, w, bw, y, mean, var, eps, st, p, d, g, mask);
   }
   static Tensor bn_add_relu_(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
                              const OptTensor& rs, const OptTensor& rb, bool relu) {

@@ -90,6 +90,47 @@ struct Routed {
             or_empty(gw, w.options())};
   }
 
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
+      const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+      const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
+      double eps, IntList st, IntList p, IntList d, int64_t g) {
+    checks::conv(x, w, st, p, d, g);
+    checks::per_channel("in_scale", s, x.size(1), x);
+    checks::per_channel("in_shift", b, x.size(1), x);
+    const std::pair<const char*, const OptTensor*> vectors[] = {
+        {"BN weight", &bw}, {"BN bias", &bb}, {"running_mean", &rm}, {"running_var", &rv}};
+    for (const auto& [name, t] : vectors) {
+      TORCH_CHECK(!checks::has(*t) || ((*t)->dim() == 1 && (*t)->size(0) == w.size(0)), "fused_resnet: ", name,
+                  " must have shape (", w.size(0), ",), got ", (*t)->sizes());
+    }
+    const auto out = checks::conv_output_size(x, w, st, p, d);
+    TORCH_CHECK_VALUE(out[0] * out[2] * out[3] != 1,
+                      "Expected more than 1 value per channel when training, got input size ", out);
+    const Choice c = choose(router::requested(), x, "conv_bn");
+    if (!c.native) {
+      return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>(
+          "conv_bn", c.python.c_str(), x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
+    }
+    router::NoAutocast no_autocast;
+    return I::conv_bn_(x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
+      const Tensor& gy, const Tensor& gs, const Tensor& gb, const Tensor& x, const OptTensor& s, const OptTensor& b,
+      bool r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
+      IntList st, IntList p, IntList d, int64_t g, std::array<bool, 4> mask, c10::string_view backend) {
+    const Choice c = choose_recorded(backend, x, "conv_bn_backward");
+    if (!c.native) {
+      return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
+          "conv_bn_backward", c.python.c_str(), gy, gs, gb, x, s, b, r, w, bw, y, mean, var, eps, st, p, d, g, mask);
+    }
+    router::NoAutocast no_autocast;
+    auto [gx, gis, gib, gw, gbw, gbb] = I::conv_bn_backward_(gy, gs, gb, x, s, b, r, w, bw, y, mean, var, eps, st, p,
+                                                             d, g, mask);
+    return {or_empty(gx, x.options()), or_empty(gis, mean.options()), or_empty(gib, mean.options()),
+            or_empty(gw, w.options()), or_empty(gbw, mean.options()), or_empty(gbb, mean.options())};
+  }
+
   static Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
                             const OptTensor& rs, const OptTensor& rb, bool relu) {
     checks::activation("input", y);
@@ -165,6 +206,8 @@ void register_routed(torch::Library& m) {
   using R = Routed<Device>;
   m.impl("conv_stats", &R::conv_stats);
   m.impl("conv_stats_backward", &R::conv_stats_backward);
+  m.impl("conv_bn", &R::conv_bn);
+  m.impl("conv_bn_backward", &R::conv_bn_backward);
   m.impl("bn_add_relu", &R::bn_add_relu);
   m.impl("bn_add_relu_backward", &R::bn_add_relu_backward);
   m.impl("conv_bias_act", &R::conv_bias_act);

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _extension
+from . import _backend, _checks, _extension, reference
 from ._layout import conv_output_size, empty_activation, stat_dtype
 
 NAMESPACE = "fused_resnet"
@@ -53,6 +53,17 @@ SCHEMAS = {
     "bn_finalize": "(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor scale, Tensor shift)",
     "bn_finalize_backward": "(Tensor grad_scale, Tensor grad_shift, Tensor mean, Tensor var, Tensor? weight,"
     " float eps, bool[4] output_mask) -> (Tensor grad_mean, Tensor grad_var, Tensor grad_weight, Tensor grad_bias)",
+    # A training conv+BN in one op (cuDNN frontend's conv -> stats -> BN-finalize graph): y = conv_stats' y,
+    # the running statistics updated in place when given (as update_running_stats_), and the deferred BN's
+    # scale/shift (as bn_finalize); mean/var: the batch statistics, not differentiable, kept for backward.
+    "conv_bn": "(Tensor x, Tensor? in_scale, Tensor? in_shift, bool in_relu, Tensor weight, Tensor? bn_weight,"
+    " Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked,"
+    f" float? momentum, float eps, {_CONV}) -> (Tensor y, Tensor scale, Tensor shift, Tensor mean, Tensor var)",
+    # One backward for all of it; output_mask: (x, in_scale/in_shift, weight, bn_weight/bn_bias).
+    "conv_bn_backward": "(Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor x, Tensor? in_scale,"
+    " Tensor? in_shift, bool in_relu, Tensor weight, Tensor? bn_weight, Tensor y, Tensor mean, Tensor var, float eps,"
+    f" {_CONV}, bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift,"
+    " Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)",
     # nn.BatchNorm2d's running-statistics update, in place; momentum None = cumulative average.
     "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked,"
     " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
@@ -63,8 +74,10 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _run(kernel: str, device: torch.device, *args, backend: str | None = None):
-    _, fn = _backend.select(kernel, device.type, args, backend)
+def _run(kernel: str, device: torch.device, *args, backend: str | None = None, record_as: str | None = None):
+    chosen, fn = _backend.select(kernel, device.type, args, backend)
+    if record_as is not None:  # a kernel composed of this one (conv_bn of conv_stats) ran on that backend too
+        _backend.record(record_as, chosen)
     if torch.is_autocast_enabled(device.type):
         with torch.autocast(device.type, enabled=False):
             outputs = fn(*args)
@@ -296,12 +309,83 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
     return None
 
 
+# conv_bn ------------------------------------------------------------------------------------------
+
+
+def _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                   dilation, groups):
+    _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
+    out_shape = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    for name, t in (("BN weight", bn_weight), ("BN bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != weight.shape[0]):
+            raise RuntimeError(f"fused_resnet: {name} must have shape ({weight.shape[0]},), got {tuple(t.shape)}")
+    _checks.check_batch_statistics(out_shape, True)
+    return out_shape
+
+
+@_impl("conv_bn")
+def _conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+             num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    _extension.require()
+    _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                   dilation, groups)
+    return _conv_bn_kernel(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+                           num_batches_tracked, momentum, eps, stride, padding, dilation, groups, backend=None)
+
+
+def _conv_bn_kernel(*args, backend):
+    """The Python backends' conv_bn: their conv_stats and running-statistics kernels, then the finalize."""
+    def conv_stats(*a):
+        return _run("conv_stats", a[0].device, *a, backend=backend, record_as="conv_bn")
+
+    def update(*a):
+        _update_running_stats_kernel(*a, backend)
+
+    return _unaliased(reference.conv_bn_from(conv_stats, update, *args), args)
+
+
+@_fake("conv_bn")
+def _conv_bn_fake(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+                  num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    out_shape = _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                               padding, dilation, groups)
+    stats = x.new_empty(weight.shape[0], dtype=stat_dtype(x.dtype))
+    return (empty_activation(x, out_shape), *(torch.empty_like(stats) for _ in range(4)))
+
+
+@_impl("conv_bn_backward")
+def _conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean,
+                      var, eps, stride, padding, dilation, groups, output_mask, backend=""):
+    def conv_stats_backward(*a):
+        grads = _run("conv_stats_backward", x.device, *a, backend=backend or None, record_as="conv_bn_backward")
+        return _fill(grads, (x, mean, mean, weight))
+
+    grads = reference.conv_bn_backward_from(conv_stats_backward, grad_y, grad_scale, grad_shift, x, in_scale,
+                                            in_shift, in_relu, weight, bn_weight, y, mean, var, eps, stride, padding,
+                                            dilation, groups, output_mask)
+    return _unaliased(_fill(grads, (x, mean, mean, weight, mean, mean)), (grad_y, grad_scale, grad_shift))
+
+
+@_fake("conv_bn_backward")
+def _conv_bn_backward_fake(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean,
+                           var, eps, stride, padding, dilation, groups, output_mask, backend=""):
+    need_x, need_affine, need_w, need_bn = output_mask
+    grad_x, grad_in_scale, grad_in_shift, grad_w = _conv_stats_backward_fake(
+        grad_y, mean, mean, x, in_scale, in_shift, in_relu, weight, y, mean, stride, padding, dilation, groups,
+        [need_x, need_affine, need_w])
+    return (grad_x, grad_in_scale, grad_in_shift, grad_w,
+            torch.empty_like(bn_weight) if need_bn and bn_weight is not None else mean.new_empty(0),
+            torch.empty_like(mean) if need_bn else mean.new_empty(0))
+
+
 # The Python kernels the extension's backend choice calls ---------------------------------------------
 
 _BACKWARD = {
     "conv_stats_backward": _conv_stats_backward,
     "bn_add_relu_backward": _bn_add_relu_backward,
     "conv_bias_act_backward": _conv_bias_act_backward,
+    "conv_bn_backward": _conv_bn_backward,
 }
 
 
@@ -314,6 +398,8 @@ def python_kernel(kernel: str, backend: str, *args):
         return _BACKWARD[kernel](*args, backend)
     if kernel == "update_running_stats_":
         return _update_running_stats_kernel(*args, backend)
+    if kernel == "conv_bn":
+        return _conv_bn_kernel(*args, backend=backend)
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     return _run(kernel, device, *args, backend=backend)
 

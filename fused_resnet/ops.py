@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 
 from . import _sync_stats, reference
-from ._checks import check_batch_statistics
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE
 
@@ -107,19 +106,25 @@ def conv_bn(
     if not uses_batch_stats(training, running_mean, running_var):
         y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
         return DeferredBN(y, *_ops.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps))
+    update = training and running_mean is not None and running_var is not None
+    if update and num_batches_tracked is None:
+        if momentum is None:
+            raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
+        num_batches_tracked = torch.zeros((), dtype=torch.long, device=x.device)
+    if not (training and process_group is not None):
+        # One op forward and one backward: conv, statistics, running-statistics update, finalize.
+        if not update:
+            running_mean = running_var = num_batches_tracked = None
+        y, scale, shift, _, _ = _ops.conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean,
+                                             running_var, num_batches_tracked, momentum, eps, *conv)
+        return DeferredBN(y, scale, shift)
+    # Synchronised BN: local statistics, their merge across ranks (an all-gather), then the finalize.
     y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
     count = y.shape[0] * y.shape[2] * y.shape[3]
-    if training and process_group is not None:
-        mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
-    else:
-        check_batch_statistics(y.shape, True)
-    if training and running_mean is not None and running_var is not None:
-        if num_batches_tracked is None:
-            if momentum is None:
-                raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
-            num_batches_tracked = torch.zeros((), dtype=torch.long, device=y.device)
-        update = _sync_stats.update_running_stats_ if isinstance(count, torch.Tensor) else _ops.update_running_stats_
-        update(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
+    mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
+    if update:
+        _sync_stats.update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
+                                          count, momentum)
     return DeferredBN(y, *_ops.bn_finalize(mean, var, bn_weight, bn_bias, eps))
 
 

@@ -204,6 +204,50 @@ def bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps, output_
     )
 
 
+def conv_bn_from(conv_stats_fn, update_fn, x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias,
+                 running_mean, running_var, num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    """:func:`conv_bn` built from a backend's ``conv_stats`` and ``update_running_stats_`` kernels (the
+    Python backends compose theirs this way; the per-channel finalize is the same everywhere)."""
+    y, mean, var = conv_stats_fn(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
+    if running_mean is not None and running_var is not None:
+        update_fn(running_mean, running_var, num_batches_tracked, mean, var, y.numel() // y.shape[1], momentum)
+    return (y, *bn_finalize(mean, var, bn_weight, bn_bias, eps), mean, var)
+
+
+def conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+            num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    """A training conv+BN in one op: ``y, mean, var = conv_stats(...)``, the running statistics
+    updated in place (when given), and the BN's ``scale, shift = bn_finalize(mean, var, bn_weight,
+    bn_bias, eps)``; returns ``(y, scale, shift, mean, var)``: the deferred BN ``y * scale + shift``
+    and the batch statistics its backward needs."""
+    return conv_bn_from(conv_stats, update_running_stats_, x, in_scale, in_shift, in_relu, weight, bn_weight,
+                        bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, stride, padding,
+                        dilation, groups)
+
+
+def conv_bn_backward_from(conv_stats_backward_fn, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu,
+                          weight, bn_weight, y, mean, var, eps, stride, padding, dilation, groups, output_mask):
+    """:func:`conv_bn_backward` built from a backend's ``conv_stats_backward``."""
+    need_x, need_affine, need_w, need_bn = output_mask
+    grad_mean, grad_var, grad_bn_weight, grad_bn_bias = bn_finalize_backward(
+        grad_scale, grad_shift, mean, var, bn_weight, eps, [True, True, need_bn, need_bn])
+    grad_x, grad_in_scale, grad_in_shift, grad_w = conv_stats_backward_fn(
+        grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean, stride, padding, dilation,
+        groups, [need_x, need_affine, need_w])
+    return grad_x, grad_in_scale, grad_in_shift, grad_w, grad_bn_weight, grad_bn_bias
+
+
+def conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean, var,
+                     eps, stride, padding, dilation, groups, output_mask):
+    """Gradients of :func:`conv_bn` w.r.t. ``(x, in_scale, in_shift, weight, bn_weight, bn_bias)`` from
+    those of ``(y, scale, shift)``: :func:`bn_finalize_backward` gives the statistics' gradients, which
+    :func:`conv_stats_backward` folds into the conv output's. ``output_mask`` selects ``(x,
+    in_scale/in_shift, weight, bn_weight/bn_bias)``; ``grad_bn_weight`` comes in ``bn_weight``'s
+    dtype, ``grad_bn_bias`` in the statistics dtype."""
+    return conv_bn_backward_from(conv_stats_backward, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu,
+                                 weight, bn_weight, y, mean, var, eps, stride, padding, dilation, groups, output_mask)
+
+
 def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     """In place, exactly as ``nn.BatchNorm2d`` in training: ``num_batches_tracked += 1``, then
     ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or ``1 / num_batches_tracked``

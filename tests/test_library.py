@@ -13,9 +13,13 @@ from _cases import CONV_SHAPES, LAYOUTS, activation, conv_case, per_channel
 OPS = torch.ops.fused_resnet
 
 
-def _grad(args):
-    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+# Arguments that are buffers (written in place), never differentiated: conv_bn's running statistics.
+_BUFFERS = {"conv_bn": (7, 8)}
+
+
+def _grad(args, name=""):
+    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 and i not in _BUFFERS.get(name, ()) else a for i, a in enumerate(args))
 
 
 def _op_samples(dtype=torch.float64, layout="nchw"):
@@ -46,6 +50,18 @@ def _op_samples(dtype=torch.float64, layout="nchw"):
         samples.append(("conv_bias_act_backward",
                         (torch.randn_like(out), x, w, out, relu, stride, padding, dilation, groups, mask)))
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for prologue, running in ((True, True), (False, False)):
+        args = conv_case(CONV_SHAPES[1], dtype, layout, prologue=prologue)
+        c = args[4].shape[0]
+        gamma, beta = per_channel(c, dtype), per_channel(c, dtype)
+        buffers = (torch.randn(c, dtype=sdt), torch.rand(c, dtype=sdt) + 0.5, torch.tensor(2)) if running else \
+            (None, None, None)
+        fwd = (*args[:5], gamma, beta, *buffers, None if running else 0.1, 1e-5, *args[5:])
+        samples.append(("conv_bn", fwd))
+        y, _, _, mean, var = OPS.conv_bn(*fwd)
+        grads = (torch.randn_like(y), torch.randn_like(mean), torch.randn_like(mean))
+        samples.append(("conv_bn_backward", (*grads, *args[:5], gamma, y, mean, var, 1e-5, *args[5:],
+                                             [True, True, True, True])))
     mean, var = torch.randn(6, dtype=sdt), torch.rand(6, dtype=sdt) + 0.5
     for gamma, beta in ((per_channel(6, dtype), per_channel(6, dtype)), (None, None)):
         samples.append(("bn_finalize", (mean, var, gamma, beta, 1e-5)))
@@ -63,7 +79,7 @@ def test_every_schema_is_sampled():
 def test_opcheck(index, layout):
     name, args = _op_samples(torch.float32, layout)[index]
     if not name.endswith("backward"):
-        args = _grad(args)
+        args = _grad(args, name)
     torch.library.opcheck(getattr(OPS, name), args)
 
 
@@ -77,14 +93,18 @@ def test_opcheck_update_running_stats():
 @pytest.mark.parametrize("index", [i for i, (n, _) in enumerate(_op_samples()) if not n.endswith("backward")])
 def test_gradcheck_float64(index):
     name, args = _op_samples(torch.float64)[index]
-    args = _grad(args)
+    args = _grad(args, name)
+
+    def differentiable(a):
+        return isinstance(a, torch.Tensor) and a.requires_grad
 
     def fn(*tensors):
         it = iter(tensors)
-        full = [next(it) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        return getattr(OPS, name)(*full)
+        full = [next(it) if differentiable(a) else a for a in args]
+        out = getattr(OPS, name)(*full)
+        return out[:3] if name == "conv_bn" else out  # its batch statistics are not differentiable
 
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    inputs = [a for a in args if differentiable(a)]
     with fused_resnet.use_backend("reference"):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -151,6 +151,48 @@ def test_conv_bias_act(case, dtype, layout, epilogue, grad_mode, device):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVS[:4])
+@pytest.mark.parametrize("variant", ["prologue_running_affine", "plain", "half_bn_params"])
+def test_conv_bn(case, dtype, layout, variant, device):
+    """The one-op conv+BN (conv_stats, running-statistics update, finalize) and its one backward
+    against the reference's composition; half_bn_params: a .half() BN's fp16 weight/bias/buffers."""
+    skip_unless_native(device)
+    x, weight, stride, padding, dilation, groups = _conv_case(case, dtype, layout, device)
+    cin, cout = x.shape[1], weight.shape[0]
+    prologue = variant == "prologue_running_affine"
+    in_scale, in_shift = (per_channel(cin, device, around=1.0), per_channel(cin, device)) if prologue else (None, None)
+    pdt = torch.float16 if variant == "half_bn_params" else torch.float32
+    gamma = per_channel(cout, device, around=1.0).to(pdt) if variant != "plain" else None
+    beta = per_channel(cout, device).to(pdt) if variant != "plain" else None
+    buffers = [per_channel(cout, device).to(pdt), (torch.rand(cout, device=device) + 0.5).to(pdt),
+               torch.tensor(2, device=device)] if variant != "plain" else [None] * 3
+    ref_buffers = [None if b is None else b.clone() for b in buffers]
+    momentum = None if variant == "half_bn_params" else 0.1
+    tail = (momentum, 1e-5, stride, padding, dilation, groups)
+    got = ops.conv_bn(x, in_scale, in_shift, prologue, weight, gamma, beta, *buffers, *tail)
+    want = reference.conv_bn(x, in_scale, in_shift, prologue, weight, gamma, beta, *ref_buffers, *tail)
+    for g, e, name in zip(got, want, ("y", "scale", "shift", "mean", "var")):
+        _check(g, e, dtype, name)
+    for g, e, name in zip(buffers, ref_buffers, ("running_mean", "running_var", "num_batches_tracked")):
+        if e is not None and name == "num_batches_tracked":
+            assert torch.equal(g, e), name
+        elif e is not None:
+            assert_close(g, e, pdt, name=name)
+
+    y, mean, var = want[0], want[3], want[4]
+    grads = (act(y.shape, dtype, layout_of(y), device), torch.randn_like(mean), torch.randn_like(mean))
+    for mask in ([True, True, True, True], [True, False, False, False], [False, True, True, True]):
+        bargs = (*grads, x, in_scale, in_shift, prologue, weight, gamma, y, mean, var, 1e-5, stride, padding,
+                 dilation, groups, mask)
+        got_b, want_b = ops.conv_bn_backward(*bargs), reference.conv_bn_backward(*bargs)
+        names = ("grad_x", "grad_in_scale", "grad_in_shift", "grad_weight", "grad_bn_weight", "grad_bn_bias")
+        for g, e, name in zip(got_b, want_b, names):
+            _check(g, e, pdt if name == "grad_bn_weight" and pdt != torch.float32 else dtype, f"{name} (mask {mask})")
+
+
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_update_running_stats(momentum, device):
     skip_unless_native(device)
