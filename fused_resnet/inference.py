@@ -108,12 +108,14 @@ class Preparable(nn.Module):
         """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
         self.__dict__["_prepared"] = [PreparedConv(conv, bn) for conv, bn in self.eval_pairs()]
 
-    def prepared_convs(self) -> list[PreparedConv] | None:
-        """The prepared convs if they may serve this call (eager, no autograd, nothing changed)."""
+    def prepared_convs(self, pairs: list | None = None) -> list[PreparedConv] | None:
+        """The prepared convs if they may serve this call (eager, no autograd, nothing changed);
+        ``pairs``: :meth:`eval_pairs` when the caller has them already."""
         prepared = self.__dict__.get("_prepared")
         if prepared is None or torch.is_grad_enabled() or emits_aten():
             return None
-        pairs = self.eval_pairs()
+        if pairs is None:
+            pairs = self.eval_pairs()
         if len(pairs) == len(prepared) and all(p.current(c, b) for p, (c, b) in zip(prepared, pairs)):
             return prepared
         self.__dict__.pop("_prepared")

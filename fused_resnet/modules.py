@@ -157,12 +157,15 @@ class _FusedBlockMixin(inference.Preparable):
     def fusable(self) -> bool:
         """Whether the fused path covers this block as configured now (checked on every call: a module
         replaced, or given a hook, since ``fuse`` makes the block run its own forward)."""
-        chain = self._chain()
-        ds = downsample_pair(self.downsample)
-        modules = [m for pair in chain for m in pair] + [self.relu] + (list(ds) if ds else [])
-        return (all(fusable_pair(conv, bn) for conv, bn in chain) and type(self.relu) is nn.ReLU
-                and not any(has_hooks(m) for m in modules)
-                and not (self.downsample is not None and has_hooks(self.downsample)))
+        # Early exits and no lists: this runs on every forward, in the host time of every block.
+        relu, downsample = self.relu, self.downsample
+        if type(relu) is not nn.ReLU or has_hooks(relu) or (downsample is not None and has_hooks(downsample)):
+            return False
+        for conv, bn in self._chain():
+            if not fusable_pair(conv, bn) or has_hooks(conv) or has_hooks(bn):
+                return False
+        ds = downsample_pair(downsample)
+        return ds is None or not (has_hooks(ds[0]) or has_hooks(ds[1]))
 
     def eval_pairs(self):
         return _eval_pairs(self._chain(), self.downsample) if self.fusable() else []
@@ -170,22 +173,27 @@ class _FusedBlockMixin(inference.Preparable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
-        prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
-        return residual_forward(x, self._chain(), self.downsample, prepared)
+        chain = self._chain()
+        prepared = None
+        if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
+            prepared = self.prepared_convs(_eval_pairs(chain, self.downsample))
+        return residual_forward(x, chain, self.downsample, prepared)
 
 
 class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):
     """torchvision's ``BasicBlock`` (same signature, attributes and ``state_dict``), fused."""
 
     def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        m = self._modules  # not nn.Module.__getattr__: ~1 us a lookup, on every forward
+        return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"])]
 
 
 class FusedBottleneck(_FusedBlockMixin, resnet_arch.Bottleneck):
     """torchvision's ``Bottleneck`` (same signature, attributes and ``state_dict``), fused."""
 
     def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        m = self._modules
+        return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"]), (m["conv3"], m["bn3"])]
 
 
 Slot = tuple[nn.Module, str, nn.Module]  # (owner, name, module): while fused, owner._modules[name] is module

@@ -34,8 +34,9 @@ class DeferredBN(NamedTuple):
     shift: torch.Tensor
 
 
-def _pair(v: IntPair) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+def _pair(v: IntPair) -> Sequence[int]:
+    # A module's stride/padding tuple goes to the op as it is: rebuilding lists per call is host time.
+    return (v, v) if isinstance(v, int) else v
 
 
 def _conv_args(stride, padding, dilation, groups):

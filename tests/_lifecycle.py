@@ -37,8 +37,8 @@ RATIO = 3.0
 HALF_GRAD_FLOOR = 0.3
 MOMENTUM = 0.9
 FP64_TOL = 1e-9  # the bar for whole fused models in fp64 (reference backend)
-TRAIN_KERNELS = {"conv_stats", "bn_add_relu", "update_running_stats_"}
-BACKWARD_KERNELS = {"conv_stats_backward", "bn_add_relu_backward"}
+TRAIN_KERNELS = {"conv_bn", "bn_add_relu"}
+BACKWARD_KERNELS = {"conv_bn_backward", "bn_add_relu_backward"}
 EVAL_KERNELS = {"conv_bias_act"}
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 

@@ -113,7 +113,10 @@ def test_backward_runs_on_the_backend_its_forward_asked_for(backend):
             folded = fused_resnet.ops.conv_bias_act(x, w, beta, relu=True, padding=1)
         (out.sum() + folded.sum()).backward()
     backward = [(k, b) for k, b in log if k.endswith("_backward")]
-    assert {k for k, _ in backward} == {"bn_add_relu_backward", "conv_stats_backward", "conv_bias_act_backward"}
+    ran = {k for k, _ in backward}
+    # The Python backends compose conv_bn_backward of their conv_stats_backward, which shows too.
+    assert {"bn_add_relu_backward", "conv_bn_backward", "conv_bias_act_backward"} <= ran
+    assert ran <= {"bn_add_relu_backward", "conv_bn_backward", "conv_stats_backward", "conv_bias_act_backward"}
     assert all(b == backend for _, b in log), log
 
 

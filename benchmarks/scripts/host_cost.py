@@ -4,7 +4,8 @@ Tiny tensors on one CPU thread, so that kernel time is nearly nil and what is me
 of getting there (Python, dispatcher, autograd): the cost a GPU run pays on the host for every op.
 Each row times the fused call and the eager sequence interleaved, round after round, and reports
 the best round of each (the least disturbed by other load) and their ratio; then whole small models
-(CIFAR ResNet-20: eval at batch 1, a training step at batch 32) the same way.
+(CIFAR ResNet-20: eval at batch 1, a training step at batch 32) the same way; last, the parts of
+``conv_bn_relu`` (the forward alone, and ATen's conv forward and backward, which both sides pay).
 
     python benchmarks/scripts/host_cost.py [--rounds 7] [--calls 300]
 """
@@ -80,6 +81,35 @@ def op_cases():
     ]
 
 
+def part_cases():
+    """Named fns: ``conv_bn_relu`` taken apart. The forward alone (graph built, no
+    backward), and ATen's convolution forward and backward on the same shapes, which both sides pay
+    (the rest of each side is its host cost and its non-conv kernels)."""
+    c = 8
+    x = torch.randn(2, c, 8, 8, requires_grad=True)
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(c)
+    xd, wd = x.detach(), conv.weight.detach()
+    g = torch.randn(2, c, 8, 8)
+
+    def fused_forward():
+        ops.conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                         padding=1)
+
+    def eager_forward():
+        torch.relu(bn(conv(x)))
+
+    def conv_forward():
+        F.conv2d(xd, wd, None, 1, 1)
+
+    def conv_backward():
+        torch.ops.aten.convolution_backward(g, xd, wd, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                            [True, True, False])
+
+    return {"fused forward only": fused_forward, "eager forward only": eager_forward,
+            "ATen conv2d forward": conv_forward, "ATen convolution_backward": conv_backward}
+
+
 def model_cases():
     """(name, fused fn, eager fn) for a CIFAR ResNet-20 (3 BasicBlocks a stage, widths 16-32-64)."""
     torch.manual_seed(0)
@@ -126,6 +156,9 @@ def main() -> None:
             unit, div = ("us", 1.0) if t["eager"] < 1e4 else ("ms", 1e3)
             print(f"  {name:<38} {t['fused'] / div:8.1f}{unit} {t['eager'] / div:8.1f}{unit} "
                   f"{t['fused'] / t['eager']:11.2f}x")
+    print("  conv_bn_relu's parts (forward+backward above, less the forward: the backward):")
+    for name, us in best_us(part_cases(), args.rounds, args.calls).items():
+        print(f"    {name:<36} {us:8.1f}us")
 
 
 if __name__ == "__main__":
