@@ -1,8 +1,11 @@
 // bn_finalize (cuDNN frontend's BN-finalize node): a BatchNorm's per-channel scale and shift from
 // its batch statistics and affine parameters, and its backward; the op bn_finalize and, inside
 // conv_bn (conv_bn.cpp), the same math. C per-channel values: nothing to fuse, only host calls to
-// save, so fp32 vectors on the CPU take one loop over the channels (in fp64, rounded once) instead
-// of ~6 ATen ops (~1 us each on the host); elsewhere the ATen composition. fused_resnet/reference.py
+// save, so fp32 vectors on the CPU take one loop over the channels instead of ~6 ATen ops (~1 us
+// each on the host); elsewhere the ATen composition. The loops do the ATen composition's fp32
+// operations in its order (ATen's CPU kernels round each elementwise op once, as these do): the
+// same bits as the separate ops, so that taking host calls away moves no result (measured: a
+// loop in fp64 put a ResNet-18's second SGD step on another trajectory). fused_resnet/reference.py
 // states the math.
 #include <cmath>
 
@@ -36,20 +39,24 @@ void check_stats(const Tensor& mean, const Tensor& var, const OptTensor& weight,
 // The per-channel backward on fp32 CPU vectors. With invstd = (var + eps)^-1/2, w the weight (1 if
 // absent) and g = grad_scale - grad_shift * mean (scale reaches the loss directly and through
 // shift = bias - mean * scale): grad_mean = -grad_shift * invstd * w, grad_var = -g * w * invstd^3 / 2,
-// grad_weight = g * invstd, grad_bias = grad_shift; each multiplied by out_scale[0..1] (conv_bn folds
-// 1/M and 2/M in here). Null outputs are not written.
+// grad_weight = g * invstd, grad_bias = grad_shift. conv_bn then divides grad_mean by M
+// (mean_divisor) and multiplies grad_var by 2 / M (var_factor), as conv_stats_backward does; 1 and
+// 1 leave them as they are. Null outputs are not written.
 void finalize_backward_loop(const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& mean, const Tensor& var,
                             const OptTensor& weight, double eps, float* gm, float* gv, float* gw, float* gb,
-                            double mean_factor, double var_factor) {
+                            float mean_divisor, float var_factor) {
   const float *dscale = grad_scale.const_data_ptr<float>(), *dshift = grad_shift.const_data_ptr<float>();
   const float *m = mean.const_data_ptr<float>(), *v = var.const_data_ptr<float>(), *w = data(weight);
+  const float e = static_cast<float>(eps);
   for (int64_t c = 0; c < mean.numel(); ++c) {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(v[c]) + eps);
-    const double wc = w != nullptr ? w[c] : 1.0;
-    const double g = static_cast<double>(dscale[c]) - static_cast<double>(dshift[c]) * m[c];
-    if (gm != nullptr) gm[c] = static_cast<float>(mean_factor * -dshift[c] * invstd * wc);
-    if (gv != nullptr) gv[c] = static_cast<float>(var_factor * -0.5 * g * wc * invstd * invstd * invstd);
-    if (gw != nullptr) gw[c] = static_cast<float>(g * invstd);
+    const float invstd = 1.0f / std::sqrt(v[c] + e);
+    const float g = dscale[c] - dshift[c] * m[c];
+    if (gm != nullptr) gm[c] = -(dshift[c] * (w != nullptr ? invstd * w[c] : invstd)) / mean_divisor;
+    if (gv != nullptr) {
+      const float cube = invstd * invstd * invstd;
+      gv[c] = (w != nullptr ? g * w[c] : g) * cube * -0.5f * var_factor;
+    }
+    if (gw != nullptr) gw[c] = g * invstd;
     if (gb != nullptr) gb[c] = dshift[c];
   }
 }
@@ -70,11 +77,12 @@ std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, co
     float *s = scale.data_ptr<float>(), *t = shift.data_ptr<float>();
     const float *m = mean.const_data_ptr<float>(), *v = var.const_data_ptr<float>();
     const float *w = data(weight), *b = data(bias);
+    const float e = static_cast<float>(eps);
     for (int64_t c = 0; c < mean.numel(); ++c) {
-      const double invstd = 1.0 / std::sqrt(static_cast<double>(v[c]) + eps);
-      s[c] = static_cast<float>(w != nullptr ? invstd * w[c] : invstd);
-      // From the rounded scale: y * scale + shift = (y - mean) * scale + bias then holds to rounding.
-      t[c] = static_cast<float>((b != nullptr ? static_cast<double>(b[c]) : 0.0) - static_cast<double>(m[c]) * s[c]);
+      const float invstd = 1.0f / std::sqrt(v[c] + e);
+      s[c] = w != nullptr ? invstd * w[c] : invstd;
+      const float ms = m[c] * s[c];
+      t[c] = b != nullptr ? b[c] - ms : -ms;
     }
     return {scale, shift};
   }
@@ -95,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_backward(const Tensor& gr
     Tensor gm = make(need_mean), gv = make(need_var), gw = make(want_weight), gb = make(need_bias);
     const auto ptr = [](Tensor& t, bool needed) { return needed ? t.data_ptr<float>() : nullptr; };
     finalize_backward_loop(grad_scale, grad_shift, mean, var, weight, eps, ptr(gm, need_mean), ptr(gv, need_var),
-                           ptr(gw, want_weight), ptr(gb, need_bias), 1.0, 1.0);
+                           ptr(gw, want_weight), ptr(gb, need_bias), 1.0f, 1.0f);
     return {gm, gv, gw, gb};
   }
   const Tensor invstd = (var + eps).rsqrt();
@@ -119,7 +127,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_terms(const Tensor& grad_
     Tensor gb = need_affine ? at::empty_like(mean) : empty_like_stats(mean);
     finalize_backward_loop(grad_scale, grad_shift, mean, var, weight, eps, g_shift.data_ptr<float>(),
                            g_scale.data_ptr<float>(), want_weight ? gw.data_ptr<float>() : nullptr,
-                           need_affine ? gb.data_ptr<float>() : nullptr, 1.0 / count, 2.0 / count);
+                           need_affine ? gb.data_ptr<float>() : nullptr, static_cast<float>(count),
+                           static_cast<float>(2.0 / count));
     return {g_shift, g_scale, gw, gb};
   }
   auto [gm, gv, gw, gb] = bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps,

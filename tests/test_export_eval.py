@@ -47,7 +47,7 @@ def test_torch_export_in_training_keeps_the_fused_ops():
     _, fused = _pair()
     fused.train()
     program = torch.export.export(fused, (torch.randn(2, 3, 32, 32),))
-    assert "fused_resnet.conv_stats.default" in _fused_ops(program.graph)
+    assert "fused_resnet.conv_bn.default" in _fused_ops(program.graph)
 
 
 def test_jit_trace_in_eval_is_plain_aten_and_prepared_state_is_not_traced():

@@ -118,10 +118,13 @@ def test_public_ops_run_native_and_pass_opcheck(device):
     public = torch.ops.fused_resnet
     with fused_resnet.use_backend("native"), fused_resnet.trace_dispatch() as log:
         torch.library.opcheck(public.conv_stats, (x, s, b, True, w, [1, 1], [1, 1], [1, 1], 1))
+        running = (per_channel(8, device), per_channel(8, device, around=1.0).abs(), torch.tensor(1, device=device))
+        torch.library.opcheck(public.conv_bn, (x, s, b, True, w, s.clone(), b.clone(), *running, 0.1, 1e-5, [1, 1],
+                                               [1, 1], [1, 1], 1))
         torch.library.opcheck(public.bn_add_relu, (x, s, b, x.clone(), None, None, True))
         torch.library.opcheck(public.conv_bias_act, (x, w, b, x.clone(), [1, 1], [1, 1], [1, 1], 1, True))
     kernels = {k for k, backend in log if backend == "native"}
-    assert {"conv_stats", "bn_add_relu", "conv_bias_act"} <= kernels, log
+    assert {"conv_stats", "conv_bn", "bn_add_relu", "conv_bias_act"} <= kernels, log
     assert all(backend == "native" for _, backend in log), log
 
 
@@ -224,7 +227,7 @@ def test_sgd_steps_of_a_fused_torchvision_resnet18_match_fp64(layout, device):
         with fused_resnet.use_backend("native"), fused_resnet.trace_dispatch() as log:
             for m, inp in models.values():
                 m(inp).square().sum().backward()
-        assert ("conv_stats", "native") in log and ("bn_add_relu", "native") in log
+        assert ("conv_bn", "native") in log and ("bn_add_relu", "native") in log
         for (name, p), q, g in zip(eager.named_parameters(), fused.parameters(), gold.parameters()):
             eager_err = relative_error(p.grad, g.grad)
             assert_close(q.grad, g.grad, tol=2 * eager_err + tolerance(torch.float32),
