@@ -40,7 +40,7 @@ def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
     """A plain ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` or ``distributed.SyncBatchNorm2d`` over ``channels``
     channels (synchronised ones merge their statistics across their process group, see ``distributed.py``)."""
     plain = isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward
-    synced = distributed.is_sync_batch_norm(bn) and type(bn).forward in _SYNC_FORWARDS
+    synced = not plain and distributed.is_sync_batch_norm(bn) and type(bn).forward in _SYNC_FORWARDS
     return (plain or synced) and bn.num_features == channels
 
 
