@@ -132,3 +132,20 @@ def test_running_statistics_writes_are_seen_by_pytorch(backend):
         torch.ops.fused_resnet.update_running_stats_(*state, torch.randn(6), torch.rand(6), 10, 0.1)
     assert log == [("update_running_stats_", backend)]
     assert all(t._version > v for t, v in zip(state, before))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_conv_bn_running_statistics_writes_are_seen_by_pytorch(backend, grad):
+    """conv_bn updates the running statistics inside the op (below autograd, where in-place ATen ops
+    bump no version counter themselves): their version counters move, whichever kernel ran."""
+    if backend not in fused_resnet.backends("cpu"):
+        pytest.skip(f"{backend} unavailable here: {_backend.unavailable_reason(backend, 'cpu')}")
+    state = [torch.randn(6), torch.rand(6) + 0.5, torch.tensor(2, dtype=torch.long)]
+    before = [t._version for t in state]
+    x, w = torch.randn(2, 4, 5, 5, requires_grad=grad), torch.randn(6, 4, 3, 3)
+    with fused_resnet.use_backend(backend), torch.set_grad_enabled(grad):
+        torch.ops.fused_resnet.conv_bn(x, None, None, False, w, None, None, *state, 0.1, 1e-5, [1, 1], [1, 1],
+                                       [1, 1], 1)
+    assert all(t._version > v for t, v in zip(state, before))
+    assert int(state[2]) == 3
