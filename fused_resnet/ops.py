@@ -1,8 +1,9 @@
 """Functional API of the fused ops, with ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` semantics.
 
-Each function calls the registered ops (``torch.ops.fused_resnet.*``) and only per-channel
-PyTorch arithmetic around them (BN scale/shift, weight folding), so autograd, ``torch.compile``
-and autocast see through every step. Activations may be NCHW or channels_last, in fp16, bf16,
+Each function calls the registered ops (``torch.ops.fused_resnet.*``) and little around them (the
+eval weight folding), so autograd, ``torch.compile`` and autocast see through every step. A
+training conv+BN is one op, ``conv_bn`` (conv, statistics, running-statistics update, BN finalize);
+with synchronised BN, three, so that the statistics' all-gather sits between them. Activations may be NCHW or channels_last, in fp16, bf16,
 fp32 or fp64; BN parameters may be of any float dtype (they are used in fp32, fp64 for fp64).
 
 The central object is a *deferred* BN: ``conv_bn`` returns the raw conv output ``y`` with the

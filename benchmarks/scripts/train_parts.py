@@ -8,7 +8,9 @@ Each block is profiled (``torch.profiler``) and its time split into: the convolu
 backward, ReLU), and the rest of the wall time, which is the host: Python, dispatch, autograd.
 The wall times are measured apart, without the profiler, best of rounds, interleaved.
 
-    python benchmarks/scripts/train_parts.py [--rounds 7] [--calls 20]
+    python benchmarks/scripts/train_parts.py [--rounds 7] [--calls 20] [--models]
+
+``--models``: whole ResNet-18/50 training steps instead (all threads), fused and eager interleaved.
 """
 
 from __future__ import annotations
@@ -66,11 +68,40 @@ def _kernel_parts(fn, calls: int) -> dict:
     return {k: v / calls for k, v in parts.items()}
 
 
+def model_steps(rounds: int, calls: int) -> None:
+    """Whole ResNet-18 and ResNet-50 training steps (forward, cross-entropy, backward, SGD) at the
+    suite's CPU sizes, fused and eager, interleaved, best round: the suite's train rows, in one run."""
+    from fused_resnet import models
+
+    x, y = torch.randn(4, 3, 56, 56), torch.randint(0, 1000, (4,))
+    for name in ("resnet18", "resnet50"):
+        torch.manual_seed(0)
+        eager = getattr(models, name)(fused=False).train()
+        fused = fused_resnet.fuse(copy.deepcopy(eager))
+        fns = {}
+        for variant, model in (("fused", fused), ("eager", eager)):
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            fns[variant] = step
+        wall = _wall_us(fns, rounds, calls)
+        print(f"  {name} training step: fused {wall['fused'] / 1e3:.1f} ms, eager {wall['eager'] / 1e3:.1f} ms, "
+              f"fused speed {wall['eager'] / wall['fused']:.2f}x eager's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--models", action="store_true", help="whole ResNet-18/50 training steps instead")
     args = parser.parse_args()
+    if args.models:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, NCHW, batch 4, 56 px")
+        model_steps(args.rounds, max(args.calls // 10, 2))
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, 1 thread, NCHW, batch 4; per block forward+backward, us per call")
