@@ -152,6 +152,7 @@ class _FusedBlockMixin(inference.Preparable):
         """A fused block sharing ``block``'s submodules, parameters, buffers, hooks and attributes."""
         fused = cls.__new__(cls)
         fused.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in block.__dict__.items()})
+        fused.__dict__["class_before_fuse"] = type(block)  # for ``unfuse``
         return fused
 
     def fusable(self) -> bool:
