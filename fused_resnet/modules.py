@@ -45,9 +45,11 @@ def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks of its own. A module fused away never runs its own forward, so its
-    hooks would not fire or not see what they expect: a fused module that holds one runs unfused."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    """Whether ``module`` has hooks of its own (forward, forward pre-, backward, backward pre-). A module
+    fused away never runs its own forward, so its hooks would not fire or not see what they expect: a
+    fused module whose parts hold one runs unfused while they do."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -220,9 +222,12 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
 
     def fused_state(self) -> tuple[bool, bool]:
         """Whether this conv still applies the BN, and the ReLU: whether the model still holds
-        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them."""
-        bn_intact = slots_intact(self.fused_slots)
-        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots)
+        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them, none of them
+        with hooks (a hook registered after ``fuse`` on the conv or the BN makes the three run
+        unfused while it is there, on the ReLU the ReLU: each hook sees what it would unfused)."""
+        bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn))
+        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots) and not any(
+            has_hooks(m) for _, _, m in self.relu_slots)
 
     def eval_pairs(self):
         return [(self, self.fused_bn)] if self.fused_state()[0] else []
