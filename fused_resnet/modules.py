@@ -13,10 +13,12 @@ Serving state (BN folded once) is explicit: see ``inference.prepare_for_inferenc
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed, inference, ops, resnet_arch
@@ -50,6 +52,24 @@ def has_hooks(module: nn.Module) -> bool:
     fused module whose parts hold one runs unfused while they do."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+_GLOBAL_HOOKS = tuple(getattr(module_hooks, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+_warned: dict[str, bool] = {}
+
+
+def warn_if_global_hooks() -> None:
+    """Warn once per process when global module hooks (``register_module_forward_hook`` and friends)
+    see a fused module run: they fire on the modules that run, and the modules fused away do not."""
+    if any(_GLOBAL_HOOKS) and not _warned and not torch.compiler.is_compiling():
+        _warned["global hooks"] = True
+        warnings.warn(
+            "fused_resnet: global module hooks are registered and a fused model is running: they fire on the "
+            "modules that run, so not on the modules inside a fused residual block, and a fused chain's BN and "
+            "ReLU pass on what its conv computed. For hooks that see every module as unfused, call "
+            "fused_resnet.unfuse(model), or register them on the modules themselves (their block or chain then "
+            "runs unfused while they are there).", stacklevel=3)
 
 
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -173,6 +193,7 @@ class _FusedBlockMixin(inference.Preparable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
+        warn_if_global_hooks()
         prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
         return residual_forward(x, self._chain(), self.downsample, prepared)
 
@@ -236,6 +257,7 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         bn_intact, relu = self.fused_state()
         if not bn_intact:
             return nn.Conv2d.forward(self, x)
+        warn_if_global_hooks()
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
             prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None

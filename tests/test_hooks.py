@@ -2,7 +2,7 @@
 chain (forward, forward pre-, full backward, backward pre-) makes that chain run unfused while it
 is there, so it sees what it would on the unfused model; removed, the chain is fused again (the
 residual blocks do the same: tests/test_fuse.py). Global module hooks see the modules that run: the
-blocks, the stages, and not the modules inside a fused block."""
+blocks, the stages, and not the modules inside a fused block; fused_resnet warns once that they do."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_a_hook_on_a_chain_module_sees_the_unfused_values_and_its_removal_fuses_
     assert [k for k, _ in log].count("conv_bias_act") == 2
 
 
-def test_global_hooks_see_the_blocks_and_stages_not_the_modules_inside_fused_blocks():
+def test_global_hooks_see_the_blocks_and_stages_not_the_modules_inside_fused_blocks(monkeypatch):
     torch.manual_seed(0)
     plain = models.resnet18(fused=False, num_classes=10).double().eval()
     fused = fused_resnet.fuse(copy.deepcopy(plain))
@@ -76,12 +76,14 @@ def test_global_hooks_see_the_blocks_and_stages_not_the_modules_inside_fused_blo
             seen[which][names[module]] = output.detach().clone()
 
     handle = nn.modules.module.register_module_forward_hook(hook)
+    monkeypatch.setattr(fused_resnet.modules, "_warned", {})
     try:
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), pytest.warns(UserWarning, match="global module hooks are registered") as caught:
             assert_close(fused(x), plain(x), tol=TOL)
     finally:
         handle.remove()
+    assert len([w for w in caught if "global module hooks" in str(w.message)]) == 1  # once
     assert {"layer1", "layer2.0", "layer4.1", "fc"} <= set(seen["fused"])
     assert "layer2.0.bn1" in seen["plain"] and "layer2.0.bn1" not in seen["fused"]
     for name in ("layer1", "layer2.0", "layer4.1", "fc"):
