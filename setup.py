@@ -215,7 +215,7 @@ def _metadata() -> dict:
     torch and the CUDA kernels built, or cpu) and the torch requirement: exactly the torch the extension is built
     against, any torch >= 2.4 without the extension."""
     with open(os.path.join(ROOT, "fused_resnet", "__init__.py")) as f:
-        version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+        version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
     if _flag("FUSED_RESNET_SKIP_EXT"):
         return {"version": version, "install_requires": ["torch>=2.4"]}
     import torch
