@@ -17,7 +17,7 @@ What gets built (env variables, all optional):
                             (``0.1.0+torch2.14.1cu130``, ``0.1.0+torch2.13.0cpu``): scripts/build_cuda_wheels.sh.
 
 With the extension, the distribution requires exactly the torch it is built against (``torch==2.14.1``, which
-any local build of it such as ``2.14.1+cu130`` satisfies): pip refuses to install the wheel beside another torch.
+any local build of it such as ``2.14.1+cu130`` satisfies): pip installs that torch with it; `pip check` flags another.
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``) so the build uses the torch that is
 already installed: the extension is tied to that torch version (see the README).

@@ -153,7 +153,7 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
             state = "fused: into the preceding conv" if into.fused_state()[0] else \
-                "fusable: again (a module of its chain was replaced since fuse)"
+                "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:

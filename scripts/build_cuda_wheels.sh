@@ -7,7 +7,7 @@
 # torch it was built for. Wheels land in dist/<cuda>/ (one folder per CUDA, as PyTorch's own indexes are:
 # serve each as `pip install fused-resnet --extra-index-url <yours>/<cuda>`), named with a local version
 # label saying what they are built against (0.1.0+torch2.14.1cu130) and requiring exactly that torch
-# (Requires-Dist: torch==2.14.1), so pip refuses to put one beside another torch.
+# (Requires-Dist: torch==2.14.1), so pip installs that torch with it and `pip check` flags another.
 #
 # Needs, on a Linux x86_64 machine (no GPU needed): the CUDA toolkits of the matrix (CUDA_HOME_<cuda>, e.g.
 # CUDA_HOME_cu130=/usr/local/cuda-13.0, default /usr/local/cuda-<x.y>), the Python interpreters
