@@ -32,10 +32,7 @@ from torch import nn
 from . import _dense_patterns, _foreign, dense_ops, ops
 from ._dense_patterns import DenseLayerModules, TransitionModules
 from ._layout import channel_view, output_memory_format, stat_dtype
-from ._library import NAMESPACE
 from .modules import _momentum, has_hooks
-
-_ops = getattr(torch.ops, NAMESPACE)
 
 
 def _conv(conv: nn.Conv2d) -> dense_ops.Conv:
@@ -51,13 +48,9 @@ def _batch_stats_mode(norms) -> bool | None:
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """``bn``'s running statistics from the batch's, as ``nn.BatchNorm2d`` updates them in training."""
-    if not bn.training or bn.running_mean is None or bn.running_var is None:
-        return
-    tracked = bn.num_batches_tracked
-    if tracked is None:
-        tracked = torch.zeros((), dtype=torch.long, device=mean.device)
-    _ops.update_running_stats_(bn.running_mean, bn.running_var, tracked, mean.detach(), var.detach(), count,
-                               _momentum(bn))
+    if bn.training and bn.running_mean is not None and bn.running_var is not None:
+        dense_ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count,
+                                       _momentum(bn))
 
 
 def _intact(module: nn.Module, children: tuple[nn.Module, ...]) -> bool:

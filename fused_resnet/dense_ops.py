@@ -219,6 +219,16 @@ def dense_block(x0: torch.Tensor, specs: tuple[DenseLayerSpec, ...], layers: lis
     return DenseBlockOutput(features, mean, var, [(stats[2 * i], stats[2 * i + 1]) for i in range(len(layers))])
 
 
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count: int,
+                         momentum: float | None) -> None:
+    """A BN's running statistics from batch statistics, in place, exactly as ``nn.BatchNorm2d`` in
+    training (``momentum=None``: cumulative average; no ``num_batches_tracked``: a scratch counter)."""
+    if num_batches_tracked is None:
+        num_batches_tracked = torch.zeros((), dtype=torch.long, device=mean.device)
+    _ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
+                               momentum)
+
+
 def running_scale_shift(mean, var, gamma, beta, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A BN's per-channel ``(scale, shift)`` from given statistics in plain ATen ops (what eval and
     exporters see), the reference's ``bn_finalize`` formulas."""
