@@ -245,3 +245,24 @@ def test_compiled_training_step_matches_eager_fused():
     with torch.no_grad():  # eval: the plain-ATen buffer path, compiled too
         fused.eval(), compiled.eval()
         assert relative_error(compiled(x), fused(x)) <= 1e-5
+
+
+def test_bf16_autocast_within_three_times_eager_error():
+    """Under CPU bf16 autocast the block casts its input and conv weights as conv2d would; output and
+    input gradient within ~3x eager autocast's own error vs the fp64 model."""
+    plain64, _ = _pair(small_densenet())
+    eager32 = copy.deepcopy(plain64).float()
+    fused32 = fused_resnet.fuse(copy.deepcopy(eager32))
+    x = _x()
+    x64 = x.clone().requires_grad_()
+    out64 = plain64.train()(x64)
+    out64.square().sum().backward()
+    errors = {}
+    for name, model in (("eager", eager32), ("fused", fused32)):
+        xi = x.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.train()(xi)
+        out.float().square().sum().backward()
+        errors[name] = (relative_error(out, out64), relative_error(xi.grad, x64.grad))
+    for i in range(2):
+        assert errors["fused"][i] <= 3 * errors["eager"][i] + 1e-3, errors
