@@ -189,7 +189,8 @@ def dense_report(model: nn.Module) -> dict[int, str]:
             norms = [m.fused_transition.norm]
         else:
             layers, parts = _dense_patterns.dense_block(m), _dense_patterns.transition(m)
-            norms = [bn for layer in layers or [] for bn in (layer.norm1, layer.norm2)] + ([parts.norm] if parts else [])
+            norms = [bn for layer in layers or [] for bn in (layer.norm1, layer.norm2)]
+            norms += [parts.norm] if parts else []
             why = _dense_patterns.why_not(m)
             for bn in norms:
                 states[id(bn)] = f"fusable: in the dense module {name}"

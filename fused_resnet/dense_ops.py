@@ -203,7 +203,8 @@ class _DenseBlockFunction(torch.autograd.Function):
         return (None, grad_x0, *grads)
 
 
-def dense_block(x0: torch.Tensor, specs: tuple[DenseLayerSpec, ...], layers: list[DenseLayerParams]) -> DenseBlockOutput:
+def dense_block(x0: torch.Tensor, specs: tuple[DenseLayerSpec, ...],
+                layers: list[DenseLayerParams]) -> DenseBlockOutput:
     """``cat(x_0, ..., x_L)`` of a dense block in training (batch statistics in every BN) and its
     per-channel batch statistics; see the module docstring. Under autocast the input and conv
     weights are cast as ``conv2d`` would cast them. The running statistics are the caller's to

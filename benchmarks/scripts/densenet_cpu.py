@@ -25,7 +25,6 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet._tolerances import relative_error
 from fused_resnet.benchmark.saved_memory import saved_activation_bytes_with_checkpoints
 from fused_resnet.benchmark.timing import saved_activation_bytes
 
