@@ -203,6 +203,9 @@ def test_fallbacks_run_the_modules_own_forward():
 def test_unfusable_layer_is_reported_and_left_alone():
     plain = small_densenet()
     plain.features.denseblock2.denselayer1.norm1 = nn.GroupNorm(1, 32)
+    fusable = fused_resnet.find_fusable(plain)
+    assert "features.denseblock1" in fusable and "features.transition1" in fusable
+    assert "features.denseblock2" not in fusable
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     assert "features.denseblock2" not in _fused_names(fused)
     report = fused_resnet.fusion_report(fused)
@@ -266,3 +269,18 @@ def test_bf16_autocast_within_three_times_eager_error():
         errors[name] = (relative_error(out, out64), relative_error(xi.grad, x64.grad))
     for i in range(2):
         assert errors["fused"][i] <= 3 * errors["eager"][i] + 1e-3, errors
+
+
+def test_block_saves_its_buffer_and_bottlenecks_only():
+    """A fused block keeps for backward the feature buffer, each bottleneck conv output and
+    per-channel statistics: nothing quadratic in depth, no normalised concatenation."""
+    _, fused = _pair(small_densenet(block_config=(4, 4)), torch.float32)
+    block = fused.features.denseblock1.train()
+    n, c0, hw = 4, block.denselayer1.conv1.in_channels, 8
+    x = torch.randn(n, c0, hw, hw, requires_grad=True)
+    saved = saved_activation_bytes_with_checkpoints(block, x)
+    layers = list(block.children())
+    total = c0 + sum(m.conv2.out_channels for m in layers)
+    activations = 4 * n * hw * hw * (total + sum(m.conv1.out_channels for m in layers))
+    per_channel = 4 * 2 * (total + sum(m.conv1.out_channels for m in layers))
+    assert activations <= saved <= activations + per_channel, (saved, activations)
