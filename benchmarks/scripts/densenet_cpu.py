@@ -35,22 +35,24 @@ def saved_bytes(model, x) -> tuple[int, int]:
             saved_activation_bytes(lambda: model(x), [x, *model.parameters()]))
 
 
-def step(model, x):
+def step(model, x) -> tuple[float, float]:
+    """One training step; (forward seconds, backward seconds)."""
     model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
     out = model(x)
+    middle = time.perf_counter()
     out.square().mean().backward()
-    return out
+    return middle - start, time.perf_counter() - middle
 
 
 def timed(models: dict, x, rounds: int) -> dict:
+    """Per variant, a list of (forward, backward) seconds, the variants interleaved round by round."""
     times = {k: [] for k in models}
     for m in models.values():
         step(m, x)
     for _ in range(rounds):
         for name, m in models.items():
-            start = time.perf_counter()
-            step(m, x)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(step(m, x))
     return times
 
 
@@ -109,15 +111,20 @@ def main() -> None:
     print(f"# densenet121, batch {args.batch}, {args.size}x{args.size}, fp32, training step "
           f"(forward + backward); fusion_report: {sum(v.startswith('fused') for v in report.values())}"
           f"/{len(report)} BatchNorms fused")
-    print("\n| variant | saved-activation MiB | vs eager | (hooks only) | step ms best | median | vs eager (median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | saved-activation MiB | vs eager | (hooks only) | step ms best | median | vs eager (median) "
+          "| forward ms median | backward ms median |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     memory = {k: saved_bytes(m, x) for k, m in models.items()}
     times = timed(models, x, args.rounds)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    steps = {k: [f + b for f, b in v] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in steps.items()}
     for name in models:
         total, hooks = memory[name]
+        forward = statistics.median(f for f, _ in times[name])
+        backward = statistics.median(b for _, b in times[name])
         print(f"| {name} | {total / 2**20:.1f} | {total / memory['eager'][0]:.2f}x | {hooks / 2**20:.1f} | "
-              f"{min(times[name]) * 1e3:.0f} | {med[name] * 1e3:.0f} | {med[name] / med['eager']:.2f}x |")
+              f"{min(steps[name]) * 1e3:.0f} | {med[name] * 1e3:.0f} | {med[name] / med['eager']:.2f}x | "
+              f"{forward * 1e3:.0f} | {backward * 1e3:.0f} |")
     torch.manual_seed(0)
     small = torch.randn(2, 3, 64, 64)  # 2x2 maps in the last block: a BN over 2 values is ill-conditioned
     plain64 = copy.deepcopy(base).double()
