@@ -284,3 +284,19 @@ def test_block_saves_its_buffer_and_bottlenecks_only():
     activations = 4 * n * hw * hw * (total + sum(m.conv1.out_channels for m in layers))
     per_channel = 4 * 2 * (total + sum(m.conv1.out_channels for m in layers))
     assert activations <= saved <= activations + per_channel, (saved, activations)
+
+
+@pytest.mark.parametrize("bn_kw", [dict(affine=False), dict(track_running_stats=False)], ids=["no_affine", "no_stats"])
+def test_batch_norms_without_affine_or_running_stats(bn_kw):
+    """BNs without gamma/beta, or without running statistics (batch statistics in eval too)."""
+    model = small_densenet()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(module, name, nn.BatchNorm2d(child.num_features, **bn_kw))
+    plain = model.double()  # randomize_bns needs both the affine parameters and the running statistics
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    assert "features.denseblock1" in _fused_names(fused)
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
