@@ -300,3 +300,17 @@ def test_batch_norms_without_affine_or_running_stats(bn_kw):
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(), train)
+
+
+def test_prepared_and_exported_eval_emit_plain_aten():
+    """prepare_for_inference leaves the dense modules correct; torch.export of the fused model in
+    eval holds none of our ops (plain ATen) and computes what the unfused model does."""
+    plain, fused = _pair(small_densenet(), torch.float32)
+    x = _x(2, 32, torch.float32)
+    plain.eval()
+    fused_resnet.prepare_for_inference(fused)
+    with torch.no_grad():
+        assert relative_error(fused(x), plain(x)) <= 1e-5
+    exported = torch.export.export(fused, (x,))
+    assert not [n for n in exported.graph.nodes if "fused_resnet" in str(n.target)]
+    assert relative_error(exported.module()(x), plain(x)) <= 1e-5
