@@ -139,8 +139,8 @@ class FusedDenseTransition:
         return t.pool(y)
 
 
-def _restore(module: nn.Module) -> None:
-    """Give a fused dense module back the class it had before ``fuse``."""
+def restore(module: nn.Module) -> None:
+    """Give a fused dense module back the class it had before ``fuse`` (else leave it alone)."""
     if isinstance(module, (FusedDenseBlock, FusedDenseTransition)):
         module.__class__ = module.__dict__.pop("class_before_fuse")
         module.__dict__.pop("fused_layers", None)
@@ -158,7 +158,7 @@ def fuse_dense(model: nn.Module) -> list[str]:
     subclass (again, after a module was replaced); returns their qualified names."""
     swapped = []
     for name, module in model.named_modules():
-        _restore(module)
+        restore(module)
         layers = _dense_patterns.dense_block(module)
         if layers is not None:
             _swap(module, FusedDenseBlock, fused_layers=tuple(layers))

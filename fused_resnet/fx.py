@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from . import _foreign, distributed, inference, modules
+from . import _foreign, dense, distributed, inference, modules
 
 _FUSED = (inference.Preparable, modules.FusedAwayBatchNorm2d, modules.FusedAwayReLU, _foreign.FusedAwayNormAct,
-          distributed.FusedAwaySyncBatchNorm2d)
+          distributed.FusedAwaySyncBatchNorm2d, dense.FusedDenseBlock, dense.FusedDenseTransition)
 
 
 def is_fused(module: nn.Module) -> bool:

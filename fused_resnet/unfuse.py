@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import dense
 from .fuse import _unfuse_chain
 from .inference import Preparable
 from .modules import FusedConvBN2d, _FusedBlockMixin
@@ -51,4 +52,6 @@ def unfuse(model: nn.Module) -> nn.Module:
             _unfuse_chain(module)
         elif isinstance(module, _FusedBlockMixin):
             _unfuse_block(module)
+        else:
+            dense.restore(module)  # DenseNet blocks and transitions
     return model

@@ -95,3 +95,14 @@ def test_timm_fused_model_traces_with_the_fused_leaves():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close(traced(x), plain(x), F32, name="traced fused timm resnet18")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_densenet_traces_with_the_fused_leaves(train):
+    torchvision = pytest.importorskip("torchvision")
+    plain, fused = _pair(lambda num_classes: torchvision.models.densenet121(num_classes=num_classes))
+    plain, fused = plain.double().train(train), fused.double().train(train)
+    traced = fused_resnet.fx.symbolic_trace(fused)
+    assert {"features.denseblock1", "features.transition1"} <= _call_modules(traced)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_close(traced(x), plain(x), tol=FP64_MODEL_TOL, name=f"traced fused densenet121 (train={train})")

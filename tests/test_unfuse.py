@@ -105,7 +105,8 @@ def test_unfuse_of_a_plain_model_changes_nothing_and_fuse_again_works():
         fused_resnet._tolerances.assert_close(refused(x), plain(x), torch.float32, name="fused again")
 
 
-@pytest.mark.parametrize("spec", ["tv:resnet18", "tv:mobilenet_v2", "timm:resnet18", "timm:regnetx_002"])
+@pytest.mark.parametrize("spec", ["tv:resnet18", "tv:mobilenet_v2", "tv:densenet121", "timm:resnet18",
+                                  "timm:regnetx_002", "timm:densenet121"])
 def test_unfuse_real_models_restores_their_classes(spec):
     library, name = spec.split(":")
     lib = pytest.importorskip("torchvision" if library == "tv" else "timm")
@@ -115,6 +116,7 @@ def test_unfuse_real_models_restores_their_classes(spec):
     plain = _randomise_bn(plain)
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     assert any(fused_resnet.fx.is_fused(m) for m in fused.modules())
-    x = torch.randn(2, 3, 32, 32)
+    size = 64 if "densenet" in name else 32  # DenseNet's last block would see 1x1 maps at 32px
+    x = torch.randn(2, 3, size, size)
     _fine_tune(fused, x)
     _assert_unfused_like(fused_resnet.unfuse(fused), copy.deepcopy(plain), x)
