@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 from torch import nn
@@ -25,6 +24,8 @@ from torch.profiler import profile
 
 import fused_resnet
 from fused_resnet.resnet_arch import BasicBlock
+
+from host_cost import best_us  # this folder: run as `python benchmarks/scripts/train_parts.py`
 
 # (name, channels, spatial size) of a ResNet-18 stage's identity block at the suite's CPU input (56 px).
 STAGES = [("layer1", 64, 14), ("layer2", 128, 7), ("layer3", 256, 4), ("layer4", 512, 2)]
@@ -35,19 +36,6 @@ def _step(block, x):
     def run():
         block(x).sum().backward()
     return run
-
-
-def _wall_us(fns: dict, rounds: int, calls: int) -> dict:
-    best = dict.fromkeys(fns, float("inf"))
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
-    return best
 
 
 def _kernel_parts(fn, calls: int) -> dict:
@@ -87,7 +75,7 @@ def model_steps(rounds: int, calls: int) -> None:
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
             fns[variant] = step
-        wall = _wall_us(fns, rounds, calls)
+        wall = best_us(fns, rounds, calls)
         print(f"  {name} training step: fused {wall['fused'] / 1e3:.1f} ms, eager {wall['eager'] / 1e3:.1f} ms, "
               f"fused speed {wall['eager'] / wall['fused']:.2f}x eager's")
 
@@ -111,7 +99,7 @@ def main() -> None:
         fused = fused_resnet.fuse(nn.Sequential(copy.deepcopy(eager)))
         x = torch.randn(4, c, size, size, requires_grad=True)
         fns = {"fused": _step(fused, x), "eager": _step(eager, x)}
-        wall = _wall_us(fns, args.rounds, args.calls)
+        wall = best_us(fns, args.rounds, args.calls)
         for variant, fn in fns.items():
             parts = _kernel_parts(fn, args.calls)
             host = wall[variant] - sum(parts.values())
