@@ -35,7 +35,11 @@ _conv_bias_act = getattr(torch.ops, NAMESPACE).conv_bias_act.default
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
-    return (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # From the modules' own dicts: nn.Module.__getattr__ for five tensors cost ~3 us a conv on
+    # every prepared call (the guard below), as much as a small conv itself.
+    params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+    return (params.get("weight"), bn_params.get("weight"), bn_params.get("bias"), buffers.get("running_mean"),
+            buffers.get("running_var"))
 
 
 class PreparedConv:
@@ -53,6 +57,7 @@ class PreparedConv:
             device = self.weight.device.type
             self.backend, prepack = _backend.select("prepack_conv", device, args)
             self.packed = prepack(*args)
+        self.fits: dict[tuple, bool] = {}  # input signature -> _fits, decided once per signature
         self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
                           [int(v) for v in conv.dilation], int(conv.groups))
 
@@ -67,7 +72,8 @@ class PreparedConv:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
-        if self.packed is not None and _backend.get_backend() in ("auto", self.backend) and self._fits(x, residual):
+        if (self.packed is not None and _backend.get_backend() in ("auto", self.backend)
+                and self._fits_once(x, residual)):
             out = self.packed(x, residual, relu)
             if out is not None:
                 _backend.record("conv_bias_act", self.backend)
@@ -79,6 +85,17 @@ class PreparedConv:
         # The op itself (argument checks and backend choice in C++), not the functional layer: the
         # prepared weight and bias are already in the dtypes it takes.
         return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, relu)
+
+    def _fits_once(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        key = (x.shape, x.dtype, x.device)
+        if residual is not None:
+            key += (residual.shape, residual.dtype, residual.device)
+        fits = self.fits.get(key)
+        if fits is None:
+            if len(self.fits) >= 16:  # serving sees few input sizes; a stream of new ones starts over
+                self.fits.clear()
+            fits = self.fits[key] = self._fits(x, residual)
+        return fits
 
     def _fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """The op's checks that oneDNN's prepacked conv relies on (it may not bound its reads by
@@ -108,12 +125,13 @@ class Preparable(nn.Module):
         """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
         self.__dict__["_prepared"] = [PreparedConv(conv, bn) for conv, bn in self.eval_pairs()]
 
-    def prepared_convs(self) -> list[PreparedConv] | None:
-        """The prepared convs if they may serve this call (eager, no autograd, nothing changed)."""
+    def prepared_convs(self, pairs: list | None = None) -> list[PreparedConv] | None:
+        """The prepared convs if they may serve this call (eager, no autograd, nothing changed);
+        ``pairs``: :meth:`eval_pairs` when the caller has them already."""
         prepared = self.__dict__.get("_prepared")
         if prepared is None or torch.is_grad_enabled() or emits_aten():
             return None
-        pairs = self.eval_pairs()
+        pairs = self.eval_pairs() if pairs is None else pairs
         if len(pairs) == len(prepared) and all(p.current(c, b) for p, (c, b) in zip(prepared, pairs)):
             return prepared
         self.__dict__.pop("_prepared")

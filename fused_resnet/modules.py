@@ -170,8 +170,10 @@ class _FusedBlockMixin(inference.Preparable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
-        prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
-        return residual_forward(x, self._chain(), self.downsample, prepared)
+        chain = self._chain()
+        # The pairs given, not looked up again: fusable() is the costly part of a call's host time.
+        prepared = self.prepared_convs(_eval_pairs(chain, self.downsample)) if "_prepared" in self.__dict__ else None
+        return residual_forward(x, chain, self.downsample, prepared)
 
 
 class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):
@@ -232,7 +234,7 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
             return nn.Conv2d.forward(self, x)
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
-            prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
+            prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
             return eval_conv(x, self, bn, None, relu, prepared[0] if prepared else None)
         return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
 

@@ -68,6 +68,7 @@ class PackedConv:
         # shape, made on its first call, a few at most. Part of the preparation, like the fold: it
         # cannot go stale apart from it.
         self.packed: dict[tuple, torch.Tensor] = {}
+        self.decisions: dict[tuple, bool] = {}  # input signature -> whether this path applies
 
     def _packed_for(self, shape: tuple) -> torch.Tensor:
         packed = self.packed.get(shape)
@@ -85,24 +86,40 @@ class PackedConv:
             out *= max(size // stride[d] + 1, 0)
         return x.shape[0] * self.weight_numel * out
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
-        """The conv's output, or None where this path does not apply (autograd on, another dtype or
-        layout than prepared for, oneDNN disabled, a conv too small to gain): the caller then runs
-        the generic ``conv_bias_act``."""
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
-            return None
+    def _applies(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """What the shapes, strides and dtypes alone decide (see ``__call__``)."""
+        if x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
+            return False
         nhwc = _is_nhwc(x)
         # An input laid out alike in both formats (H = W = 1) suits either weight layout.
         either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
-        if (
-            not torch.backends.mkldnn.enabled or (self.nhwc is not None and nhwc != self.nhwc and not either)
+        return not (
+            (self.nhwc is not None and nhwc != self.nhwc and not either)
             or (residual is not None and residual.dtype != torch.float32)
             # An NCHW input is converted to channels_last and back by oneDNN: passes over the
             # activations that pay off only where the weight is not much smaller than the input.
             or (not nhwc and self.weight_numel * 4 < x.numel())
             or self._macs(x) < self.min_macs
-        ):
+        )
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+        """The conv's output, or None where this path does not apply (autograd on, another dtype or
+        layout than prepared for, oneDNN disabled, a conv too small to gain): the caller then runs
+        the generic ``conv_bias_act``."""
+        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
             return None
+        # The static part of the decision, once per input signature: on a small model the checks
+        # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).
+        key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.dtype)
+        applies = self.decisions.get(key)
+        if applies is None:
+            if len(self.decisions) >= 4 * _MAX_SHAPES:
+                self.decisions.clear()
+            applies = self.decisions[key] = self._applies(x, residual)
+        if not applies:
+            return None
+        nhwc = _is_nhwc(x)
+        either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         x = x.contiguous(memory_format=torch.channels_last if nhwc or (either and self.nhwc) else fmt)
         packed = self._packed_for(tuple(x.shape))
