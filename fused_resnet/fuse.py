@@ -26,7 +26,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _foreign, _patterns, distributed
+from . import _foreign, _joins, _patterns, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -114,10 +114,11 @@ def find_fusable(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, and the
     conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
-    found = _patterns.scan(model, _block_class)
+    joins, _, taken = _joins.find(model)
+    found = _patterns.scan(model, _block_class, taken)
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
-    return blocks + list(found.blocks) + chains + broken
+    return blocks + list(found.blocks) + list(joins) + chains + broken
 
 
 def _block_state(block: _FusedBlockMixin, name: str) -> str:
@@ -129,12 +130,33 @@ def _block_state(block: _FusedBlockMixin, name: str) -> str:
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
 
+def _join_states(model: nn.Module, joins) -> dict[int, str]:
+    """id(BN) -> state, for the BNs of residual joins (fused, or found by ``_joins.find``)."""
+    states = {}
+    for name, m in model.named_modules():
+        fused = isinstance(m, _joins.FusedResidualJoin)
+        if not fused and name not in joins:
+            continue
+        join = m.fused_join if fused else joins[name][1]
+        state = f"fusable: with the residual add of {name}"
+        if fused:
+            state = f"fused: with the residual add of {name}" if m.fusable() else (
+                f"not fused: a module of the fused join {name} was replaced, has hooks, or drops now, so it runs "
+                "its own forward")
+        for slots in (join.last, join.shortcut or ()):
+            if slots:
+                states[id(slots[1][0]._modules.get(slots[1][1]))] = state
+    return states
+
+
 def fusion_report(model: nn.Module) -> dict[str, str]:
     """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
     (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
-    found = _patterns.scan(model, _block_class)
+    joins, join_notes, taken = _joins.find(model)
+    found = _patterns.scan(model, _block_class, taken)
+    found.notes.update(join_notes)
     chained = {id(c.bn): f"fusable: into {c.name}" + (" with its ReLU" if c.relu_slots else "") for c in found.chains}
-    in_block = {}
+    in_block = _join_states(model, joins)
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
@@ -187,7 +209,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     for module in list(model.modules()):
         if _patterns.broken(module):
             _unfuse_chain(module)
-    found = _patterns.scan(model, _block_class)
+    joins, _, taken = _joins.find(model)
+    for name, (block, join) in joins.items():
+        _joins.fuse_join(block, join)
+        swapped.append(name)
+    found = _patterns.scan(model, _block_class, taken)
     for name, block in found.blocks.items():
         names, acts = _patterns.residual_block(block)
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
