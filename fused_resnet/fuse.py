@@ -1,7 +1,7 @@
 """``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Three rules, in this order:
+Four rules, in this order:
 
 - **torchvision-structured blocks**, recognised by structure, not class: any module whose children
   are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
@@ -11,6 +11,10 @@ Three rules, in this order:
   structure test is strict).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
   class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
+- **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
+  ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
+  class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
+  BN, add and ReLU run as one pass; their other convs are left to the next rule.
 - **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
   call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
@@ -111,8 +115,8 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
 
 
 def find_fusable(model: nn.Module) -> list[str]:
-    """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, and the
-    conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
+    """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, residual
+    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
     joins, _, taken = _joins.find(model)
     found = _patterns.scan(model, _block_class, taken)

@@ -142,3 +142,20 @@ def test_fused_join_compiles():
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, compiled, _x(), train)
+
+
+def test_fused_join_survives_deepcopy_and_pickle():
+    """A copy (an EMA model, a checkpoint) keeps the joins fused, on its own modules."""
+    import io
+
+    plain, fused = _pair(_tv_regnet_blocks)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert isinstance(copied[1], FusedResidualJoin) and copied[1].fusable()
+        assert copied[1].join_last[1] is copied[1].f.c[1] and copied[1].join_last[1] is not fused[1].f.c[1]
+        reference_model = copy.deepcopy(plain)
+        with fused_resnet.use_backend("reference"):
+            for train in (True, False):
+                assert_step_matches(reference_model, copied, _x(), train)
