@@ -16,7 +16,8 @@ normalised output is neither written nor saved; in eval both BNs are folded and 
 adds the shortcut. An activation other than ReLU runs as its own module after the add. While a
 timm DropPath would drop (training, drop rate > 0) the block runs its own forward, unfused, so that it
 draws the same random numbers as unfused. Every call checks that the modules are still where
-``fuse`` found them and have no hooks; if not, the block runs its own forward.
+``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
+fuses a join whose module was replaced anew, with the modules it holds then).
 """
 
 from __future__ import annotations
@@ -136,6 +137,16 @@ def find(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, Join]], dict[int,
         if join is not None:
             reserved.update(id(_get(s)) for s in join.last + (join.shortcut or []))
     return found, notes, reserved
+
+
+def release_broken(model: nn.Module) -> None:
+    """Give every fused join one of whose modules was replaced since ``fuse`` (say by
+    ``convert_sync_batchnorm``) back its own class, so that ``find`` judges it anew."""
+    for m in model.modules():
+        if isinstance(m, FusedResidualJoin) and not slots_intact(m.join_slots):
+            m.__class__ = type(m).__bases__[1]  # _foreign.subclass(mixin, base) has the bases (mixin, base)
+            for key in [k for k in m.__dict__ if k.startswith("join_") or k in ("fused_join", "_prepared")]:
+                del m.__dict__[key]
 
 
 def fuse_join(block: nn.Module, join: Join) -> None:

@@ -213,6 +213,7 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     for module in list(model.modules()):
         if _patterns.broken(module):
             _unfuse_chain(module)
+    _joins.release_broken(model)
     joins, _, taken = _joins.find(model)
     for name, (block, join) in joins.items():
         _joins.fuse_join(block, join)

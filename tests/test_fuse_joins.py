@@ -159,3 +159,17 @@ def test_fused_join_survives_deepcopy_and_pickle():
         with fused_resnet.use_backend("reference"):
             for train in (True, False):
                 assert_step_matches(reference_model, copied, _x(), train)
+
+
+def test_fuse_again_refuses_a_join_whose_bn_was_replaced():
+    plain, fused = _pair(_tv_regnet_blocks)
+    for model in (plain, fused):
+        model[1].f.c[1] = randomize_bns(nn.Sequential(nn.BatchNorm2d(8))).to(F64)[0]
+    fused[1].f.c[1].load_state_dict(plain[1].f.c[1].state_dict())
+    assert not fused[1].fusable()
+    fused_resnet.fuse(fused)
+    assert fused[1].fusable() and fused[1].join_last[1] is fused[1].f.c[1]
+    assert fused_resnet.fusion_report(fused)["1.f.c.1"].startswith("fused: with the residual add")
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
