@@ -13,6 +13,11 @@ What gets built (env variables, all optional):
   TORCH_CUDA_ARCH_LIST      CUDA targets, e.g. "8.0;9.0" (default when no GPU is visible: "8.0;9.0+PTX").
   MAX_JOBS                  parallel compile jobs (default: bounded by cores and by memory, ~1.5 GB each).
   FUSED_RESNET_DEBUG=1      -O0 -g host code.
+  FUSED_RESNET_LOCAL_VERSION=1  a local version label naming the torch and CUDA the extension is built against
+                            (``0.1.0+torch2.14.1cu130``, ``0.1.0+torch2.13.0cpu``): scripts/build_cuda_wheels.sh.
+
+With the extension, the distribution requires exactly the torch it is built against (``torch==2.14.1``, which
+any local build of it such as ``2.14.1+cu130`` satisfies): pip installs that torch with it; `pip check` flags another.
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``) so the build uses the torch that is
 already installed: the extension is tied to that torch version (see the README).
@@ -174,6 +179,7 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     with_cuda, skip_reason = _cuda_plan(torch, cpp_extension)
+    _BUILT["cuda"] = with_cuda
     if not with_cuda and torch.version.cuda is not None:
         _warn(f"building the CPU kernels only: {skip_reason}.")
     version = torch.__version__.split("+")[0]
@@ -201,5 +207,25 @@ def _extensions():
     return [ext], {"build_ext": _build_ext_class(cpp_extension, skip_reason)}, options
 
 
+_BUILT: dict[str, bool] = {}  # whether the extension gets the CUDA kernels (set by _extensions)
+
+
+def _metadata() -> dict:
+    """The version (``fused_resnet.__version__``, with FUSED_RESNET_LOCAL_VERSION=1 a local label naming the
+    torch and the CUDA kernels built, or cpu) and the torch requirement: exactly the torch the extension is built
+    against, any torch >= 2.4 without the extension."""
+    with open(os.path.join(ROOT, "fused_resnet", "__init__.py")) as f:
+        version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
+    if _flag("FUSED_RESNET_SKIP_EXT"):
+        return {"version": version, "install_requires": ["torch>=2.4"]}
+    import torch
+
+    built = torch.__version__.split("+")[0]
+    if _flag("FUSED_RESNET_LOCAL_VERSION"):
+        cuda = "cu" + torch.version.cuda.replace(".", "") if _BUILT.get("cuda") else "cpu"
+        version += f"+torch{built}{cuda}"
+    return {"version": version, "install_requires": [f"torch=={built}"]}
+
+
 ext_modules, cmdclass, options = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options, **_metadata())

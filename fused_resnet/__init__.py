@@ -8,7 +8,7 @@ with :func:`resnet18` / :func:`resnet34` / :func:`resnet50`, or call the functio
 # The kernel subpackage ``fused_resnet.backends`` is imported first so that the public function
 # ``fused_resnet.backends()`` below, and not the subpackage, is what the name is bound to.
 from . import backends as _backend_packages  # noqa: F401
-from . import ops
+from . import fx, ops
 from ._backend import (
     BackendUnavailableError,
     backends,
@@ -21,6 +21,7 @@ from .fuse import find_fusable, fuse, fusion_report
 from .inference import prepare_for_inference
 from .models import ResNet, resnet18, resnet34, resnet50, resnet101, resnext50_32x4d, wide_resnet50_2
 from .modules import FusedBasicBlock, FusedBottleneck
+from .unfuse import unfuse
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "find_fusable",
     "fuse",
     "fusion_report",
+    "fx",
     "get_backend",
     "ops",
     "prepare_for_inference",
@@ -43,6 +45,7 @@ __all__ = [
     "resnext50_32x4d",
     "set_backend",
     "trace_dispatch",
+    "unfuse",
     "use_backend",
     "wide_resnet50_2",
 ]

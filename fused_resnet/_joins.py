@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import _foreign, _patterns, distributed, inference, ops
-from .modules import Slot, _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact
+from .modules import Slot, _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
+    warn_if_global_hooks
 
 
 @dataclass
@@ -139,14 +140,20 @@ def find(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, Join]], dict[int,
     return found, notes, reserved
 
 
+def restore(m: nn.Module) -> None:
+    """Give a fused join back its own class and drop its fused state, in place (``unfuse``)."""
+    if isinstance(m, FusedResidualJoin):
+        m.__class__ = type(m).__bases__[1]  # _foreign.subclass(mixin, base) has the bases (mixin, base)
+        for key in [k for k in m.__dict__ if k.startswith("join_") or k in ("fused_join", "_prepared")]:
+            del m.__dict__[key]
+
+
 def release_broken(model: nn.Module) -> None:
     """Give every fused join one of whose modules was replaced since ``fuse`` (say by
     ``convert_sync_batchnorm``) back its own class, so that ``find`` judges it anew."""
     for m in model.modules():
         if isinstance(m, FusedResidualJoin) and not slots_intact(m.join_slots):
-            m.__class__ = type(m).__bases__[1]  # _foreign.subclass(mixin, base) has the bases (mixin, base)
-            for key in [k for k in m.__dict__ if k.startswith("join_") or k in ("fused_join", "_prepared")]:
-                del m.__dict__[key]
+            restore(m)
 
 
 def fuse_join(block: nn.Module, join: Join) -> None:
@@ -206,6 +213,7 @@ class FusedResidualJoin(inference.Preparable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
+        warn_if_global_hooks()
         h = x
         for module in self.join_body:
             h = module(h)

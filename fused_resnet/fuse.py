@@ -30,7 +30,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _foreign, _joins, _patterns, distributed
+from . import _foreign, _joins, _patterns, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -122,7 +122,7 @@ def find_fusable(model: nn.Module) -> list[str]:
     found = _patterns.scan(model, _block_class, taken)
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
-    return blocks + list(found.blocks) + list(joins) + chains + broken
+    return blocks + list(found.blocks) + list(joins) + chains + broken + dense.find_dense(model)
 
 
 def _block_state(block: _FusedBlockMixin, name: str) -> str:
@@ -179,14 +179,19 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
             state = "fused: into the preceding conv" if into.fused_state()[0] else \
-                "fusable: again (a module of its chain was replaced since fuse)"
+                "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:
             state, note = "not fused: " + (note or "its container's forward is not one fuse knows, so the order "
                                            "it calls it in is unknown"), None
         report[name] = state + (f" ({note})" if note else "")
-    return report
+    dense_states = dense.dense_report(model)  # DenseNet blocks and transitions (dense.py)
+    return {name: dense_states.get(id(bn), state) for (name, state), bn in zip(report.items(), _bns(model))}
+
+
+def _bns(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
 def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
@@ -228,6 +233,7 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     for chain in found.chains:
         _fuse_chain(chain)
         swapped.append(chain.name)
+    swapped += dense.fuse_dense(model)  # DenseNet blocks and transitions (dense.py)
     message = f"fused_resnet.fuse: swapped {len(swapped)} module(s): {', '.join(swapped) or 'none'}"
     log.info(message)
     if verbose:

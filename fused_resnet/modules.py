@@ -13,10 +13,12 @@ Serving state (BN folded once) is explicit: see ``inference.prepare_for_inferenc
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed, inference, ops, resnet_arch
@@ -45,9 +47,29 @@ def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks of its own. A module fused away never runs its own forward, so its
-    hooks would not fire or not see what they expect: a fused module that holds one runs unfused."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    """Whether ``module`` has hooks of its own (forward, forward pre-, backward, backward pre-). A module
+    fused away never runs its own forward, so its hooks would not fire or not see what they expect: a
+    fused module whose parts hold one runs unfused while they do."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+_GLOBAL_HOOKS = tuple(getattr(module_hooks, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+_warned: dict[str, bool] = {}
+
+
+def warn_if_global_hooks() -> None:
+    """Warn once per process when global module hooks (``register_module_forward_hook`` and friends)
+    see a fused module run: they fire on the modules that run, and the modules fused away do not."""
+    if any(_GLOBAL_HOOKS) and not _warned and not torch.compiler.is_compiling():
+        _warned["global hooks"] = True
+        warnings.warn(
+            "fused_resnet: global module hooks are registered and a fused model is running: they fire on the "
+            "modules that run, so not on the modules inside a fused residual block, and a fused chain's BN and "
+            "ReLU pass on what its conv computed. For hooks that see every module as unfused, call "
+            "fused_resnet.unfuse(model), or register them on the modules themselves (their block or chain then "
+            "runs unfused while they are there).", stacklevel=3)
 
 
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -152,6 +174,7 @@ class _FusedBlockMixin(inference.Preparable):
         """A fused block sharing ``block``'s submodules, parameters, buffers, hooks and attributes."""
         fused = cls.__new__(cls)
         fused.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in block.__dict__.items()})
+        fused.__dict__["class_before_fuse"] = type(block)  # for ``unfuse``
         return fused
 
     def fusable(self) -> bool:
@@ -170,6 +193,7 @@ class _FusedBlockMixin(inference.Preparable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
+        warn_if_global_hooks()
         chain = self._chain()
         # The pairs given, not looked up again: fusable() is the costly part of a call's host time.
         prepared = self.prepared_convs(_eval_pairs(chain, self.downsample)) if "_prepared" in self.__dict__ else None
@@ -221,9 +245,12 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
 
     def fused_state(self) -> tuple[bool, bool]:
         """Whether this conv still applies the BN, and the ReLU: whether the model still holds
-        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them."""
-        bn_intact = slots_intact(self.fused_slots)
-        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots)
+        this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them, none of them
+        with hooks (a hook registered after ``fuse`` on the conv or the BN makes the three run
+        unfused while it is there, on the ReLU the ReLU: each hook sees what it would unfused)."""
+        bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn))
+        return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots) and not any(
+            has_hooks(m) for _, _, m in self.relu_slots)
 
     def eval_pairs(self):
         return [(self, self.fused_bn)] if self.fused_state()[0] else []
@@ -232,6 +259,7 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         bn_intact, relu = self.fused_state()
         if not bn_intact:
             return nn.Conv2d.forward(self, x)
+        warn_if_global_hooks()
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
             prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None

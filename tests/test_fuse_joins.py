@@ -173,3 +173,13 @@ def test_fuse_again_refuses_a_join_whose_bn_was_replaced():
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(), train)
+
+
+def test_unfuse_gives_joins_their_own_class_back():
+    plain, fused = _pair(_inverted_residual)
+    fused_resnet.unfuse(fused)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
+    assert not any(k.startswith("join_") or k == "fused_join" for m in fused.modules() for k in m.__dict__)
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train, tol=0.0)

@@ -76,13 +76,15 @@ def test_residual_joins_of_real_models(spec, joins):
     assert sum(v.startswith("fused: with the residual add") for v in report.values()) == joins
 
 
-def test_densenet_is_left_alone_and_says_why():
-    """DenseNet is pre-activation (BN -> ReLU -> conv): only its stem is a conv -> BN chain."""
-    model = fused_resnet.fuse(build("tv:densenet121"))
+@pytest.mark.parametrize("spec", ["tv:densenet121", "timm:densenet121"])
+def test_densenet_blocks_and_transitions_fused(spec):
+    """DenseNet (issue #16, tests/test_dense.py): dense blocks whole, transitions and the stem fused;
+    only norm5 (a BN after the last block, no conv after it) is left, and the report says why."""
+    model = fused_resnet.fuse(build(spec))
     report = fused_resnet.fusion_report(model)
-    assert [k for k, v in report.items() if v.startswith("fused")] == ["features.norm0"]
-    assert "forward is not one fuse knows" in report["features.denseblock1.denselayer1.norm1"]
-    assert report["features.transition1.norm"].startswith("not fused: first")
+    assert [k for k, v in report.items() if not v.startswith("fused")] == ["features.norm5"]
+    assert report["features.denseblock1.denselayer1.norm1"].startswith("fused: in the dense module")
+    assert report["features.transition1.norm"].startswith("fused: in the dense module")
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

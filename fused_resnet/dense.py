@@ -1,0 +1,205 @@
+"""Fused DenseNet blocks and transitions, swapped in by ``fuse`` (torchvision's and timm's classes).
+
+``fuse`` changes the class of each recognised dense block and transition (``_dense_patterns``) in
+place to a fused subclass of its own class (``_foreign.subclass``), so module names, parameters,
+buffers, ``state_dict`` keys, ``isinstance`` and methods stay; the layers themselves are not
+changed (the block runs them). The paths, chosen on every call:
+
+- **Dense block, batch statistics** (training, or BNs without running statistics): the whole block
+  is :func:`dense_ops.dense_block` (one feature buffer, statistics once per map, every BN + ReLU in
+  the next conv's prologue, one autograd function with linear saved memory); the running statistics
+  of every ``norm1`` / ``norm2`` are then updated exactly as ``nn.BatchNorm2d`` would, from the same
+  batch values (``norm1`` of layer ``l`` from the first ``C_l`` channels' statistics).
+- **Dense block, running statistics** (eval) without autograd: plain ATen ops (so also what
+  ``torch.compile`` / export see) on one feature buffer: ``norm1`` + ReLU as a per-channel affine on
+  the buffer's prefix (a transient), ``norm2`` folded into ``conv1`` (``ops.fold_bn``), ``conv2``'s
+  output copied into its slice. With autograd in eval, the block's own forward.
+- **Transition, batch statistics**: one statistics pass over the block's output, the BN + ReLU in
+  the 1x1 conv's prologue (:func:`dense_ops.bn_relu_conv`; the normalised input is never written),
+  then its own pool. In eval, its own forward.
+- **Own forward** (exactly the unfused module, ``memory_efficient`` / ``grad_checkpointing`` as
+  set) whenever a module was replaced or given a hook since ``fuse``, BNs disagree on their mode,
+  or a layer's ``drop_rate > 0`` in training (dropout draws random numbers the fused path does not
+  reproduce).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _dense_patterns, _foreign, dense_ops, ops
+from ._dense_patterns import DenseLayerModules, TransitionModules
+from ._layout import channel_view, output_memory_format, stat_dtype
+from .modules import _momentum, has_hooks
+
+
+def _conv(conv: nn.Conv2d) -> dense_ops.Conv:
+    return dense_ops.Conv(list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+
+def _batch_stats_mode(norms) -> bool | None:
+    """True when every BN normalises with batch statistics, False when every one uses its running
+    statistics, None when they disagree."""
+    modes = {ops.uses_batch_stats(bn.training, bn.running_mean, bn.running_var) for bn in norms}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """``bn``'s running statistics from the batch's, as ``nn.BatchNorm2d`` updates them in training."""
+    if bn.training and bn.running_mean is not None and bn.running_var is not None:
+        dense_ops.update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count,
+                                       _momentum(bn))
+
+
+def _intact(module: nn.Module, children: tuple[nn.Module, ...]) -> bool:
+    """``module`` still holds the children ``fuse`` found, and neither it nor they have hooks."""
+    now = tuple(module._modules.values())
+    return len(now) == len(children) and all(a is b for a, b in zip(now, children)) and not any(
+        has_hooks(m) for m in (module, *children, *(g for c in children for g in c.children())))
+
+
+def _eval_block(x: torch.Tensor, layers: list[DenseLayerModules]) -> torch.Tensor:
+    """The block with running statistics, in plain ATen ops on one feature buffer (no autograd)."""
+    sdt = stat_dtype(x.dtype)
+    c0 = x.shape[1]
+    total = c0 + sum(m.conv2.out_channels for m in layers)
+    buf = torch.empty((x.shape[0], total, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=output_memory_format(x))
+    buf[:, :c0].copy_(x)
+    channels = c0
+    for m in layers:
+        n1 = m.norm1
+        scale, shift = dense_ops.running_scale_shift(n1.running_mean.to(sdt), n1.running_var.to(sdt), n1.weight,
+                                                     n1.bias, n1.eps)
+        a = torch.relu(buf[:, :channels].to(sdt) * channel_view(scale) + channel_view(shift)).to(x.dtype)
+        n2 = m.norm2
+        w1, b1 = ops.fold_bn(m.conv1.weight, n2.weight, n2.bias, n2.running_mean, n2.running_var, n2.eps)
+        h = torch.relu(F.conv2d(a, w1, b1.to(w1.dtype), m.conv1.stride, m.conv1.padding, m.conv1.dilation))
+        c2 = m.conv2
+        new = F.conv2d(h, c2.weight, None, c2.stride, c2.padding, c2.dilation, c2.groups)
+        buf[:, channels:channels + new.shape[1]].copy_(new)
+        channels += new.shape[1]
+    return buf
+
+
+@_foreign.register_mixin
+class FusedDenseBlock:
+    """Mixed into torchvision's ``_DenseBlock`` / timm's ``DenseBlock`` (module docstring)."""
+
+    fused_layers: tuple[DenseLayerModules, ...]
+
+    def _layers_intact(self) -> bool:
+        layers = self.fused_layers
+        now = tuple(self._modules.values())
+        return len(now) == len(layers) and all(a is m.layer for a, m in zip(now, layers)) and all(
+            _intact(m.layer, m.children) for m in layers)
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        layers = self.fused_layers
+        if not self._layers_intact():
+            return super().forward(init_features)
+        mode = _batch_stats_mode([bn for m in layers for bn in (m.norm1, m.norm2)])
+        if mode and not (self.training and any(m.layer.drop_rate > 0 for m in layers)):
+            return self._batch_stats_forward(init_features, layers)
+        needs_grad = torch.is_grad_enabled() and (init_features.requires_grad or any(
+            p.requires_grad for m in layers for p in m.layer.parameters()))
+        if mode is False and not needs_grad:
+            return _eval_block(init_features, layers)
+        return super().forward(init_features)
+
+    def _batch_stats_forward(self, x: torch.Tensor, layers) -> torch.Tensor:
+        specs = tuple(dense_ops.DenseLayerSpec(m.norm1.eps, m.norm2.eps, _conv(m.conv1), _conv(m.conv2))
+                      for m in layers)
+        params = [dense_ops.DenseLayerParams(m.norm1.weight, m.norm1.bias, m.conv1.weight, m.norm2.weight,
+                                             m.norm2.bias, m.conv2.weight) for m in layers]
+        out = dense_ops.dense_block(x, specs, params)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        for m, (mean_h, var_h) in zip(layers, out.bottleneck_stats):
+            channels = m.conv1.in_channels
+            _update_running_stats(m.norm1, out.mean[:channels], out.var[:channels], count)
+            _update_running_stats(m.norm2, mean_h, var_h, count)
+        return out.features
+
+
+@_foreign.register_mixin
+class FusedDenseTransition:
+    """Mixed into torchvision's ``_Transition`` / timm's ``DenseTransition`` (module docstring)."""
+
+    fused_transition: TransitionModules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.fused_transition
+        if not _intact(self, t.children) or not _batch_stats_mode([t.norm]):
+            return super().forward(x)
+        mean, var = dense_ops.batch_stats(x)
+        _update_running_stats(t.norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+        y = dense_ops.bn_relu_conv(x, mean, var, t.norm.weight, t.norm.bias, t.norm.eps, t.conv.weight, _conv(t.conv))
+        return t.pool(y)
+
+
+def restore(module: nn.Module) -> None:
+    """Give a fused dense module back the class it had before ``fuse`` (else leave it alone)."""
+    if isinstance(module, (FusedDenseBlock, FusedDenseTransition)):
+        module.__class__ = module.__dict__.pop("class_before_fuse")
+        module.__dict__.pop("fused_layers", None)
+        module.__dict__.pop("fused_transition", None)
+
+
+def _swap(module: nn.Module, mixin: type, **state) -> None:
+    module.__dict__["class_before_fuse"] = type(module)
+    module.__class__ = _foreign.subclass(mixin, type(module))
+    module.__dict__.update(state)
+
+
+def fuse_dense(model: nn.Module) -> list[str]:
+    """Swap, in place, every recognised dense block and transition of ``model`` for its fused
+    subclass (again, after a module was replaced); returns their qualified names."""
+    swapped = []
+    for name, module in model.named_modules():
+        restore(module)
+        layers = _dense_patterns.dense_block(module)
+        if layers is not None:
+            _swap(module, FusedDenseBlock, fused_layers=tuple(layers))
+            swapped.append(name)
+            continue
+        parts = _dense_patterns.transition(module)
+        if parts is not None:
+            _swap(module, FusedDenseTransition, fused_transition=parts)
+            swapped.append(name)
+    return swapped
+
+
+def find_dense(model: nn.Module) -> list[str]:
+    """Qualified names of the dense blocks and transitions :func:`fuse_dense` would swap."""
+    return [name for name, m in model.named_modules() if not isinstance(m, (FusedDenseBlock, FusedDenseTransition))
+            and (_dense_patterns.dense_block(m) is not None or _dense_patterns.transition(m) is not None)]
+
+
+def dense_report(model: nn.Module) -> dict[int, str]:
+    """``fusion_report``'s states of the BatchNorms in DenseNet blocks and transitions, by ``id``."""
+    states = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FusedDenseBlock):
+            ok = m._layers_intact()
+            norms = [bn for layer in m.fused_layers for bn in (layer.norm1, layer.norm2)]
+        elif isinstance(m, FusedDenseTransition):
+            ok = _intact(m, m.fused_transition.children)
+            norms = [m.fused_transition.norm]
+        else:
+            layers, parts = _dense_patterns.dense_block(m), _dense_patterns.transition(m)
+            norms = [bn for layer in layers or [] for bn in (layer.norm1, layer.norm2)]
+            norms += [parts.norm] if parts else []
+            why = _dense_patterns.why_not(m)
+            for bn in norms:
+                states[id(bn)] = f"fusable: in the dense module {name}"
+            for bn in m.modules() if why else []:
+                states.setdefault(id(bn), f"not fused: {why}")
+            continue
+        state = (f"fused: in the dense module {name} (BN + ReLU in the next conv's prologue, batch statistics "
+                 "shared per feature map)") if ok else \
+            f"not fused: a module of the fused dense module {name} was replaced or hooked since fuse, so it runs " \
+            "its own forward"
+        states.update({id(bn): state for bn in norms})
+    return states

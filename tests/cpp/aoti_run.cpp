@@ -1,0 +1,37 @@
+// Runs an AOTInductor package (torch._inductor.aoti_compile_and_package) from C++, with LibTorch only:
+// no Python, no fused_resnet. Used by tests/test_aoti.py.
+//   aoti_run <model.pt2> <input.bin> <output.bin> <dim0> [<dim1> ...]
+// The input is raw float32 in C order with the given shape; the first output is written the same way,
+// and its shape is printed on stdout ("shape d0 d1 ...").
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <vector>
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::cerr << "usage: aoti_run model.pt2 input.bin output.bin dim0 [dim1 ...]\n";
+    return 2;
+  }
+  std::vector<int64_t> shape;
+  for (int i = 4; i < argc; ++i) shape.push_back(std::atoll(argv[i]));
+  at::Tensor x = at::empty(shape, at::kFloat);
+  std::ifstream in(argv[2], std::ios::binary);
+  in.read(reinterpret_cast<char*>(x.data_ptr<float>()), x.numel() * sizeof(float));
+  if (!in) {
+    std::cerr << "could not read " << x.numel() << " floats from " << argv[2] << "\n";
+    return 1;
+  }
+  torch::inductor::AOTIModelPackageLoader loader(argv[1]);
+  std::vector<at::Tensor> outputs = loader.run({x});
+  at::Tensor y = outputs.at(0).contiguous().to(at::kFloat);
+  std::ofstream out(argv[3], std::ios::binary);
+  out.write(reinterpret_cast<const char*>(y.data_ptr<float>()), y.numel() * sizeof(float));
+  std::cout << "shape";
+  for (int64_t d : y.sizes()) std::cout << " " << d;
+  std::cout << std::endl;
+  return out ? 0 : 1;
+}
