@@ -190,12 +190,13 @@ class Scan:
     notes: dict[int, str]  # id(BN) -> why it is not fused
 
 
-def scan(model: nn.Module, block_class) -> Scan:
+def scan(model: nn.Module, block_class, taken: set[int] = frozenset()) -> Scan:
     """The chains and timm blocks ``fuse`` would fuse in ``model`` now, and why other BNs are not.
-    ``block_class``: fuse's torchvision-structure test (those blocks are swapped whole first)."""
+    ``block_class``: fuse's torchvision-structure test (those blocks are swapped whole first);
+    ``taken``: ids of convs and BNs another rule applies (the residual joins of ``_joins``)."""
     names = {id(m): n for n, m in model.named_modules()}
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    out, reserved = Scan([], {}, {}), set()
+    out, reserved = Scan([], {}, {}), set(taken)
     for name, m in model.named_modules():
         chain = None
         if isinstance(m, _FusedBlockMixin) or block_class(m) is not None:

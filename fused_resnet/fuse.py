@@ -1,7 +1,7 @@
 """``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Three rules, in this order:
+Four rules, in this order:
 
 - **torchvision-structured blocks**, recognised by structure, not class: any module whose children
   are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
@@ -11,6 +11,10 @@ Three rules, in this order:
   structure test is strict).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
   class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
+- **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
+  ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
+  class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
+  BN, add and ReLU run as one pass; their other convs are left to the next rule.
 - **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
   call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
@@ -26,7 +30,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _foreign, _patterns, dense, distributed
+from . import _foreign, _joins, _patterns, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -111,13 +115,14 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
 
 
 def find_fusable(model: nn.Module) -> list[str]:
-    """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, and the
-    conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
+    """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, residual
+    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
-    found = _patterns.scan(model, _block_class)
+    joins, _, taken = _joins.find(model)
+    found = _patterns.scan(model, _block_class, taken)
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
-    return blocks + list(found.blocks) + chains + broken + dense.find_dense(model)
+    return blocks + list(found.blocks) + list(joins) + chains + broken + dense.find_dense(model)
 
 
 def _block_state(block: _FusedBlockMixin, name: str) -> str:
@@ -129,12 +134,33 @@ def _block_state(block: _FusedBlockMixin, name: str) -> str:
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
 
+def _join_states(model: nn.Module, joins) -> dict[int, str]:
+    """id(BN) -> state, for the BNs of residual joins (fused, or found by ``_joins.find``)."""
+    states = {}
+    for name, m in model.named_modules():
+        fused = isinstance(m, _joins.FusedResidualJoin)
+        if not fused and name not in joins:
+            continue
+        join = m.fused_join if fused else joins[name][1]
+        state = f"fusable: with the residual add of {name}"
+        if fused:
+            state = f"fused: with the residual add of {name}" if m.fusable() else (
+                f"not fused: a module of the fused join {name} was replaced, has hooks, or drops now, so it runs "
+                "its own forward")
+        for slots in (join.last, join.shortcut or ()):
+            if slots:
+                states[id(slots[1][0]._modules.get(slots[1][1]))] = state
+    return states
+
+
 def fusion_report(model: nn.Module) -> dict[str, str]:
     """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
     (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
-    found = _patterns.scan(model, _block_class)
+    joins, join_notes, taken = _joins.find(model)
+    found = _patterns.scan(model, _block_class, taken)
+    found.notes.update(join_notes)
     chained = {id(c.bn): f"fusable: into {c.name}" + (" with its ReLU" if c.relu_slots else "") for c in found.chains}
-    in_block = {}
+    in_block = _join_states(model, joins)
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
@@ -192,7 +218,12 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     for module in list(model.modules()):
         if _patterns.broken(module):
             _unfuse_chain(module)
-    found = _patterns.scan(model, _block_class)
+    _joins.release_broken(model)
+    joins, _, taken = _joins.find(model)
+    for name, (block, join) in joins.items():
+        _joins.fuse_join(block, join)
+        swapped.append(name)
+    found = _patterns.scan(model, _block_class, taken)
     for name, block in found.blocks.items():
         names, acts = _patterns.residual_block(block)
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))

@@ -62,6 +62,7 @@ class PreparedConv:
             device = self.weight.device.type
             self.backend, prepack = _backend.select("prepack_conv", device, args)
             self.packed = prepack(*args)
+        self.fits: dict[tuple, bool] = {}  # input signature -> _fits, decided once per signature
         self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
                           [int(v) for v in conv.dilation], int(conv.groups))
 
@@ -76,7 +77,8 @@ class PreparedConv:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
-        if self.packed is not None and _backend.get_backend() in ("auto", self.backend) and self._fits(x, residual):
+        if (self.packed is not None and _backend.get_backend() in ("auto", self.backend)
+                and self._fits_once(x, residual)):
             out = self.packed(x, residual, relu)
             if out is not None:
                 _backend.record("conv_bias_act", self.backend)
@@ -88,6 +90,17 @@ class PreparedConv:
         # The op itself (argument checks and backend choice in C++), not the functional layer: the
         # prepared weight and bias are already in the dtypes it takes.
         return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, relu)
+
+    def _fits_once(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        key = (x.shape, x.dtype, x.device)
+        if residual is not None:
+            key += (residual.shape, residual.dtype, residual.device)
+        fits = self.fits.get(key)
+        if fits is None:
+            if len(self.fits) >= 16:  # serving sees few input sizes; a stream of new ones starts over
+                self.fits.clear()
+            fits = self.fits[key] = self._fits(x, residual)
+        return fits
 
     def _fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """The op's checks that oneDNN's prepacked conv relies on (it may not bound its reads by

@@ -268,7 +268,7 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         warn_if_global_hooks()
         bn = self.fused_bn
         if not _uses_batch_stats(bn):
-            prepared = self.prepared_convs() if "_prepared" in self.__dict__ else None
+            prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
             return eval_conv(x, self, bn, None, relu, prepared[0] if prepared else None)
         return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import dense
+from . import _joins, dense
 from .fuse import _unfuse_chain
 from .inference import Preparable
 from .modules import FusedConvBN2d, _FusedBlockMixin
@@ -52,6 +52,8 @@ def unfuse(model: nn.Module) -> nn.Module:
             _unfuse_chain(module)
         elif isinstance(module, _FusedBlockMixin):
             _unfuse_block(module)
+        elif isinstance(module, _joins.FusedResidualJoin):
+            _joins.restore(module)  # MobileNetV2 / RegNet residual joins
         else:
             dense.restore(module)  # DenseNet blocks and transitions
     return model

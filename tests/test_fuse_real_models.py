@@ -69,6 +69,13 @@ def test_coverage_and_state_dict():
     assert fused >= 0.9 * total, f"{fused}/{total} BatchNorms fused"
 
 
+@pytest.mark.parametrize("spec, joins", [("tv:mobilenet_v2", 10), ("tv:regnet_y_400mf", 20), ("timm:regnetx_002", 17)])
+def test_residual_joins_of_real_models(spec, joins):
+    """The BNs fused with their block's residual add (the last BN, and the shortcut's), by fusion_report."""
+    report = fused_resnet.fusion_report(fused_resnet.fuse(build(spec)))
+    assert sum(v.startswith("fused: with the residual add") for v in report.values()) == joins
+
+
 @pytest.mark.parametrize("spec", ["tv:densenet121", "timm:densenet121"])
 def test_densenet_blocks_and_transitions_fused(spec):
     """DenseNet (issue #16, tests/test_dense.py): dense blocks whole, transitions and the stem fused;

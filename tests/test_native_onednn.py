@@ -66,6 +66,23 @@ def test_prepacked_conv_matches_the_reference(layout, case, epilogue, grad_mode)
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["plain", "strided", "grouped"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+def test_small_conv_runs_atens_conv_with_the_bias_inside(layout, case, relu, monkeypatch):
+    """Below the oneDNN threshold and without a residual: ATen's conv with the folded bias, the ReLU in
+    place; the reference's results in the input's layout, and no reorder made."""
+    monkeypatch.delenv("FUSED_RESNET_ONEDNN_MIN_MACS")
+    x, w, b, _, conv = _inputs(layout, case)
+    packed = _onednn.prepack_conv(w, b, *conv)
+    with torch.no_grad():
+        for _ in range(2):  # the second call takes the route decided by the first
+            out = packed(x, None, relu)
+            assert_close(out, reference.conv_bias_act(x, w, b, None, *conv, relu), F32, name="out")
+    assert list(packed.routes.values()) == ["aten"] and not packed.packed
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("case", ["grad_enabled", "other_layout", "bfloat16", "onednn_disabled", "small_conv",
                                   "nchw_input_much_larger_than_weight"])
 def test_prepacked_conv_declines_what_it_was_not_prepared_for(case, monkeypatch):

@@ -1,6 +1,7 @@
-"""CPU eval of real torchvision / timm models: eager vs ``fuse`` + ``prepare_for_inference``, median
-ms per batch, side by side in one process, with the share of BatchNorms fused. Random init; both
-models hold the same weights (the fused one is a deep copy, fused in place).
+"""CPU eval of real torchvision / timm models: eager vs ``fuse`` (unprepared) vs ``fuse`` +
+``prepare_for_inference``, median and min ms per batch, the three interleaved round by round in one
+process, with the share of BatchNorms fused. Random init; all hold the same weights (the fused ones
+are deep copies, fused in place).
 
     python benchmarks/scripts/fuse_models_eval.py [--models tv:resnet50 timm:resnet18 ...]
         [--batches 1 8] [--image 64] [--rounds 15] [--channels-last]
@@ -17,7 +18,7 @@ import torch
 
 import fused_resnet
 
-MODELS = ["tv:resnet50", "tv:resnext50_32x4d", "tv:mobilenet_v2", "tv:regnet_y_400mf", "tv:densenet121",
+MODELS = ["tv:resnet50", "tv:resnext50_32x4d", "tv:mobilenet_v2", "tv:regnet_y_400mf",
           "timm:resnet18", "timm:resnet50", "timm:resnet50d", "timm:seresnet50", "timm:resnet26t",
           "timm:regnetx_002"]
 
@@ -61,23 +62,25 @@ def main() -> None:
     print(f"torch {torch.__version__}, fused_resnet {fused_resnet.__version__}, backends {fused_resnet.backends()}, "
           f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, fp32, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, 3x{args.image}x{args.image}")
-    print("| model | BN fused | batch | eager ms (median / min) | fused+prepared ms (median / min) "
-          "| speedup (median / min) | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | BN fused | batch | eager ms (median / min) | fused ms, unprepared (median / min) "
+          "| fused+prepared ms (median / min) | prepared speedup (median / min) | unprepared speedup (median / min) "
+          "| max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in args.models:
         torch.manual_seed(0)
         eager = build(spec).eval().to(memory_format=fmt)
-        fused = fused_resnet.fuse(copy.deepcopy(eager))
-        report = fused_resnet.fusion_report(fused)
+        unprepared = fused_resnet.fuse(copy.deepcopy(eager))
+        report = fused_resnet.fusion_report(unprepared)
         share = f"{sum(v.startswith('fused') for v in report.values())}/{len(report)}"
-        fused_resnet.prepare_for_inference(fused)
+        prepared = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(eager)))
         for batch in args.batches:
             x = torch.randn(batch, 3, args.image, args.image).to(memory_format=fmt)
             with torch.inference_mode():
-                diff = (fused(x) - eager(x)).abs().max().item()
-            (med_e, min_e), (med_f, min_f) = timings_ms([eager, fused], x, args.rounds)
-            print(f"| {spec} | {share} | {batch} | {med_e:.2f} / {min_e:.2f} | {med_f:.2f} / {min_f:.2f} "
-                  f"| {med_e / med_f:.2f}x / {min_e / min_f:.2f}x | {diff:.1e} |", flush=True)
+                diff = (prepared(x) - eager(x)).abs().max().item()
+            (med_e, min_e), (med_u, min_u), (med_f, min_f) = timings_ms([eager, unprepared, prepared], x, args.rounds)
+            print(f"| {spec} | {share} | {batch} | {med_e:.2f} / {min_e:.2f} | {med_u:.2f} / {min_u:.2f} "
+                  f"| {med_f:.2f} / {min_f:.2f} | {med_e / med_f:.2f}x / {min_e / min_f:.2f}x "
+                  f"| {med_e / med_u:.2f}x / {min_e / min_u:.2f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

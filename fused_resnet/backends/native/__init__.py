@@ -62,6 +62,7 @@ def info_lines() -> list[str]:
     else:
         lines.append(
             "CPU serving after fused_resnet.prepare_for_inference, float32: oneDNN's fused conv (post-ops) on "
-            "weights reordered once, for convs of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23)"
+            "weights reordered once, for convs of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23); "
+            "smaller ones without a residual: ATen's conv with the folded bias inside, ReLU in place"
         )
     return lines

@@ -7,6 +7,10 @@ it), on the first call with that shape, and then runs ``relu?(conv(x, w) + bias 
 one oneDNN primitive (bias, residual add and ReLU as post-ops): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
+A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
+runs as ATen's conv with the folded bias inside and the ReLU in place, which beat the op's conv +
+epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs.
+
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
 as the convolution in the deep stages. The reorders belong to the preparation and to nothing
 else: there is no cache keyed on tensor identity or version (a compiler reusing a buffer would
@@ -68,6 +72,8 @@ class PackedConv:
         # shape, made on its first call, a few at most. Part of the preparation, like the fold: it
         # cannot go stale apart from it.
         self.packed: dict[tuple, torch.Tensor] = {}
+        self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten" or None
+        self.aten_conv = (self.conv[1], self.conv[0], self.conv[2], self.conv[3])  # stride, padding, dilation, groups
 
     def _packed_for(self, shape: tuple) -> torch.Tensor:
         packed = self.packed.get(shape)
@@ -85,25 +91,49 @@ class PackedConv:
             out *= max(size // stride[d] + 1, 0)
         return x.shape[0] * self.weight_numel * out
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
-        """The conv's output, or None where this path does not apply (autograd on, another dtype or
-        layout than prepared for, oneDNN disabled, a conv too small to gain): the caller then runs
-        the generic ``conv_bias_act``."""
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
+    def _route(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``
+        or None (the generic op)."""
+        if x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
             return None
         nhwc = _is_nhwc(x)
         # An input laid out alike in both formats (H = W = 1) suits either weight layout.
         either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
-        if (
-            not torch.backends.mkldnn.enabled or (self.nhwc is not None and nhwc != self.nhwc and not either)
-            or (residual is not None and residual.dtype != torch.float32)
-            # An NCHW input is converted to channels_last and back by oneDNN: passes over the
-            # activations that pay off only where the weight is not much smaller than the input.
-            or (not nhwc and self.weight_numel * 4 < x.numel())
-            or self._macs(x) < self.min_macs
-        ):
+        if (self.nhwc is not None and nhwc != self.nhwc and not either) or (
+                residual is not None and residual.dtype != torch.float32):
             return None
+        # An NCHW input is converted to channels_last and back by oneDNN: passes over the
+        # activations that pay off only where the weight is not much smaller than the input.
+        if (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs:
+            return "onednn"
+        # Too small for the reorder to pay: ATen's conv with the bias inside (oneDNN's own bias
+        # post-op) and the ReLU in place beat the op's conv + epilogue pass on these (MobileNetV2 at
+        # batch 1, 224px: depthwise 3x3 66 vs 85 us, 1x1 32->192 at 28x28 105 vs 118 us); with a
+        # residual the op's single epilogue pass stays (ATen would need two).
+        return "aten" if residual is None else None
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+        """The conv's output, or None where this path does not apply (autograd on, another dtype or
+        layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
+        caller then runs the generic ``conv_bias_act``."""
+        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
+            return None
+        # The static part of the decision, once per input signature: on a small model the checks
+        # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).
+        key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.dtype)
+        route = self.routes.get(key, False)
+        if route is False:
+            if len(self.routes) >= 4 * _MAX_SHAPES:
+                self.routes.clear()
+            route = self.routes[key] = self._route(x, residual)
+        if route is None:
+            return None
+        nhwc = _is_nhwc(x)
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
+        if route == "aten":
+            out = torch.conv2d(x, self.dense, self.bias, *self.aten_conv)
+            return (out.relu_() if relu else out).contiguous(memory_format=fmt)
+        either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last if nhwc or (either and self.nhwc) else fmt)
         packed = self._packed_for(tuple(x.shape))
         if residual is None:
