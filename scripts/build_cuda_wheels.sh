@@ -17,6 +17,8 @@
 #   MATRIX="3.11:2.14.1:cu130 3.12:2.14.1:cu128" bash scripts/build_cuda_wheels.sh
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0+PTX" MAX_JOBS=8 bash scripts/build_cuda_wheels.sh
 #   DRY_RUN=1 bash scripts/build_cuda_wheels.sh                # print the plan only
+#   TORCH_INDEX= MATRIX="3.11:2.14.1:cu130" bash scripts/build_cuda_wheels.sh   # torch from pip's own
+#       configuration (a mirror, a local wheel cache) instead of download.pytorch.org/whl/<cuda>
 # For manylinux-tagged wheels, run it inside PyTorch's manylinux builder image and `auditwheel repair
 # --exclude 'libtorch*.so' --exclude 'libc10*.so'` the results (torch's libraries come from torch).
 set -euo pipefail
@@ -25,7 +27,9 @@ MATRIX="${MATRIX:-3.11:2.14.1:cu130 3.12:2.14.1:cu130 3.11:2.14.1:cu128}"
 # 8.0 A100 (and later GPUs through PTX), 9.0 H100/H200.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 OUT="${OUT:-dist}"
+TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl}"  # set empty: pip's configured index
 WORK="${WORK:-build/cuda-wheels}"
+mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"  # absolute: the import check runs from /
 
 for entry in $MATRIX; do
   IFS=: read -r python torch_version cuda <<<"$entry"
@@ -40,7 +44,7 @@ for entry in $MATRIX; do
   [ -x "$venv/bin/python" ] || "python$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
   "$venv/bin/python" -m pip install --quiet "torch==$torch_version" \
-    --index-url "https://download.pytorch.org/whl/$cuda"
+    ${TORCH_INDEX:+--index-url "$TORCH_INDEX/$cuda"}
   mkdir -p "$OUT/$cuda"
   # build/torch<version>-<cuda>/ keeps each torch's objects apart (setup.py); a clean build per entry.
   CUDA_HOME="$cuda_home" FORCE_CUDA=1 FUSED_RESNET_LOCAL_VERSION=1 PATH="$cuda_home/bin:$PATH" \
