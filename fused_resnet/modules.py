@@ -89,7 +89,11 @@ def _conv_kwargs(conv: nn.Conv2d) -> dict:
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return ops.uses_batch_stats(bn.training, bn.running_mean, bn.running_var)
+    # The buffers read from the module's dict (inference._get): nn.Module.__getattr__ costs ~0.5 us a
+    # lookup, twice per BN on every eval forward.
+    buffers = bn._buffers
+    return ops.uses_batch_stats(bn.training, inference._get(bn, buffers, "running_mean"),
+                                inference._get(bn, buffers, "running_var"))
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float | None:
@@ -123,21 +127,29 @@ def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.T
     return torch.relu(out) if relu else out
 
 
-def _eval_pairs(chain, downsample) -> list[tuple[nn.Conv2d, nn.Module]]:
-    """The convs a block runs in eval, BN folded: the downsample's first (its output is the
+def _eval_pairs(chain, ds) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """The convs a block runs in eval, BN folded: the downsample pair ``ds``'s first (its output is the
     residual of the last conv), then the chain."""
-    ds = downsample_pair(downsample)
-    return ([ds] if ds is not None else []) + list(chain)
+    return [ds, *chain] if ds is not None else list(chain)
+
+
+_UNSET = object()
 
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
-                     downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None) -> torch.Tensor:
+                     downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None,
+                     ds=_UNSET) -> torch.Tensor:
     """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``, fused; ``shortcut`` is
     the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the
-    block's prepared convs (eval only, in ``_eval_pairs`` order)."""
-    ds = downsample_pair(downsample)
-    bns = [bn for _, bn in chain] + ([ds[1]] if ds else [])
-    if not any(_uses_batch_stats(bn) for bn in bns):
+    block's prepared convs (eval only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)``
+    when the caller has it already."""
+    if ds is _UNSET:
+        ds = downsample_pair(downsample)
+    # A loop with early exit, not a list and a generator: this runs on every forward.
+    batch_stats = ds is not None and _uses_batch_stats(ds[1])
+    for _, bn in chain:
+        batch_stats = batch_stats or _uses_batch_stats(bn)
+    if not batch_stats:
         return _folded_residual_forward(x, chain, downsample, ds, prepared)
     h: torch.Tensor | ops.DeferredBN = x
     for conv, bn in chain:
@@ -177,31 +189,42 @@ class _FusedBlockMixin(inference.Preparable):
         fused.__dict__["class_before_fuse"] = type(block)  # for ``unfuse``
         return fused
 
-    def fusable(self) -> bool:
-        """Whether the fused path covers this block as configured now (checked on every call: a module
-        replaced, or given a hook, since ``fuse`` makes the block run its own forward)."""
-        # Early exits and no lists: this runs on every forward, in the host time of every block.
+    def _fused_pairs(self):
+        """``(chain, downsample pair or None)`` when the fused path covers this block as configured now,
+        else None (checked on every call: a module replaced, or given a hook, since ``fuse`` makes the
+        block run its own forward)."""
+        # One pass with early exits and no lists: this runs on every forward, in the host time of
+        # every block, and its result also gives the pairs that forward runs.
         relu, downsample = self.relu, self.downsample
         if type(relu) is not nn.ReLU or has_hooks(relu) or (downsample is not None and has_hooks(downsample)):
-            return False
-        for conv, bn in self._chain():
+            return None
+        chain = self._chain()
+        for conv, bn in chain:
             if not fusable_pair(conv, bn) or has_hooks(conv) or has_hooks(bn):
-                return False
+                return None
         ds = downsample_pair(downsample)
-        return ds is None or not (has_hooks(ds[0]) or has_hooks(ds[1]))
+        if ds is not None and (has_hooks(ds[0]) or has_hooks(ds[1])):
+            return None
+        return chain, ds
+
+    def fusable(self) -> bool:
+        """Whether the fused path covers this block as configured now (checked on every call)."""
+        return self._fused_pairs() is not None
 
     def eval_pairs(self):
-        return _eval_pairs(self._chain(), self.downsample) if self.fusable() else []
+        pairs = self._fused_pairs()
+        return [] if pairs is None else _eval_pairs(*pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fusable():
+        pairs = self._fused_pairs()
+        if pairs is None:
             return super().forward(x)
         warn_if_global_hooks()
-        chain = self._chain()
+        chain, ds = pairs
         prepared = None
         if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
-            prepared = self.prepared_convs(_eval_pairs(chain, self.downsample))
-        return residual_forward(x, chain, self.downsample, prepared)
+            prepared = self.prepared_convs(_eval_pairs(chain, ds))
+        return residual_forward(x, chain, self.downsample, prepared, ds)
 
 
 class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):
