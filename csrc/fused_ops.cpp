@@ -40,6 +40,19 @@ at::MemoryFormat format(bool nhwc) { return nhwc ? at::MemoryFormat::ChannelsLas
 
 Tensor dense(const Tensor& t, bool nhwc) { return t.contiguous(format(nhwc)); }
 
+// A prologue's input as the kernels read it, with its batch stride (0: dense). A channel prefix
+// x[:, :C] of a dense NCHW tensor (a DenseNet layer's input, a slice of the block's feature
+// buffer) keeps every (n, c) plane dense: kernels with Kernels::strided_nchw_y read it in place
+// rather than through a dense copy the prologue would only read once more (twice in backward).
+std::pair<Tensor, int64_t> prologue_input(const Kernels& k, const Tensor& x, bool nhwc) {
+  if (k.strided_nchw_y && !nhwc && x.dim() == 4 && !x.is_contiguous()) {
+    const int64_t hw = x.size(2) * x.size(3);
+    if (x.stride(3) == 1 && x.stride(2) == x.size(3) && x.stride(1) == hw && x.stride(0) > x.size(1) * hw)
+      return {x, x.stride(0)};
+  }
+  return {dense(x, nhwc), 0};
+}
+
 DType tag(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -101,15 +114,17 @@ Tensor workspace(const Kernels& k, const Shape& s, const Tensor& like) {
 bool identity_prologue(const OptTensor& s, const OptTensor& b, bool relu) { return !has(s) && !has(b) && !relu; }
 
 // relu?(x * s + b) in the convolution's dtype: a transient, freed once the conv has read it.
-Tensor prologue(const Kernels& k, const Tensor& x, const OptTensor& s, const OptTensor& b, bool relu,
-                at::ScalarType cdt, bool nhwc) {
-  if (identity_prologue(s, b, relu)) return x.to(cdt);
+// `x_batch_stride` as prologue_input returns it.
+Tensor prologue(const Kernels& k, const Tensor& x, int64_t x_batch_stride, const OptTensor& s, const OptTensor& b,
+                bool relu, at::ScalarType cdt, bool nhwc) {
+  if (identity_prologue(s, b, relu)) return dense(x, nhwc).to(cdt);
   Tensor a = empty_act(x, cdt, nhwc);
   PerChannel pc;
   ApplyArgs args;
   args.shape = shape_of(x, nhwc);
   args.y = cptr(x);
   args.y_dtype = tag(x);
+  args.y_batch_stride = x_batch_stride;
   args.scale = pc(s);
   args.shift = pc(b);
   args.out = mptr(a);
@@ -155,9 +170,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x_
                                               const OptTensor& in_shift, bool in_relu, const Tensor& weight,
                                               IntList stride, IntList padding, IntList dilation, int64_t groups) {
   const bool nhwc = is_nhwc(x_);
-  const Tensor x = dense(x_, nhwc);
+  const auto [x, x_stride] = prologue_input(k, x_, nhwc);
   tag(x);
-  Tensor a = prologue(k, x, in_scale, in_shift, in_relu, conv_dtype(k, x.scalar_type()), nhwc);
+  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_relu, conv_dtype(k, x.scalar_type()), nhwc);
   Tensor y = dense(convolution(a, weight, stride, padding, dilation, groups).to(x.scalar_type()), nhwc);
   auto [mean, var] = batch_stats(k, y, nhwc);
   return {y, mean, var};
@@ -182,7 +197,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
     std::array<bool, 3> output_mask) {
   const auto [need_x, need_affine, need_w] = output_mask;
   const bool nhwc = is_nhwc(x_);
-  const Tensor x = dense(x_, nhwc), y = dense(y_, nhwc);
+  const auto [x, x_stride] = prologue_input(k, x_, nhwc);
+  const Tensor y = dense(y_, nhwc);
   const at::ScalarType cdt = conv_dtype(k, x.scalar_type());
   const Shape ys = shape_of(y, nhwc);
 
@@ -203,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
   args.out_dtype = tag(g);
   if (ys.numel() > 0) k.apply(args);
 
-  Tensor a = prologue(k, x, in_scale, in_shift, in_relu, cdt, nhwc);
+  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_relu, cdt, nhwc);
   const bool need_input = need_x || need_affine;
   auto [grad_a, grad_w] = conv_backward(g, a, weight.to(cdt), stride, padding, dilation, groups, need_input, need_w);
   a.reset();
@@ -226,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
     b.grad_dtype = tag(ga);
     b.y = cptr(x);
     b.y_dtype = tag(x);
+    b.y_batch_stride = x_stride;
     b.scale = pc(in_scale);
     b.shift = pc(in_shift);
     b.relu = in_relu;

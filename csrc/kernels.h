@@ -34,6 +34,7 @@ struct ApplyArgs {
   Shape shape;
   const void* y = nullptr;
   DType y_dtype = DType::kFloat32;
+  int64_t y_batch_stride = 0;  // see Kernels::strided_nchw_y; 0: y is dense
   const float* centre = nullptr;
   const float* scale = nullptr;
   const float* shift = nullptr;
@@ -56,6 +57,7 @@ struct ApplyBackwardArgs {
   DType grad_dtype = DType::kFloat32;
   const void* y = nullptr;  // the residual, grad_res share y's dtype
   DType y_dtype = DType::kFloat32;
+  int64_t y_batch_stride = 0;  // see Kernels::strided_nchw_y; 0: y is dense
   const float* scale = nullptr;
   const float* shift = nullptr;
   const void* res = nullptr;
@@ -91,6 +93,10 @@ struct Kernels {
   int64_t (*workspace_floats)(const Shape&);
   // CPU: half-precision convolutions run in fp32 (as the reference does), CUDA: in their dtype.
   bool half_conv_in_fp32;
+  // Whether apply / apply_backward read an NCHW `y` whose samples lie `y_batch_stride` elements
+  // apart (> C*H*W: a channel prefix of a wider dense tensor, a DenseNet block's feature buffer,
+  // whose (n, c) planes stay dense). The op layer copies such inputs densely for kernels without it.
+  bool strided_nchw_y = false;
 };
 
 }  // namespace fused_resnet_native

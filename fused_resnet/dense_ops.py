@@ -14,8 +14,10 @@ for backward. :func:`dense_block` instead:
   ATen's convolution cannot write into a channel slice (an NCHW slice is not contiguous, an NHWC
   slice is strided in C), so each ``x_{l+1}`` is written by ``conv_stats`` and copied into its slice:
   ``k`` channels per layer, ``L k`` in all (linear; eager's ``torch.cat`` copies ``sum_l C_l``).
-  ``conv_stats`` reads its input slice ``buf[:, :C_l]`` through a dense transient copy (native
-  backend; a kernel reading strided channels would save that copy; it is freed at once).
+  ``conv_stats`` reads its input slice ``buf[:, :C_l]`` in place when it is NCHW (the native CPU
+  prologue takes the batch stride: each ``(n, c)`` plane of the slice is dense), forward and in
+  backward's recomputed prologue; an NHWC slice (strided per pixel) and the CUDA kernels still go
+  through a dense transient copy (NCHW for an NHWC slice), freed at once.
 - **Statistics once per map.** The per-channel batch statistics of a concatenation are those of the
   maps in it: ``x_{l+1}``'s mean/var come from the epilogue of the conv that wrote it
   (``conv_stats``), ``x_0``'s from one ``torch.var_mean`` pass. Layer ``l``'s ``bn1`` is

@@ -62,7 +62,26 @@ def _conv_case(case, dtype, layout, device):
 @pytest.mark.parametrize("prologue", ["none", "affine_relu", "scale_only", "relu_only"])
 def test_conv_stats(case, dtype, layout, prologue, device):
     skip_unless_native(device)
-    x, weight, stride, padding, dilation, groups = _conv_case(case, dtype, layout, device)
+    _check_conv_stats(*_conv_case(case, dtype, layout, device), prologue, dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[2], CONVS[3]])
+@pytest.mark.parametrize("prologue", ["none", "affine_relu"])
+def test_conv_stats_channel_prefix(case, dtype, layout, prologue, device):
+    """The input a channel prefix of a wider tensor (a DenseNet layer's slice of its block's feature
+    buffer): NCHW kernels read it in place with its batch stride, forward and backward."""
+    skip_unless_native(device)
+    x, *conv = _conv_case(case, dtype, layout, device)
+    wide = act((x.shape[0], x.shape[1] + 5, *x.shape[2:]), dtype, layout, device)
+    _check_conv_stats(wide[:, :x.shape[1]], *conv, prologue, dtype)
+
+
+def _check_conv_stats(x, weight, stride, padding, dilation, groups, prologue, dtype):
+    """conv_stats and conv_stats_backward (three output masks) vs the reference."""
+    device = x.device
     cin = x.shape[1]
     in_scale = per_channel(cin, device, around=1.0) if prologue in ("affine_relu", "scale_only") else None
     in_shift = per_channel(cin, device) if prologue == "affine_relu" else None

@@ -175,6 +175,14 @@ void for_each_span(const Shape& s, const ChannelArrays& arrays, const Span& span
   }
 }
 
+// Where the span starting at dense offset `off` (a plane or part of one, NCHW) starts in a y whose
+// samples lie `batch_stride` apart (Kernels::strided_nchw_y; 0: dense, as every other tensor).
+inline int64_t y_offset(const Shape& s, int64_t batch_stride, int64_t off) {
+  if (batch_stride == 0) return off;
+  const int64_t per_sample = s.c * s.hw;
+  return off + (off / per_sample) * (batch_stride - per_sample);
+}
+
 // out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)), layout-agnostic
 // (rows or planes). Moves 2 tensors (3 with a residual); unfused, BN + add + ReLU move 6 (BN
 // read/write, add read 2/write, ReLU read/write), and the downsample BN 2 more.
@@ -186,7 +194,7 @@ void bn_apply_fwd_cpu_kernel(const ApplyArgs& a) {
   O* out = static_cast<O*>(a.out);
   const bool relu = a.relu;
   for_each_span(a.shape, arr, [&](int64_t off, int64_t len, const auto& p) {
-    const Y* yp = y + off;
+    const Y* yp = y + y_offset(a.shape, a.y_batch_stride, off);
     const R* rp = res ? res + off : nullptr;
     O* op = out + off;
     const fVec zero(0.f);
@@ -271,7 +279,7 @@ void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
   std::vector<double> sums[3];
   reduce_channels<3>(a.shape, arr, sums, [&](int64_t off, int64_t len, const auto& p, auto& acc) {
     const G* gp = g + off;
-    const Y* yp = y + off;
+    const Y* yp = y + y_offset(a.shape, a.y_batch_stride, off);
     const Y* rp = res ? res + off : nullptr;
     O* gyp = gy ? gy + off : nullptr;
     Y* grp = gr ? gr + off : nullptr;
@@ -377,7 +385,8 @@ inline int64_t no_workspace(const Shape&) { return 0; }
 // convolutions run in fp32 on the CPU, as in the reference: oneDNN's 16-bit convolutions need
 // AVX512-BF16/FP16 to be fast, and fp32 rounds once instead of per op.
 const Kernels& isa_kernels() {
-  static const Kernels k{&apply, &apply_backward, &stats, &no_workspace, /*half_conv_in_fp32=*/true};
+  static const Kernels k{&apply, &apply_backward, &stats, &no_workspace, /*half_conv_in_fp32=*/true,
+                                /*strided_nchw_y=*/true};
   return k;
 }
 
