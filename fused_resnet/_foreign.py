@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _patterns
-from .modules import FusedConvBN2d, _FusedBlockMixin
+from .modules import FusedConvBN2d, _FusedBlockMixin, downsample_pair
 
 _MIXINS: dict[str, type] = {}
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -99,7 +99,10 @@ class FusedResidualBlock(_FusedBlockMixin):
     def _chain(self):
         return [(getattr(self, c), getattr(self, b)) for c, b in self.fused_names]
 
-    def fusable(self) -> bool:
-        # The block's structure as fuse checked it, checked again now (a module may have been replaced).
-        return _patterns.residual_block_intact(self) and _inactive(getattr(self, "drop_block", None)) and _inactive(
-            getattr(self, "drop_path", None))
+    def _fused_pairs(self):
+        # The block's structure as fuse checked it, checked again now (a module may have been replaced);
+        # the mixin's fusable(), eval_pairs() and forward() all ask this.
+        if not (_patterns.residual_block_intact(self) and _inactive(getattr(self, "drop_block", None))
+                and _inactive(getattr(self, "drop_path", None))):
+            return None
+        return self._chain(), downsample_pair(self.downsample)
