@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ._patterns import _is, _mod, norm_act
+from ._patterns import is_own, loaded_module, norm_act
 from .modules import is_fusable_bn, is_fusable_conv
 
 
@@ -41,11 +41,11 @@ class TransitionModules(NamedTuple):
 
 
 def _tv():
-    return _mod("torchvision.models.densenet")
+    return loaded_module("torchvision.models.densenet")
 
 
 def _timm():
-    return _mod("timm.models.densenet")
+    return loaded_module("timm.models.densenet")
 
 
 def _relu_norm(bn: nn.Module, channels: int) -> bool:
@@ -66,9 +66,9 @@ def dense_layer(layer: nn.Module) -> DenseLayerModules | None:
     """The modules of a torchvision ``_DenseLayer`` or timm ``DenseLayer`` the fused block can run."""
     tv, tm = _tv(), _timm()
     children = dict(layer.named_children())
-    if tv is not None and _is(layer, tv._DenseLayer, "forward", "bn_function"):
+    if tv is not None and is_own(layer, tv._DenseLayer, "forward", "bn_function"):
         names, relus = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"), ("relu1", "relu2")
-    elif tm is not None and _is(layer, tm.DenseLayer, "forward", "bottleneck_fn"):
+    elif tm is not None and is_own(layer, tm.DenseLayer, "forward", "bottleneck_fn"):
         names, relus = ("norm1", "conv1", "norm2", "conv2"), ()
     else:
         return None
@@ -87,8 +87,8 @@ def dense_block(block: nn.Module) -> list[DenseLayerModules] | None:
     """The layers of a torchvision ``_DenseBlock`` / timm ``DenseBlock`` whose every layer is a
     fusable dense layer with chained channel counts; None otherwise."""
     tv, tm = _tv(), _timm()
-    if not ((tv is not None and _is(block, tv._DenseBlock, "forward"))
-            or (tm is not None and _is(block, tm.DenseBlock, "forward"))):
+    if not ((tv is not None and is_own(block, tv._DenseBlock, "forward"))
+            or (tm is not None and is_own(block, tm.DenseBlock, "forward"))):
         return None
     layers = [dense_layer(m) for m in block._modules.values()]
     if not layers or any(layer is None for layer in layers):
@@ -105,9 +105,9 @@ def transition(m: nn.Module) -> TransitionModules | None:
     """The (norm, conv, pool) of a torchvision ``_Transition`` / timm ``DenseTransition``."""
     tv, tm = _tv(), _timm()
     children = dict(m.named_children())
-    if tv is not None and _is(m, tv._Transition, "forward"):
+    if tv is not None and is_own(m, tv._Transition, "forward"):
         names = ("norm", "relu", "conv", "pool")
-    elif tm is not None and _is(m, tm.DenseTransition, "forward"):
+    elif tm is not None and is_own(m, tm.DenseTransition, "forward"):
         names = ("norm", "conv", "pool")
     else:
         return None

@@ -79,7 +79,7 @@ class FusedAwayNormAct:
         return x if relu else self.act(self.drop(x))
 
 
-def _inactive(drop: nn.Module | None) -> bool:
+def inactive(drop: nn.Module | None) -> bool:
     """Whether a timm DropPath / DropBlock2d (or nn.Identity / None) returns its input as it is now:
     both do in eval and with a zero drop probability (their forwards, checked by ``_patterns``)."""
     return drop is None or type(drop) is nn.Identity or not drop.training or not drop.drop_prob
@@ -102,7 +102,7 @@ class FusedResidualBlock(_FusedBlockMixin):
     def _fused_pairs(self):
         # The block's structure as fuse checked it, checked again now (a module may have been replaced);
         # the mixin's fusable(), eval_pairs() and forward() all ask this.
-        if not (_patterns.residual_block_intact(self) and _inactive(getattr(self, "drop_block", None))
-                and _inactive(getattr(self, "drop_path", None))):
+        if not (_patterns.residual_block_intact(self) and inactive(getattr(self, "drop_block", None))
+                and inactive(getattr(self, "drop_path", None))):
             return None
         return self._chain(), downsample_pair(self.downsample)

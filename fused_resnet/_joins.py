@@ -46,26 +46,27 @@ class Join:
 
 
 def _seq(m) -> bool:
-    return _patterns._is(m, nn.Sequential, "forward")
+    return _patterns.is_own(m, nn.Sequential, "forward")
 
 
 def _conv_norm_act(m) -> bool:
     """timm's ConvNormAct without anti-aliasing: ``bn(conv(x))``."""
-    tml = _patterns._mod("timm.layers.conv_bn_act")
-    return tml is not None and _patterns._is(m, tml.ConvNormAct, "forward") and getattr(m, "aa", None) is None
+    tml = _patterns.loaded_module("timm.layers.conv_bn_act")
+    return tml is not None and _patterns.is_own(m, tml.ConvNormAct, "forward") and getattr(m, "aa", None) is None
 
 
 def spec(m: nn.Module) -> Join | None:
     """The join of ``m`` if its forward is one read here and it adds (else None)."""
-    tvm, tvr = _patterns._mod("torchvision.models.mobilenetv2"), _patterns._mod("torchvision.models.regnet")
-    tmr = _patterns._mod("timm.models.regnet")
-    if tvm is not None and _patterns._is(m, tvm.InvertedResidual, "forward"):
+    tvm = _patterns.loaded_module("torchvision.models.mobilenetv2")
+    tvr = _patterns.loaded_module("torchvision.models.regnet")
+    tmr = _patterns.loaded_module("timm.models.regnet")
+    if tvm is not None and _patterns.is_own(m, tvm.InvertedResidual, "forward"):
         seq = m._modules.get("conv")
         if not m.use_res_connect or not _seq(seq) or len(seq) < 3:
             return None
         names = list(seq._modules)
         return Join([(seq, n) for n in names[:-2]], [(seq, n) for n in names[-2:]], None, [(m, "conv")], None, None)
-    if tvr is not None and _patterns._is(m, tvr.ResBottleneckBlock, "forward"):
+    if tvr is not None and _patterns.is_own(m, tvr.ResBottleneckBlock, "forward"):
         f = m._modules.get("f")
         c = f._modules.get("c") if _seq(f) else None
         if not _seq(c) or len(c) != 2 or list(f._modules)[-1] != "c":
@@ -75,7 +76,7 @@ def spec(m: nn.Module) -> Join | None:
         return Join([(f, n) for n in list(f._modules)[:-1]], [(c, n) for n in c._modules],
                     [(proj, n) for n in proj._modules] if pair else None, [(m, "f"), (f, "c"), (m, "proj")],
                     (m, "activation"), None, other_shortcut=proj is not None and not pair)
-    if tmr is not None and _patterns._is(m, tmr.Bottleneck, "forward"):
+    if tmr is not None and _patterns.is_own(m, tmr.Bottleneck, "forward"):
         c3, ds = m._modules.get("conv3"), m._modules.get("downsample")
         if ds is None or not _conv_norm_act(c3):  # no downsample: no add
             return None
@@ -111,7 +112,7 @@ def why_not(join: Join) -> str | None:
         conv, bn = _pair(slots)
         if not (is_fusable_conv(conv) and _plain_norm(bn, conv.out_channels)):
             return f"its {what} conv -> BN is not a plain Conv2d(bias=False) -> BatchNorm2d (no act)"
-    if join.drop is not None and not _patterns._droppable(_get(join.drop), "DropPath"):
+    if join.drop is not None and not _patterns.droppable(_get(join.drop), "DropPath"):
         return "its drop_path is not timm's"
     if any(m is not None and has_hooks(m) for m in _modules(join)):
         return "a module of the join has hooks"
@@ -202,7 +203,7 @@ class FusedResidualJoin(inference.Preparable):
         DropPath inactive (checked on every call)."""
         if not slots_intact(self.join_slots) or any(has_hooks(m) for m in self.join_hooked):
             return False
-        if not _foreign._inactive(self.join_drop):
+        if not _foreign.inactive(self.join_drop):
             return False
         return all(is_fusable_conv(c) and _plain_norm(b, c.out_channels)
                    for c, b in (self.join_last,) + ((self.join_shortcut,) if self.join_shortcut else ()))

@@ -44,11 +44,12 @@ class Chain:
     relu: nn.Module | None  # a plain nn.ReLU module that becomes a pass-through one
 
 
-def _mod(name: str):
+def loaded_module(name: str):
+    """The module ``name`` if it is imported already (a model of it can exist only then), else None."""
     return sys.modules.get(name)
 
 
-def _is(module: nn.Module, cls: type | None, *methods: str) -> bool:
+def is_own(module: nn.Module, cls: type | None, *methods: str) -> bool:
     """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (a subclass may add others)."""
     return cls is not None and isinstance(module, cls) and all(
         getattr(type(module), m, None) is getattr(cls, m, None) for m in methods)
@@ -74,25 +75,26 @@ _TV_BASIC, _TV_BOTTLENECK = _named(("conv1", "bn1"), ("conv2", "bn2")), _named(
 
 def known_runs(m: nn.Module) -> list[Run] | None:
     """The runs of ``m``'s children that its forward calls in a row; None when its forward is not known."""
-    if _is(m, nn.Sequential, "forward"):
+    if is_own(m, nn.Sequential, "forward"):
         return [Run([(m, name) for name in m._modules])]
-    tvr, tmr, tml = _mod("torchvision.models.resnet"), _mod("timm.models.resnet"), _mod("timm.layers.conv_bn_act")
+    tvr, tmr = loaded_module("torchvision.models.resnet"), loaded_module("timm.models.resnet")
+    tml = loaded_module("timm.layers.conv_bn_act")
     for cls in (resnet_arch.ResNet, getattr(tvr, "ResNet", None)):
-        if _is(m, cls, "forward", "_forward_impl"):
+        if is_own(m, cls, "forward", "_forward_impl"):
             return _stem("relu")(m)
     for cls, runs in ((resnet_arch.BasicBlock, _TV_BASIC), (resnet_arch.Bottleneck, _TV_BOTTLENECK),
                       (getattr(tvr, "BasicBlock", None), _TV_BASIC),
                       (getattr(tvr, "Bottleneck", None), _TV_BOTTLENECK)):
-        if _is(m, cls, "forward"):
+        if is_own(m, cls, "forward"):
             return runs(m)
     if tmr is not None:
-        if _is(m, tmr.ResNet, "forward", "forward_features", "forward_intermediates"):
+        if is_own(m, tmr.ResNet, "forward", "forward_features", "forward_intermediates"):
             return _stem("act1")(m)
-        if _is(m, tmr.BasicBlock, "forward"):  # drop_block sits between bn1 and act1
+        if is_own(m, tmr.BasicBlock, "forward"):  # drop_block sits between bn1 and act1
             return _named(("conv1", "bn1", "drop_block", "act1"), ("conv2", "bn2"))(m)
-        if _is(m, tmr.Bottleneck, "forward"):
+        if is_own(m, tmr.Bottleneck, "forward"):
             return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "drop_block", "act2"), ("conv3", "bn3"))(m)
-    if tml is not None and _is(m, tml.ConvNormAct, "forward"):
+    if tml is not None and is_own(m, tml.ConvNormAct, "forward"):
         return _named(("conv", "bn"))(m)
     if not isinstance(m, FusedConvBN2d) and isinstance(m._modules.get("conv1"), nn.Conv2d) and hasattr(m, "layer1"):
         # fuse's first rule, kept: a ResNet-like model (conv1, bn1, layer1) calls bn1 on conv1's output.
@@ -102,8 +104,8 @@ def known_runs(m: nn.Module) -> list[Run] | None:
 
 def norm_act(bn: nn.Module) -> bool:
     """timm's BatchNormAct2d: nn.BatchNorm2d's forward, then its own ``drop`` and ``act`` modules."""
-    tna = _mod("timm.layers.norm_act")
-    return tna is not None and _is(bn, tna.BatchNormAct2d, "forward") and bn.track_running_stats == (
+    tna = loaded_module("timm.layers.norm_act")
+    return tna is not None and is_own(bn, tna.BatchNormAct2d, "forward") and bn.track_running_stats == (
         bn.running_mean is not None)
 
 
@@ -116,17 +118,18 @@ def fusable_norm(bn: nn.Module, channels: int) -> bool:
 
 def residual_block(m: nn.Module) -> tuple[tuple, tuple] | None:
     """(conv/BN names, activation names) of a timm BasicBlock / Bottleneck, by its forward."""
-    tmr = _mod("timm.models.resnet")
-    if tmr is not None and _is(m, tmr.BasicBlock, "forward"):
+    tmr = loaded_module("timm.models.resnet")
+    if tmr is not None and is_own(m, tmr.BasicBlock, "forward"):
         return (("conv1", "bn1"), ("conv2", "bn2")), ("act1", "act2")
-    if tmr is not None and _is(m, tmr.Bottleneck, "forward"):
+    if tmr is not None and is_own(m, tmr.Bottleneck, "forward"):
         return (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), ("act1", "act2", "act3")
     return None
 
 
-def _droppable(m: nn.Module | None, cls_name: str) -> bool:
-    """None, nn.Identity or timm's own DropBlock2d / DropPath (identity while inactive: ``_inactive``)."""
-    return m is None or type(m) is nn.Identity or _is(m, getattr(_mod("timm.layers.drop"), cls_name, None), "forward")
+def droppable(m: nn.Module | None, cls_name: str) -> bool:
+    """None, nn.Identity or timm's own DropBlock2d / DropPath (identity while inactive: ``_foreign.inactive``)."""
+    timm_cls = getattr(loaded_module("timm.layers.drop"), cls_name, None)
+    return m is None or type(m) is nn.Identity or is_own(m, timm_cls, "forward")
 
 
 def why_not_residual(m: nn.Module, names, acts) -> str | None:
@@ -141,8 +144,8 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
         return "SE between the last BN and the add"
     if type(m._modules.get("aa")) is not nn.Identity:
         return "anti-aliasing after an activation"
-    if not (_droppable(m._modules.get("drop_block"), "DropBlock2d")
-            and _droppable(m._modules.get("drop_path"), "DropPath")):
+    if not (droppable(m._modules.get("drop_block"), "DropBlock2d")
+            and droppable(m._modules.get("drop_path"), "DropPath")):
         return "its drop_block / drop_path is not timm's"
     if any(has_hooks(x) for pair in pairs for x in pair) or any(has_hooks(a) for a in activations):
         return "a module of the block has hooks"
