@@ -13,6 +13,7 @@ from torch import nn
 import fused_resnet
 from fused_resnet._tolerances import assert_close
 
+from _parity import randomize_bns
 from _tv_resnet import tv_resnet18
 
 F32 = torch.float32
@@ -21,11 +22,7 @@ FP64_MODEL_TOL = 1e-9  # fused models vs unfused in fp64 (tests/test_fuse.py)
 
 def _pair(ctor=tv_resnet18):
     torch.manual_seed(0)
-    plain = ctor(num_classes=10)
-    with torch.no_grad():
-        for m in plain.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0), m.bias.normal_(0, 0.2)
+    plain = randomize_bns(ctor(num_classes=10))
     return plain, fused_resnet.fuse(copy.deepcopy(plain))
 
 

@@ -12,15 +12,8 @@ from torch import nn
 import fused_resnet
 from fused_resnet import models, resnet_arch
 
+from _parity import randomize_bns
 from _tv_resnet import TVBasicBlock, tv_resnet18
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0), m.bias.normal_(0, 0.2)
-    return model
 
 
 def _fine_tune(model: nn.Module, x: torch.Tensor) -> None:
@@ -51,7 +44,7 @@ def _assert_unfused_like(unfused: nn.Module, plain: nn.Module, x: torch.Tensor) 
 
 def test_unfuse_after_fine_tuning_fused_is_the_plain_model_with_the_same_tensors():
     torch.manual_seed(0)
-    plain = _randomise_bn(tv_resnet18(num_classes=10))
+    plain = randomize_bns(tv_resnet18(num_classes=10))
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     x = torch.randn(2, 3, 32, 32)
     _fine_tune(fused, x)
@@ -68,7 +61,7 @@ def test_unfuse_after_fine_tuning_fused_is_the_plain_model_with_the_same_tensors
 
 def test_unfuse_a_model_built_fused_gives_the_plain_architecture():
     torch.manual_seed(0)
-    fused = _randomise_bn(models.resnet50(num_classes=10))
+    fused = randomize_bns(models.resnet50(num_classes=10))
     unfused = fused_resnet.unfuse(fused)
     assert type(unfused.layer1[0]) is resnet_arch.Bottleneck
     _assert_unfused_like(unfused, models.resnet50(fused=False, num_classes=10), torch.randn(2, 3, 32, 32))
@@ -92,7 +85,7 @@ def test_unfuse_a_block_and_its_hooks_stay_removable():
 
 def test_unfuse_of_a_plain_model_changes_nothing_and_fuse_again_works():
     torch.manual_seed(0)
-    plain = _randomise_bn(tv_resnet18(num_classes=10)).eval()
+    plain = randomize_bns(tv_resnet18(num_classes=10)).eval()
     model = copy.deepcopy(plain)
     assert fused_resnet.unfuse(model) is model
     x = torch.randn(2, 3, 32, 32)
@@ -113,7 +106,7 @@ def test_unfuse_real_models_restores_their_classes(spec):
     torch.manual_seed(0)
     plain = getattr(lib.models, name)(num_classes=10) if library == "tv" else lib.create_model(
         name, pretrained=False, num_classes=10)
-    plain = _randomise_bn(plain)
+    plain = randomize_bns(plain)
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     assert any(fused_resnet.fx.is_fused(m) for m in fused.modules())
     size = 64 if "densenet" in name else 32  # DenseNet's last block would see 1x1 maps at 32px
