@@ -109,7 +109,9 @@ def test_unfuse_real_models_restores_their_classes(spec):
     plain = randomize_bns(plain)
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     assert any(fused_resnet.fx.is_fused(m) for m in fused.modules())
-    size = 64 if "densenet" in name else 32  # DenseNet's last block would see 1x1 maps at 32px
+    # At 32px DenseNet's last block and RegNet's last stage see 1x1 maps: with batch 2 the running
+    # variance after one step is tiny and eval blows up (unfused too).
+    size = 64 if "densenet" in name or "regnet" in name else 32
     x = torch.randn(2, 3, size, size)
     _fine_tune(fused, x)
     _assert_unfused_like(fused_resnet.unfuse(fused), copy.deepcopy(plain), x)
