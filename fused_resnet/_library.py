@@ -1,7 +1,8 @@
 """The ``fused_resnet`` operator library: every schema, its fake, and its Python kernels.
 
-This is the one place where ops are declared (docs/design.md). The compiled extension
-(``_extension.py``) registers their CPU and CUDA kernels, which check the arguments and choose the
+This is the one place where ops are declared (docs/design.md): setup.py generates the C++ definitions
+of the compiled library ``_C_ops`` from SCHEMAS. The compiled extension (``_extension.py``) registers
+their CPU and CUDA kernels, which check the arguments and choose the
 backend in C++: native kernels run there; the reference and Triton backends are the Python
 kernels here (:func:`python_kernel`, which picks the backend's function with ``_backend.select``
 and runs it with autocast off: inputs were already cast by the functional layer). Autograd is the
@@ -69,9 +70,9 @@ SCHEMAS = {
     " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
 }
 
-_lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
+# The compiled library defines them (setup.py generates its C++ definitions from SCHEMAS); Python only
+# where it is not built, and a library built from other schemas is refused (_extension.library).
+_lib = _extension.library(NAMESPACE, SCHEMAS)
 
 
 def _run(kernel: str, device: torch.device, *args, backend: str | None = None, record_as: str | None = None):
