@@ -13,8 +13,14 @@ from torch.utils import cpp_extension
 RUNNER = Path(__file__).parent / "cpp" / "aoti_run.cpp"
 
 
+_BUILT: list[Path] = []  # compiled once a session (pytest keeps its tmp dirs until a later session)
+
+
 def build_runner(out: Path) -> Path:
-    """The runner's executable in ``out``; fails the test with g++'s output if it does not compile."""
+    """The runner's executable (in ``out`` if it is not built yet this session); fails the test with g++'s
+    output if it does not compile."""
+    if _BUILT and _BUILT[0].exists():
+        return _BUILT[0]
     exe = out / "aoti_run"
     libs = cpp_extension.library_paths()
     cmd = ["g++", "-std=c++20", "-O1", str(RUNNER), "-o", str(exe),
@@ -23,6 +29,7 @@ def build_runner(out: Path) -> Path:
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-5000:]}"
+    _BUILT[:] = [exe]
     return exe
 
 
