@@ -7,6 +7,7 @@
 // and its shape is printed on stdout ("shape d0 d1 ...").
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/version.h>
 
 #include <dlfcn.h>
 
@@ -20,8 +21,17 @@ int main(int argc, char** argv) {
   if (argc > 2 && std::string(argv[1]) == "--load") {
     // RTLD_GLOBAL is not needed (the ops register with the dispatcher when the library loads); the
     // handle is kept open for the life of the process.
-    if (dlopen(argv[2], RTLD_NOW) == nullptr) {
+    void* library = dlopen(argv[2], RTLD_NOW);
+    if (library == nullptr) {
       std::cerr << "could not load " << argv[2] << ": " << dlerror() << "\n";
+      return 1;
+    }
+    // fused_resnet's library records the torch it was built against: its C++ ABI is that torch's only.
+    using Version = const char* (*)();
+    if (auto built = reinterpret_cast<Version>(dlsym(library, "fused_resnet_torch_version"));
+        built != nullptr && std::string(built()) != TORCH_VERSION) {
+      std::cerr << argv[2] << " was built against torch " << built() << ", this program runs LibTorch "
+                << TORCH_VERSION << ": rebuild it\n";
       return 1;
     }
     argv += 2;
