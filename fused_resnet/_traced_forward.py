@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.fx import _symbolic_trace
 
 from . import _foreign, _joins, distributed, inference
 from .modules import has_hooks, is_fusable_conv, slots_intact, warn_if_global_hooks
@@ -144,6 +145,14 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
     raise RuntimeError("fused_resnet: a traced plan without an output")
 
 
+def _fx_tracing() -> bool:
+    """Whether torch.fx symbolic tracing (not dynamo) is running."""
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
+    if check is not None:
+        return check()
+    return bool(getattr(_symbolic_trace, "_is_fx_tracing_flag", False)) and not torch.compiler.is_compiling()
+
+
 def _owners_intact(owners) -> bool:
     for owner, names, children in owners:
         mods = owner._modules
@@ -185,6 +194,11 @@ class FusedTracedForward(inference.Preparable):
         return [p for j in self.traced_plan.joins for p in j.pairs()] if self.fusable() else []
 
     def forward(self, *args, **kwargs):
+        if _fx_tracing():
+            raise RuntimeError(
+                f"fused_resnet: torch.fx cannot trace the fused forward of this {type(self).__bases__[1].__name__} "
+                "(fuse replaced it to fuse its residual adds); trace with fused_resnet.fx.symbolic_trace or "
+                "fused_resnet.fx.FusedTracer (which trace its own forward), or fused_resnet.unfuse(model) first")
         plan = self.__dict__["traced_plan"]
         if kwargs or len(args) != plan.inputs or not self.fusable():
             return super().forward(*args, **kwargs)

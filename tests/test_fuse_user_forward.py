@@ -268,3 +268,13 @@ def test_deepcopy_pickle_unfuse():
     assert not any("traced_plan" in m.__dict__ for m in fused.modules())
     for train in (True, False):
         assert_step_matches(plain, fused, _x(), train, tol=0.0)
+
+
+def test_fx_traces_the_fused_model_through_its_own_forward():
+    plain, fused = _pair(UserNet())
+    graph_module = fused_resnet.fx.symbolic_trace(fused)
+    assert isinstance(fused, FusedTracedForward) and isinstance(graph_module.block, FusedTracedForward)
+    for train in (True, False):
+        assert_step_matches(plain, graph_module, _x(), train)
+    with pytest.raises(RuntimeError, match="fused_resnet.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(fused)
