@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.fx import _symbolic_trace
 
-from . import _foreign, _joins, distributed, inference
-from .modules import has_hooks, is_fusable_conv, slots_intact, warn_if_global_hooks
+from . import _foreign, _joins, distributed, inference, ops
+from .modules import _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
+    warn_if_global_hooks
 
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -51,7 +52,7 @@ class TracedJoin:
     short_seq: nn.Module | None
     relu: bool
     relu_module: nn.Module | None  # an nn.ReLU child applied after the add (checked for hooks)
-
+    add: bool = True  # False: a conv -> BN (-> ReLU) chain written out in the forward, no add
     def pairs(self) -> list:
         """(conv, BN) pairs in the order join_forward folds them: shortcut first, then the main branch."""
         main = (self.main[0][2], self.main[1][2])
@@ -102,6 +103,10 @@ def _conv_out(h: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:
 
 def _join(join: TracedJoin, h, short, prepared):
     conv, bn = join.main[0][2], join.main[1][2]
+    if not join.add:  # as FusedConvBN2d does
+        if not _uses_batch_stats(bn):
+            return eval_conv(h, conv, bn, None, join.relu, prepared[0] if prepared else None)
+        return ops.bn_add_relu(conv_bn(h, conv, bn), relu=join.relu)
     pair = (join.short[0][2], join.short[1][2]) if join.short else None
     if not isinstance(h, torch.Tensor) or h.dim() != 4 or pair is None and not (
             isinstance(short, torch.Tensor) and short.dtype == h.dtype and tuple(short.shape) == _conv_out(h, conv)):
@@ -114,7 +119,10 @@ def _join(join: TracedJoin, h, short, prepared):
 def run(module: nn.Module, plan: Plan, args, prepared) -> object:
     """Run ``plan`` on ``args``: each step's value appended to ``env``; returns the output's value."""
     env = list(args)
-    joins, offset = plan.joins, 0
+    joins, offsets, offset = plan.joins, [], 0
+    for join in joins:  # where each join's prepared convs start (eval_pairs order: the joins' order)
+        offsets.append(offset)
+        offset += 2 if join.short else 1
     for step in plan.steps:
         kind = step[0]
         if kind == "call_module":
@@ -134,11 +142,9 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
             for child in children[:-2]:
                 value = child(value)
         elif kind == "join":
-            join = joins[step[1]]
-            count = 2 if join.short else 1
-            value = _join(join, env[step[2].index], env[step[3].index],
-                          prepared[offset:offset + count] if prepared else None)
-            offset += count
+            join, start = joins[step[1]], offsets[step[1]]
+            value = _join(join, env[step[2].index], env[step[3].index] if step[3] else None,
+                          prepared[start:start + (2 if join.short else 1)] if prepared else None)
         else:  # output
             return _load(step[1], env)
         env.append(value)

@@ -89,9 +89,10 @@ def _single_input(node: fx.Node) -> fx.Node | None:
     return node.args[0] if ok else None
 
 
-def _branch(node, root, uses, calls) -> tuple[tuple | None, str | None]:
+def _branch(node, root, uses, calls, operand=True) -> tuple[tuple | None, str | None]:
     """``((conv slot, BN slot), Sequential or None, input node), None`` when ``node`` is a conv -> BN
-    branch the join can apply; ``None, why-not`` (or ``None, None`` when it is no such branch)."""
+    branch the join can apply; ``None, why-not`` (or ``None, None`` when it is no such branch).
+    ``operand``: an add's operand (read by nothing else), else a chain written out in the forward."""
     if node.op != "call_module" or _single_input(node) is None:
         return None, None
     mod = root.get_submodule(node.target)
@@ -110,7 +111,7 @@ def _branch(node, root, uses, calls) -> tuple[tuple | None, str | None]:
         return None, None
     if not (is_fusable_conv(conv) and _joins._plain_norm(bn, conv.out_channels)):
         return None, "its conv -> BN is not a plain Conv2d(bias=False) -> BatchNorm2d"
-    if len(node.users) != 1 or calls[node.target] != 1 or any(uses[id(x)] > 1 for x in (mod, conv, bn)):
+    if (operand and len(node.users) != 1) or calls[node.target] != 1 or any(uses[id(x)] > 1 for x in (mod, conv, bn)):
         return None, "the branch's output or modules are used elsewhere too"
     if any(has_hooks(x) for x in (mod, conv, bn)):
         return None, "a module of the branch has hooks"
@@ -165,6 +166,12 @@ def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
         if main is None or (inplace and node.args[0] is not a and short is None):
             continue  # no conv -> BN branch, or an add into a tensor that others may read
         joins.append((node, _relu_after(node, root), a, main, b, short))
+    taken = {n for j in joins for n in (j[2], j[4]) if n is not None}
+    for node in graph.nodes:  # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch
+        if node.op == "call_module" and node not in taken and isinstance(root.get_submodule(node.target), _BatchNorm):
+            chain, _ = _branch(node, root, uses, calls, operand=False)
+            if chain is not None and chain[1] is None:
+                joins.append((node, _relu_after(node, root), node, chain, None, None))
     return joins, notes
 
 
@@ -200,7 +207,7 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
     for node, relu, a, main, b, short in found:
         adds[node] = (len(joins), a, b)
         joins.append(TracedJoin(main[0], main[1], short[0] if short else None, short[1] if short else None,
-                                relu is not None, relu[1] if relu else None))
+                                relu is not None, relu[1] if relu else None, add=b is not None))
         if relu is not None:
             relus[relu[0]] = node
         for operand, branch in ((a, main), (b, short)):
@@ -217,7 +224,9 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
     for node in graph.nodes:
         if node.op == "placeholder" or node in skip:
             continue
-        if node in branches:
+        if node in adds and adds[node][2] is None:  # a chain: conv, BN (and ReLU) in one step
+            emit(node, ("join", adds[node][0], Ref(pos[branches[node][2]]), None))
+        elif node in branches:
             _, seq, inp = branches[node]
             if seq is not None:  # the Sequential's children before its conv and BN, at its place
                 emit(node, ("prefix", seq, Ref(pos[inp])))
@@ -285,7 +294,7 @@ def find(model: nn.Module, skip, taken: set[int] = frozenset()):
 
 
 def states(model: nn.Module, found: dict) -> dict[int, str]:
-    """``fusion_report``'s states of the joins' BNs (fused, or found by :func:`find`), by id."""
+    """``fusion_report``'s states of the joins' and chains' BNs (fused, or found by :func:`find`), by id."""
     out = {}
     for name, m in model.named_modules():
         fused = isinstance(m, FusedTracedForward)
@@ -300,5 +309,6 @@ def states(model: nn.Module, found: dict) -> dict[int, str]:
         for join in plan.joins:
             for slots in (join.main, join.short or ()):
                 if slots:
-                    out[id(slots[1][2])] = state
+                    out[id(slots[1][2])] = state if join.add else state.replace(
+                        "with the residual add", "with its conv" + (" and ReLU" if join.relu else ""))
     return out
