@@ -53,18 +53,17 @@ class TracedJoin:
     relu: bool
     relu_module: nn.Module | None  # an nn.ReLU child applied after the add (checked for hooks)
     add: bool = True  # False: a conv -> BN (-> ReLU) chain written out in the forward, no add
-    def pairs(self) -> list:
-        """(conv, BN) pairs in the order join_forward folds them: shortcut first, then the main branch."""
+
+    def __post_init__(self):
+        # Tuples made once: the checks run on every call (host time).
         main = (self.main[0][2], self.main[1][2])
-        return ([(self.short[0][2], self.short[1][2])] if self.short else []) + [main]
+        self.pairs = tuple(([(self.short[0][2], self.short[1][2])] if self.short else []) + [main])
+        self.slots = tuple(self.main) + tuple(self.short or ())
+        self.covered = tuple(s[2] for s in self.slots) + tuple(
+            m for m in (self.main_seq, self.short_seq, self.relu_module) if m is not None)
 
-    def slots(self) -> list:
-        return list(self.main) + list(self.short or ())
-
-    def covered(self) -> list[nn.Module]:
-        """Modules the fused join does not call: a hook on one makes the module run its own forward."""
-        mods = [s[2] for s in self.slots()] + [m for m in (self.main_seq, self.short_seq, self.relu_module) if m]
-        return mods
+    # pairs: (conv, BN) in the order join_forward folds them (shortcut first); slots: where the model
+    # holds them; covered: the modules the fused join does not call (a hook on one: own forward).
 
 
 @dataclass
@@ -77,6 +76,13 @@ class Plan:
     joins: list[TracedJoin]
     owners: list  # (container, names, children) of every container on a traced path
     attrs: list  # (name, value) of the traced module's plain attributes
+
+    def __post_init__(self):
+        self.pairs = [p for j in self.joins for p in j.pairs]  # eval_pairs, when fusable
+        self.offsets, offset = [], 0  # where each join's prepared convs start in them
+        for join in self.joins:
+            self.offsets.append(offset)
+            offset += len(join.pairs)
 
 
 def _load(a, env):
@@ -119,10 +125,7 @@ def _join(join: TracedJoin, h, short, prepared):
 def run(module: nn.Module, plan: Plan, args, prepared) -> object:
     """Run ``plan`` on ``args``: each step's value appended to ``env``; returns the output's value."""
     env = list(args)
-    joins, offsets, offset = plan.joins, [], 0
-    for join in joins:  # where each join's prepared convs start (eval_pairs order: the joins' order)
-        offsets.append(offset)
-        offset += 2 if join.short else 1
+    joins, offsets = plan.joins, plan.offsets
     for step in plan.steps:
         kind = step[0]
         if kind == "call_module":
@@ -144,7 +147,7 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
         elif kind == "join":
             join, start = joins[step[1]], offsets[step[1]]
             value = _join(join, env[step[2].index], env[step[3].index] if step[3] else None,
-                          prepared[start:start + (2 if join.short else 1)] if prepared else None)
+                          prepared[start:start + len(join.pairs)] if prepared else None)
         else:  # output
             return _load(step[1], env)
         env.append(value)
@@ -171,12 +174,18 @@ def _owners_intact(owners) -> bool:
 
 
 def _join_intact(join: TracedJoin) -> bool:
-    if not slots_intact(join.slots()) or any(has_hooks(m) for m in join.covered()):
+    if not slots_intact(join.slots):
         return False
+    for m in join.covered:
+        if has_hooks(m):
+            return False
     for seq, slots in ((join.main_seq, join.main), (join.short_seq, join.short)):
         if seq is not None and list(seq._modules)[-2:] != [slots[0][1], slots[1][1]]:
             return False
-    return all(is_fusable_conv(c) and _joins._plain_norm(b, c.out_channels) for c, b in join.pairs())
+    for c, b in join.pairs:
+        if not (is_fusable_conv(c) and _joins._plain_norm(b, c.out_channels)):
+            return False
+    return True
 
 
 @_foreign.register_mixin
@@ -194,10 +203,15 @@ class FusedTracedForward(inference.Preparable):
             now = d.get(name, _PLAIN)
             if now is not value and now != value:
                 return False
-        return _owners_intact(plan.owners) and all(_join_intact(j) for j in plan.joins)
+        if not _owners_intact(plan.owners):
+            return False
+        for join in plan.joins:
+            if not _join_intact(join):
+                return False
+        return True
 
     def eval_pairs(self):
-        return [p for j in self.traced_plan.joins for p in j.pairs()] if self.fusable() else []
+        return list(self.traced_plan.pairs) if self.fusable() else []
 
     def forward(self, *args, **kwargs):
         if _fx_tracing():
@@ -211,7 +225,7 @@ class FusedTracedForward(inference.Preparable):
         warn_if_global_hooks()
         prepared = None
         if "_prepared" in self.__dict__:
-            prepared = self.prepared_convs([p for j in plan.joins for p in j.pairs()])
+            prepared = self.prepared_convs(plan.pairs)
         return run(self, plan, args, prepared)
 
 
@@ -241,6 +255,6 @@ def release_broken(model: nn.Module) -> None:
         if isinstance(m, FusedTracedForward):
             plan = m.traced_plan
             attrs_ok = all(m.__dict__.get(k, _PLAIN) is v or m.__dict__.get(k, _PLAIN) == v for k, v in plan.attrs)
-            joins_ok = all(slots_intact(j.slots()) for j in plan.joins)
+            joins_ok = all(slots_intact(j.slots) for j in plan.joins)
             if not (attrs_ok and joins_ok and _owners_intact(plan.owners)):
                 restore(m)

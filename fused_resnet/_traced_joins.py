@@ -256,7 +256,7 @@ def label(name: str, m: nn.Module) -> str:
 
 
 def _join_ids(plan: Plan) -> set[int]:
-    return {id(s[2]) for j in plan.joins for s in j.slots()}
+    return {id(s[2]) for j in plan.joins for s in j.slots}
 
 
 def find(model: nn.Module, skip, taken: set[int] = frozenset()):
@@ -274,7 +274,7 @@ def find(model: nn.Module, skip, taken: set[int] = frozenset()):
         graph, why = _trace(m)
         if graph is None:
             for bn in ends:
-                notes.setdefault(id(bn), f"not with a residual add in the forward of {label(name, m)}: {why}")
+                notes.setdefault(id(bn), f"no add or conv -> BN fused in the forward of {label(name, m)}: {why}")
             continue
         joins, join_notes = _find_joins(m, graph, uses)
         for key, note in join_notes.items():
