@@ -60,8 +60,15 @@ def _bn_ends(m: nn.Module) -> list[nn.Module]:
     return ends
 
 
+def _plain(v) -> bool:
+    """A value a forward may branch on in Python, checked on every call: None, bool, int, float, str,
+    or a tuple of them."""
+    return isinstance(v, _PLAIN) or (type(v) is tuple and all(isinstance(x, _PLAIN) for x in v))
+
+
 def _trace(m: nn.Module) -> tuple[fx.Graph | None, str | None]:
     graphs, training = [], m.training
+    saved = {k: v for k, v in m.__dict__.items() if _plain(v)}  # a forward that counts its calls
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,7 +79,11 @@ def _trace(m: nn.Module) -> tuple[fx.Graph | None, str | None]:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return None, f"its forward cannot be traced by torch.fx ({type(e).__name__}: {first})"
     finally:
+        changed = [k for k, v in saved.items() if k != "training" and m.__dict__.get(k, _PLAIN) is not v]
+        m.__dict__.update(saved)
         m.training = training
+    if changed:  # a Python side effect the graph does not record, so a plan would not repeat it
+        return None, f"its forward sets {', '.join(changed)}"
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
         return None, "its forward differs in training and eval"
     return graphs[0], None
@@ -167,7 +178,9 @@ def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
             continue  # no conv -> BN branch, or an add into a tensor that others may read
         joins.append((node, _relu_after(node, root), a, main, b, short))
     taken = {n for j in joins for n in (j[2], j[4]) if n is not None}
-    for node in graph.nodes:  # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch
+    # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch; a ResNet-like model's stem
+    # (conv1 -> bn1, _patterns.known_runs) is left to the chain rule, as before.
+    for node in graph.nodes if _patterns.known_runs(root) is None else ():
         if node.op == "call_module" and node not in taken and isinstance(root.get_submodule(node.target), _BatchNorm):
             chain, _ = _branch(node, root, uses, calls, operand=False)
             if chain is not None and chain[1] is None:
@@ -245,8 +258,7 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
             emit(node, ("get_attr", node.target))
         elif node.op == "output":
             steps.append(("output", _arg(node.args[0], pos)))
-    attrs = [(k, v) for k, v in root.__dict__.items() if not k.startswith("_") and k != "training"
-             and isinstance(v, _PLAIN)]
+    attrs = [(k, v) for k, v in root.__dict__.items() if not k.startswith("_") and k != "training" and _plain(v)]
     return Plan(len(inputs), steps, joins, _owners(root, graph), attrs)
 
 

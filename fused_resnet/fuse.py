@@ -1,7 +1,7 @@
 """``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Four rules, in this order:
+Five rules, in this order:
 
 - **torchvision-structured blocks**, recognised by structure, not class: any module whose children
   are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
@@ -15,6 +15,10 @@ Four rules, in this order:
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
   BN, add and ReLU run as one pass; their other convs are left to the next rule.
+- **adds in a user's own forward** (``_traced_joins``): a module whose ``forward`` is the user's own
+  has that forward traced with torch.fx (submodules as leaves); its ``act?(conv->BN branch + shortcut)``
+  adds (and ``bn(conv(h))`` chains written out there) run fused from the traced plan, in this instance
+  only (``_traced_forward.FusedTracedForward``); untraceable forwards are left as they are, with a reason.
 - **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
   call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.

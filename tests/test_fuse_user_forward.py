@@ -115,6 +115,18 @@ class DataDependent(nn.Module):
         return torch.relu(out)
 
 
+class Counting(nn.Module):
+    """A Python side effect in forward, which a traced graph does not record: left as it is."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.body, self.calls = _body(width, width), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.relu(self.body(x) + x)
+
+
 JOIN_BNS = {"block.body.4", "down.b2", "down.down.1", "same.b2", "f.4", "pooled.body.4"}
 
 
@@ -217,6 +229,15 @@ def test_data_dependent_control_flow_falls_back_with_a_reason():
     assert "cannot be traced by torch.fx" in state and "DataDependent" in state
     for train in (True, False):
         assert_step_matches(plain, fused, torch.randn(2, 8, 6, 6, dtype=F64), train)
+
+
+def test_a_forward_with_a_side_effect_is_left_as_it_is():
+    plain, fused = _pair(Counting())
+    assert type(fused) is Counting and fused.calls == 0  # tracing ran its forward; its count is restored
+    assert "its forward sets calls" in fused_resnet.fusion_report(fused)["body.4"]
+    for train in (True, False):
+        assert_step_matches(plain, fused, torch.randn(2, 8, 6, 6, dtype=F64), train)
+    assert fused.calls == plain.calls == 2
 
 
 def test_other_instances_of_the_class_are_unaffected():
