@@ -50,9 +50,12 @@ def _own_forward(m: nn.Module) -> bool:
 
 
 def _bn_ends(m: nn.Module) -> list[nn.Module]:
-    """The BNs that end ``m``'s children (a BN child, or the last child of a Sequential child)."""
-    ends = []
-    for child in m.children():
+    """The BNs that end ``m``'s children (a BN child, or the last child of a Sequential child; in a
+    ModuleList / ModuleDict child too)."""
+    ends, children = [], []
+    for child in m.children():  # a ModuleList / ModuleDict's modules are called by the forward itself
+        children += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+    for child in children:
         if _patterns.is_own(child, nn.Sequential, "forward") and len(child):
             child = child[-1]
         if isinstance(child, _BatchNorm):
