@@ -1,5 +1,6 @@
 """A CIFAR ResNet-20 written the simple way (blocks with their adds in their own forward, issue #13):
-eager vs fused (+ prepared in eval) on the CPU, min over interleaved rounds.
+eager vs fused (+ prepared in eval) on the CPU, min over interleaved rounds; beside it the same network
+built from torchvision-structured blocks (``small_resnet``, fused as whole ``FusedBasicBlock``s), prepared.
 
     PYTHONPATH=$PWD python benchmarks/scripts/user_forward.py [--threads 1] [--rounds 15]
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
+from fused_resnet.small_resnet import small_resnet
 
 
 class Block(nn.Module):
@@ -77,12 +79,14 @@ def main() -> None:
         x = torch.randn(batch, 3, 32, 32)
         eager.eval(), fused.eval()
         prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
+        blocks = fused_resnet.prepare_for_inference(fused_resnet.fuse(small_resnet(fused=False, blocks=(3, 3, 3))))
         with torch.no_grad():
             t = _min_interleaved({"eager": lambda: eager(x), "fused": lambda: fused(x),
-                                  "prepared": lambda: prepared(x)}, args.rounds)
+                                  "prepared": lambda: prepared(x), "blocks": lambda: blocks(x)}, args.rounds)
         print(f"eval batch {batch}: eager {t['eager'] * 1e3:.2f} ms, fused {t['fused'] * 1e3:.2f} ms "
               f"({t['eager'] / t['fused']:.2f}x), prepared {t['prepared'] * 1e3:.2f} ms "
-              f"({t['eager'] / t['prepared']:.2f}x)")
+              f"({t['eager'] / t['prepared']:.2f}x); torchvision-structured blocks fused, prepared "
+              f"{t['blocks'] * 1e3:.2f} ms")
     x = torch.randn(32, 3, 32, 32)
     eager.train(), fused.train()
     t = _min_interleaved({"eager": lambda: eager(x).sum().backward(), "fused": lambda: fused(x).sum().backward()},
