@@ -128,9 +128,7 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
     joins, offsets = plan.joins, plan.offsets
     for step in plan.steps:
         kind = step[0]
-        if kind == "call_module":
-            value = step[1](*_load(step[2], env), **_load(step[3], env))
-        elif kind == "call_function":
+        if kind == "call_module" or kind == "call_function":  # step[1]: the module, or the function
             value = step[1](*_load(step[2], env), **_load(step[3], env))
         elif kind == "call_method":
             this, *rest = _load(step[2], env)
@@ -139,7 +137,7 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
             value = module
             for part in step[1].split("."):
                 value = getattr(value, part)
-        elif kind == "prefix":  # a branch Sequential's children before its last conv and BN, as it holds them now
+        elif kind == "prefix":  # a branch Sequential's children before its conv and BN, as it holds them now
             value = env[step[2].index]
             children = list(step[1]._modules.values())
             for child in children[:-2]:

@@ -73,8 +73,9 @@ def main() -> None:
     eager = ResNet20()
     fused = fused_resnet.fuse(copy.deepcopy(eager))
     report = fused_resnet.fusion_report(fused)
-    print(f"torch {torch.__version__}, threads {args.threads}: BNs fused {sum(v.startswith('fused') for v in report.values())}"
-          f"/{len(report)}, with the add in a forward {sum('residual add' in v for v in report.values())}")
+    fused_bns = sum(v.startswith("fused") for v in report.values())
+    print(f"torch {torch.__version__}, threads {args.threads}: BNs fused {fused_bns}/{len(report)}, "
+          f"with the add in a forward {sum('residual add' in v for v in report.values())}")
     for batch in (1, 8):
         x = torch.randn(batch, 3, 32, 32)
         eager.eval(), fused.eval()
