@@ -82,6 +82,18 @@ class PooledShortcut(nn.Module):
         return torch.relu(self.body(x) + F.avg_pool2d(x, 2))
 
 
+class AvgDownBlock(nn.Module):
+    """A ResNet-D shortcut: ``relu(body(x) + short(x))``, ``short`` a Sequential(avg-pool, conv, BN)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.body = _body(cin, cout, stride=2)
+        self.short = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.short(x))
+
+
 class UserNet(nn.Module):
     """A ResNet written the simple way, all adds in the forwards: its own, and its blocks'."""
 
@@ -159,6 +171,19 @@ def test_adds_in_user_forwards_are_fused_and_match(act_kind):
     assert not fused.traced_plan.joins[0].relu  # x + f(x)
     for train in (True, True, False):  # the second step sees the running statistics the first updated
         assert_step_matches(plain, fused, _x(), train)
+
+
+def test_a_shortcut_sequential_with_a_pool_before_its_conv_and_bn():
+    plain, fused = _pair(AvgDownBlock(8, 16))
+    join = fused.traced_plan.joins[0]
+    assert join.short_seq is fused.short and join.short[1][2] is fused.short[2] and join.relu
+    assert [s[0] for s in fused.traced_plan.steps] == ["prefix", "prefix", "join", "output"]
+    for train in (True, True, False):
+        assert_step_matches(plain, fused, torch.randn(2, 8, 8, 8, dtype=F64), train)
+    plain.eval(), fused_resnet.prepare_for_inference(fused)
+    x = torch.randn(2, 8, 8, 8, dtype=F64)
+    with torch.no_grad():
+        assert relative_error(fused(x), plain(x)) <= FP64_MODEL_TOL
 
 
 def test_the_join_applies_the_bns_the_add_and_the_relu_in_one_pass(monkeypatch):
