@@ -129,7 +129,7 @@ def _block_state(block: _FusedBlockMixin, name: str) -> str:
     if block.fusable():
         return f"fused: in the residual block {name}"
     if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
-        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, " \
+        return f"fused: in the residual block {name} (in training, while its DropBlock drops, " \
                "its own forward runs)"
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
