@@ -145,7 +145,7 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
         state = f"fusable: with the residual add of {name}"
         if fused:
             state = f"fused: with the residual add of {name}" if m.fusable() else (
-                f"not fused: a module of the fused join {name} was replaced, has hooks, or drops now, so it runs "
+                f"not fused: a module of the fused join {name} was replaced or has hooks, so it runs "
                 "its own forward")
         for slots in (join.last, join.shortcut or ()):
             if slots:
