@@ -15,9 +15,9 @@ the shortcut's BN (when the shortcut is a conv -> BN) and the add (and ReLU) in 
 normalised output is neither written nor saved; in eval both BNs are folded and the conv's epilogue
 adds the shortcut. An activation other than ReLU runs as its own module after the add. While a
 timm DropPath drops (training, drop rate > 0) its per-sample keep-scale, drawn by the module itself
-(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
-``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
-fuses a join whose module was replaced anew, with the modules it holds then).
+(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the
+modules are still where ``fuse`` found them and have no hooks; if not, the block runs its own forward
+(``fuse`` called again fuses a join whose module was replaced anew, with the modules it holds then).
 """
 
 from __future__ import annotations
