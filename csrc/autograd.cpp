@@ -39,10 +39,10 @@ using ConvStatsBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, IntList, IntList, IntList, int64_t, std::array<bool, 3>,
     c10::string_view);
 using BnAddReluSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, bool);
-using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+                            const OptTensor&, bool, const OptTensor&);
+using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, std::array<bool, 4>, c10::string_view);
+    const OptTensor&, bool, std::array<bool, 4>, c10::string_view, const OptTensor&);
 using ConvBiasActSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, IntList, IntList,
                               IntList, int64_t, bool);
 using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
@@ -175,12 +175,12 @@ struct ConvBn : public torch::autograd::Function<ConvBn> {
 struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
   static variable_list forward(AutogradContext* ctx, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
                                const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
-                               bool relu) {
+                               bool relu, const OptTensor& gate) {
     static auto bn_add_relu = op<BnAddReluSig>("fused_resnet::bn_add_relu");
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor out = bn_add_relu.call(y, scale, shift, residual, res_scale, res_shift, relu);
+    Tensor out = bn_add_relu.call(y, scale, shift, residual, res_scale, res_shift, relu, gate);
     ctx->save_for_backward({y, or_undefined(scale), or_undefined(shift), or_undefined(residual),
-                            or_undefined(res_scale), or_undefined(res_shift)});
+                            or_undefined(res_scale), or_undefined(res_shift), or_undefined(gate)});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["backend"] = std::string(router::name(router::requested()));
     return {out};
@@ -190,12 +190,13 @@ struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
     static auto bn_add_relu_backward = op<BnAddReluBackwardSig>("fused_resnet::bn_add_relu_backward");
     const auto s = ctx->get_saved_variables();
     const auto need = needs_grad(ctx, s);
-    auto [gy, gs, gb, gr, grs, grb] = bn_add_relu_backward.call(
+    // The gate's gradient comes with the BN's affine ones (output_mask[1]).
+    auto [gy, gs, gb, gr, grs, grb, gg] = bn_add_relu_backward.call(
         grads[0], s[0], optional(s[1]), optional(s[2]), optional(s[3]), optional(s[4]), optional(s[5]),
-        ctx->saved_data["relu"].toBool(), {need[0], need[1] || need[2], need[3], need[4] || need[5]},
-        ctx->saved_data["backend"].toStringRef());
+        ctx->saved_data["relu"].toBool(), {need[0], need[1] || need[2] || need[6], need[3], need[4] || need[5]},
+        ctx->saved_data["backend"].toStringRef(), optional(s[6]));
     return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]), if_needed(gr, need[3]),
-            if_needed(grs, need[4]), if_needed(grb, need[5]), Tensor()};
+            if_needed(grs, need[4]), if_needed(grb, need[5]), Tensor(), if_needed(gg, need[6])};
   }
 };
 
@@ -276,8 +277,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
 }
 
 Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
-                   const OptTensor& rb, bool relu) {
-  return BnAddRelu::apply(y, s, b, res, rs, rb, relu)[0];
+                   const OptTensor& rb, bool relu, const OptTensor& gate) {
+  return BnAddRelu::apply(y, s, b, res, rs, rb, relu, gate)[0];
 }
 
 Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res, IntList st,

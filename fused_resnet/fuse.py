@@ -139,7 +139,7 @@ def _block_state(block: _FusedBlockMixin, name: str) -> str:
     if block.fusable():
         return f"fused: in the residual block {name}"
     if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
-        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, " \
+        return f"fused: in the residual block {name} (in training, while its DropBlock drops, " \
                "its own forward runs)"
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
@@ -155,7 +155,7 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
         state = f"fusable: with the residual add of {name}"
         if fused:
             state = f"fused: with the residual add of {name}" if m.fusable() else (
-                f"not fused: a module of the fused join {name} was replaced, has hooks, or drops now, so it runs "
+                f"not fused: a module of the fused join {name} was replaced or has hooks, so it runs "
                 "its own forward")
         for slots in (join.last, join.shortcut or ()):
             if slots:
