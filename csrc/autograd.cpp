@@ -35,10 +35,10 @@ using ConvStatsBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, IntList, IntList, IntList, int64_t, std::array<bool, 3>,
     c10::string_view);
 using BnAddReluSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, bool);
-using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+                            const OptTensor&, bool, const OptTensor&);
+using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, std::array<bool, 4>, c10::string_view);
+    const OptTensor&, bool, std::array<bool, 4>, c10::string_view, const OptTensor&);
 using ConvBiasActSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, IntList, IntList,
                               IntList, int64_t, bool);
 using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
@@ -114,27 +114,29 @@ struct ConvBnBackward : Node {
   }
 };
 
-// Edges (y, scale, shift, residual, res_scale, res_shift); one output.
+// Edges (y, scale, shift, residual, res_scale, res_shift, gate); one output.
 struct BnAddReluBackward : Node {
-  SavedVariable y_, scale_, shift_, residual_, res_scale_, res_shift_;
+  SavedVariable y_, scale_, shift_, residual_, res_scale_, res_shift_, gate_;
   bool relu = false;
   int backend = router::kAuto;
   std::string name() const override { return "BnAddReluBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* s : {&y_, &scale_, &shift_, &residual_, &res_scale_, &res_shift_}) s->reset_data();
+    for (auto* s : {&y_, &scale_, &shift_, &residual_, &res_scale_, &res_shift_, &gate_}) s->reset_data();
   }
   variable_list apply(variable_list&& grads) override {
     static auto backward = op<BnAddReluBackwardSig>("fused_resnet::bn_add_relu_backward");
     std::lock_guard<std::mutex> lock(mutex_);
-    bool need[6];
-    for (size_t i = 0; i < 6; ++i) need[i] = task_should_compute_output(i);
-    auto [gy, gs, gb, gr, grs, grb] = backward.call(
+    bool need[7];
+    for (size_t i = 0; i < 7; ++i) need[i] = task_should_compute_output(i);
+    // The gate's gradient comes with the BN's affine ones (output_mask[1]).
+    auto [gy, gs, gb, gr, grs, grb, gg] = backward.call(
         or_zeros(*this, grads[0], 0), y_.unpack(), optional(scale_.unpack()), optional(shift_.unpack()),
         optional(residual_.unpack()), optional(res_scale_.unpack()), optional(res_shift_.unpack()), relu,
-        {need[0], need[1] || need[2], need[3], need[4] || need[5]}, router::name(backend));
-    return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]),
-            if_needed(gr, need[3]), if_needed(grs, need[4]), if_needed(grb, need[5])};
+        {need[0], need[1] || need[2] || need[6], need[3], need[4] || need[5]}, router::name(backend),
+        optional(gate_.unpack()));
+    return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]), if_needed(gr, need[3]),
+            if_needed(grs, need[4]), if_needed(grb, need[5]), if_needed(gg, need[6])};
   }
 };
 
@@ -260,26 +262,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
 }
 
 Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
-                   const OptTensor& rb, bool relu) {
+                   const OptTensor& rb, bool relu, const OptTensor& gate) {
   static auto forward = op<BnAddReluSig>("fused_resnet::bn_add_relu");
-  check_supported("bn_add_relu", y, s, b, res, rs, rb);
+  check_supported("bn_add_relu", y, s, b, res, rs, rb, gate);
   NodePtr<BnAddReluBackward> node;
-  if (compute_requires_grad(y, s, b, res, rs, rb)) {
+  if (compute_requires_grad(y, s, b, res, rs, rb, gate)) {
     node = make_node<BnAddReluBackward>();
-    node->set_next_edges(collect_next_edges(y, s, b, res, rs, rb));
+    node->set_next_edges(collect_next_edges(y, s, b, res, rs, rb, gate));
     node->y_ = SavedVariable(y, false);
     node->scale_ = SavedVariable(s, false);
     node->shift_ = SavedVariable(b, false);
     node->residual_ = SavedVariable(res, false);
     node->res_scale_ = SavedVariable(rs, false);
     node->res_shift_ = SavedVariable(rb, false);
+    node->gate_ = SavedVariable(gate, false);
     node->relu = relu;
     node->backend = router::requested();
   }
   Tensor out = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     at::NoGradGuard no_grad;
-    return forward.call(y, s, b, res, rs, rb, relu);
+    return forward.call(y, s, b, res, rs, rb, relu, gate);
   }();
   if (node) set_history(out, node);
   return out;
