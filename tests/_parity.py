@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fused_resnet._tolerances import relative_error
+from fused_resnet._tolerances import relative_error, tolerance
 
 FP64_MODEL_TOL = 1e-9  # the issue's bar for whole fused models in fp64
 
@@ -67,3 +67,18 @@ def assert_step_matches(plain: nn.Module, fused: nn.Module, x: torch.Tensor, tra
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tol, f"{worst}: relative error {errors[worst]:.3e} exceeds {tol:.1e}"
     return errors[worst]
+
+
+def assert_fp32_within_eager(plain: nn.Module, fused: nn.Module, gold: nn.Module, x: torch.Tensor,
+                             factor: float = 3.0) -> None:
+    """One forward + backward of the fp32 ``plain`` and ``fused`` models and their fp64 copy ``gold``:
+    the fused output and every fused gradient within ``factor`` x eager fp32's own error vs fp64
+    (plus the fp32 tolerance); gradients are left in place (callers zero them)."""
+    outs = [m(x.to(d)) for m, d in ((plain, torch.float32), (fused, torch.float32), (gold, torch.float64))]
+    for out in outs:
+        out.square().sum().backward()
+    slack = tolerance(torch.float32)
+    assert relative_error(outs[1], outs[2]) <= factor * relative_error(outs[0], outs[2]) + slack
+    eager, ours = grad_errors(gold, plain), grad_errors(gold, fused)
+    for name, err in ours.items():
+        assert err <= factor * eager[name] + slack, name
