@@ -4,10 +4,11 @@
 // passes on its own threads, which do not see the caller's use_backend).
 //
 // What is saved is the memory story of the library: conv_stats (and conv_bn) keeps its raw input x,
-// the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised, ReLU'd
-// activation that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
+// the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised,
+// activated input that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
 // (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
-// applies a ReLU (the mask).
+// applies ReLU or ReLU6 (the mask); with SiLU it keeps its bias and residual to recompute the
+// pre-activation.
 #include <string>
 #include <tuple>
 #include <vector>
@@ -16,6 +17,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "router.h"
 
 namespace fused_resnet_native::autograd {
@@ -32,29 +34,29 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using ConvStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool,
+using ConvStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, int64_t,
                                                         const Tensor&, IntList, IntList, IntList, int64_t);
 using ConvStatsBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
     const Tensor&, const Tensor&, const Tensor&, IntList, IntList, IntList, int64_t, std::array<bool, 3>,
     c10::string_view);
 using BnAddReluSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, bool);
+                            const OptTensor&, int64_t);
 using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, std::array<bool, 4>, c10::string_view);
+    const OptTensor&, int64_t, std::array<bool, 4>, c10::string_view);
 using ConvBiasActSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, IntList, IntList,
-                              IntList, int64_t, bool);
+                              IntList, int64_t, int64_t);
 using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, IntList, IntList, IntList, int64_t,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, IntList, IntList, IntList, int64_t,
     std::array<bool, 4>, c10::string_view);
 
 using ConvBnSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const OptTensor&, const OptTensor&,
+    const Tensor&, const OptTensor&, const OptTensor&, int64_t, const Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, const OptTensor&, std::optional<double>, double, IntList, IntList, IntList,
     int64_t);
 using ConvBnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
     const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, double, IntList, IntList, IntList,
     int64_t, std::array<bool, 4>, c10::string_view);
 using BnFinalizeSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
@@ -98,14 +100,14 @@ struct Conv {
 
 struct ConvStats : public torch::autograd::Function<ConvStats> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& in_scale,
-                               const OptTensor& in_shift, bool in_relu, const Tensor& weight, IntList stride,
+                               const OptTensor& in_shift, int64_t in_act, const Tensor& weight, IntList stride,
                                IntList padding, IntList dilation, int64_t groups) {
     static auto conv_stats = op<ConvStatsSig>("fused_resnet::conv_stats");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, var] = conv_stats.call(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups);
+    auto [y, mean, var] = conv_stats.call(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups);
     ctx->save_for_backward({x, or_undefined(in_scale), or_undefined(in_shift), weight, y, mean});
     save_conv(ctx, stride, padding, dilation, groups);
-    ctx->saved_data["in_relu"] = in_relu;
+    ctx->saved_data["in_act"] = in_act;
     return {y, mean, var};
   }
 
@@ -117,7 +119,7 @@ struct ConvStats : public torch::autograd::Function<ConvStats> {
     const bool need_x = need[0], need_scale = need[1], need_shift = need[2], need_w = need[3];
     auto [gx, gs, gb, gw] = conv_stats_backward.call(
         grads[0], grads[1], grads[2], saved[0], optional(saved[1]), optional(saved[2]),
-        ctx->saved_data["in_relu"].toBool(), saved[3], saved[4], saved[5], conv.stride, conv.padding, conv.dilation,
+        ctx->saved_data["in_act"].toInt(), saved[3], saved[4], saved[5], conv.stride, conv.padding, conv.dilation,
         conv.groups, {need_x, need_scale || need_shift, need_w}, conv.backend);
     return {if_needed(gx, need_x), if_needed(gs, need_scale), if_needed(gb, need_shift), Tensor(),
             if_needed(gw, need_w), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -130,7 +132,7 @@ struct ConvStats : public torch::autograd::Function<ConvStats> {
 // shift). The running statistics the forward updated in place are buffers: nothing flows to them.
 struct ConvBn : public torch::autograd::Function<ConvBn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& in_scale,
-                               const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+                               const OptTensor& in_shift, int64_t in_act, const Tensor& weight,
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
                                const OptTensor& running_var, const OptTensor& num_batches_tracked,
                                std::optional<double> momentum, double eps, IntList stride, IntList padding,
@@ -138,7 +140,7 @@ struct ConvBn : public torch::autograd::Function<ConvBn> {
     static auto conv_bn = op<ConvBnSig>("fused_resnet::conv_bn");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, scale, shift, mean, var] =
-        conv_bn.call(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+        conv_bn.call(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean, running_var,
                      num_batches_tracked, momentum, eps, stride, padding, dilation, groups);
     ctx->save_for_backward({x, or_undefined(in_scale), or_undefined(in_shift), weight, or_undefined(bn_weight),
                             or_undefined(bn_bias), y, mean, var});
@@ -146,7 +148,7 @@ struct ConvBn : public torch::autograd::Function<ConvBn> {
     // No zeros made for the statistics' (never defined) gradients: ~2 us of host time a call.
     ctx->set_materialize_grads(false);
     save_conv(ctx, stride, padding, dilation, groups);
-    ctx->saved_data["in_relu"] = in_relu;
+    ctx->saved_data["in_act"] = in_act;
     ctx->saved_data["eps"] = eps;
     return {y, scale, shift, mean, var};
   }
@@ -162,7 +164,7 @@ struct ConvBn : public torch::autograd::Function<ConvBn> {
     const Tensor gscale = grads[1].defined() ? grads[1] : at::zeros_like(mean);
     const Tensor gshift = grads[2].defined() ? grads[2] : at::zeros_like(mean);
     auto [gx, gis, gib, gw, gbw, gbb] = conv_bn_backward.call(
-        gy, gscale, gshift, s[0], optional(s[1]), optional(s[2]), ctx->saved_data["in_relu"].toBool(),
+        gy, gscale, gshift, s[0], optional(s[1]), optional(s[2]), ctx->saved_data["in_act"].toInt(),
         s[3], optional(s[4]), s[6], s[7], s[8], ctx->saved_data["eps"].toDouble(), conv.stride, conv.padding,
         conv.dilation, conv.groups, {need[0], need[1] || need[2], need[3], need[4] || need[5]}, conv.backend);
     // Each gradient in its input's dtype, as autograd requires (BN parameters may be fp16/bf16).
@@ -175,13 +177,13 @@ struct ConvBn : public torch::autograd::Function<ConvBn> {
 struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
   static variable_list forward(AutogradContext* ctx, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
                                const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift,
-                               bool relu) {
+                               int64_t act) {
     static auto bn_add_relu = op<BnAddReluSig>("fused_resnet::bn_add_relu");
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor out = bn_add_relu.call(y, scale, shift, residual, res_scale, res_shift, relu);
+    Tensor out = bn_add_relu.call(y, scale, shift, residual, res_scale, res_shift, act);
     ctx->save_for_backward({y, or_undefined(scale), or_undefined(shift), or_undefined(residual),
                             or_undefined(res_scale), or_undefined(res_shift)});
-    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["act"] = act;
     ctx->saved_data["backend"] = std::string(router::name(router::requested()));
     return {out};
   }
@@ -192,7 +194,7 @@ struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
     const auto need = needs_grad(ctx, s);
     auto [gy, gs, gb, gr, grs, grb] = bn_add_relu_backward.call(
         grads[0], s[0], optional(s[1]), optional(s[2]), optional(s[3]), optional(s[4]), optional(s[5]),
-        ctx->saved_data["relu"].toBool(), {need[0], need[1] || need[2], need[3], need[4] || need[5]},
+        ctx->saved_data["act"].toInt(), {need[0], need[1] || need[2], need[3], need[4] || need[5]},
         ctx->saved_data["backend"].toStringRef());
     return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]), if_needed(gr, need[3]),
             if_needed(grs, need[4]), if_needed(grb, need[5]), Tensor()};
@@ -202,14 +204,18 @@ struct BnAddRelu : public torch::autograd::Function<BnAddRelu> {
 struct ConvBiasAct : public torch::autograd::Function<ConvBiasAct> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                const OptTensor& residual, IntList stride, IntList padding, IntList dilation,
-                               int64_t groups, bool relu) {
+                               int64_t groups, int64_t act) {
     static auto conv_bias_act = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor out = conv_bias_act.call(x, weight, bias, residual, stride, padding, dilation, groups, relu);
-    // The output is kept only for the ReLU mask: without ReLU, a caller may modify it in place.
-    ctx->save_for_backward({x, weight, relu ? out : Tensor()});
+    Tensor out = conv_bias_act.call(x, weight, bias, residual, stride, padding, dilation, groups, act);
+    // ReLU/ReLU6 keep the output for their mask (without an activation a caller may modify it in
+    // place). SiLU's derivative needs the pre-activation: its backward recomputes it from the inputs
+    // (an inference op's backward; nothing the size of the output is kept for it).
+    const bool recompute = act == kActSilu;
+    ctx->save_for_backward({x, weight, (act == kActRelu || act == kActRelu6) ? out : Tensor(),
+                            recompute ? or_undefined(bias) : Tensor(), recompute ? or_undefined(residual) : Tensor()});
     save_conv(ctx, stride, padding, dilation, groups);
-    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["act"] = act;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
     return {out};
@@ -223,8 +229,16 @@ struct ConvBiasAct : public torch::autograd::Function<ConvBiasAct> {
     const Tensor given = s[0];
     const auto need = needs_grad(ctx, {s[0], s[1], ctx->saved_data["has_bias"].toBool() ? given : Tensor(),
                                        ctx->saved_data["has_residual"].toBool() ? given : Tensor()});
+    const int64_t act = ctx->saved_data["act"].toInt();
+    Tensor out = s[2];
+    if (act == kActSilu) {
+      static auto conv_bias_act = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = conv_bias_act.call(s[0], s[1], optional(s[3]), optional(s[4]), conv.stride, conv.padding, conv.dilation,
+                               conv.groups, kActNone);
+    }
     auto [gx, gw, gbias, gres] = conv_bias_act_backward.call(
-        grads[0], s[0], s[1], s[2].defined() ? s[2] : grads[0], ctx->saved_data["relu"].toBool(), conv.stride,
+        grads[0], s[0], s[1], out.defined() ? out : grads[0], act, conv.stride,
         conv.padding, conv.dilation, conv.groups, {need[0], need[1], need[2], need[3]}, conv.backend);
     return {if_needed(gx, need[0]), if_needed(gw, need[1]), if_needed(gbias, need[2]), if_needed(gres, need[3]),
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -261,14 +275,14 @@ std::tuple<Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var, co
   return {out[0], out[1]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, bool r,
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t r,
                                               const Tensor& w, IntList st, IntList p, IntList d, int64_t g) {
   auto out = ConvStats::apply(x, s, b, r, w, st, p, d, g);
   return {out[0], out[1], out[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
-    const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+    const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t r, const Tensor& w, const OptTensor& bw,
     const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
     double eps, IntList st, IntList p, IntList d, int64_t g) {
   auto out = ConvBn::apply(x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
@@ -276,13 +290,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
 }
 
 Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
-                   const OptTensor& rb, bool relu) {
-  return BnAddRelu::apply(y, s, b, res, rs, rb, relu)[0];
+                   const OptTensor& rb, int64_t act) {
+  return BnAddRelu::apply(y, s, b, res, rs, rb, act)[0];
 }
 
 Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res, IntList st,
-                     IntList p, IntList d, int64_t g, bool relu) {
-  return ConvBiasAct::apply(x, w, bias, res, st, p, d, g, relu)[0];
+                     IntList p, IntList d, int64_t g, int64_t act) {
+  return ConvBiasAct::apply(x, w, bias, res, st, p, d, g, act)[0];
 }
 
 }  // namespace
