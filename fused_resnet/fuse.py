@@ -1,4 +1,4 @@
-"""``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
+"""``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> activation) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
 Four rules, in this order:
@@ -14,10 +14,12 @@ Four rules, in this order:
 - **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
-  BN, add and ReLU run as one pass; their other convs are left to the next rule.
-- **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
-  the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
-  call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
+  BN, add and activation run as one pass; their other convs are left to the next rule.
+- **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
+  the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
+  every call that they are still where ``fuse`` found them. The activations the kernels apply:
+  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU`` (``_activation.module_code``); any
+  other runs as its own module.
 
 Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
 and if not, why.
@@ -35,7 +37,7 @@ from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
     FusedAwayBatchNorm2d,
-    FusedAwayReLU,
+    FUSED_AWAY_ACT,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBN2d,
@@ -92,16 +94,16 @@ def _fuse_chain(chain: _patterns.Chain) -> None:
     conv.__class__ = FusedConvBN2d
     # Unregistered references: the state_dict keys stay where they were, and no module cycle is
     # registered. The chain's modules check them on every call (FusedConvBN2d.fused_state).
-    conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_relu_module=relu,
-                         stem_owner=chain.container, stem_modules=modules, fused_slots=tuple(chain.fused_slots),
-                         relu_slots=tuple(chain.relu_slots))
+    conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_act=chain.act,
+                         fused_relu_module=relu, stem_owner=chain.container, stem_modules=modules,
+                         fused_slots=tuple(chain.fused_slots), relu_slots=tuple(chain.relu_slots))
     if _patterns.norm_act(bn):
         bn.__class__ = _foreign.subclass(FusedAwayNormAct, type(bn))
     else:
         bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
     bn.__dict__["fused_into"] = conv
     if relu is not None:
-        relu.__class__ = FusedAwayReLU
+        relu.__class__ = FUSED_AWAY_ACT[type(relu)]
         relu.__dict__["fused_into"] = conv
 
 
@@ -109,7 +111,8 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
     """Give each module of a fused chain back the class it had before ``fuse``."""
     for module in conv.stem_modules:
         module.__class__ = module.__dict__.pop("class_before_fuse")
-        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_relu_module", "stem_owner", "stem_modules",
+        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_act", "fused_relu_module", "stem_owner",
+                     "stem_modules",
                      "fused_slots", "relu_slots"):
             module.__dict__.pop(attr, None)
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, inference, ops, resnet_arch
+from . import _activation, distributed, inference, ops, resnet_arch
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -111,20 +111,21 @@ def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2
     )
 
 
-def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.Tensor | None, relu: bool,
+def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.Tensor | None, act: int,
               prepared: inference.PreparedConv | None = None) -> torch.Tensor:
-    """``relu?(bn(conv(x)) + residual)`` with the eval-mode ``bn`` folded into the conv: by the
-    prepared conv when given (``inference.prepare_for_inference``), else folded now; as plain ATen
-    ops under ``torch.compile``/export/tracing (``inference.emits_aten``), else by ``conv_bias_act``."""
+    """``act(bn(conv(x)) + residual)`` (``act``: an ``_activation`` code) with the eval-mode ``bn``
+    folded into the conv: by the prepared conv when given (``inference.prepare_for_inference``), else
+    folded now; as plain ATen ops under ``torch.compile``/export/tracing (``inference.emits_aten``),
+    else by ``conv_bias_act``."""
     if prepared is not None:
-        return prepared(x, residual, relu)
+        return prepared(x, residual, act)
     weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     if not inference.emits_aten():
-        return ops.conv_bias_act(x, weight, bias, residual, relu=relu, **_conv_kwargs(conv))
+        return ops.conv_bias_act(x, weight, bias, residual, activation=act, **_conv_kwargs(conv))
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         out = out + residual
-    return torch.relu(out) if relu else out
+    return _activation.apply(out, act)
 
 
 def _eval_pairs(chain, ds) -> list[tuple[nn.Conv2d, nn.Module]]:
@@ -158,19 +159,19 @@ def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2
         shortcut = conv_bn(x, *ds)
     else:
         shortcut = x if downsample is None else downsample(x)
-    return ops.bn_add_relu(h, shortcut, relu=True)
+    return ops.bn_add_relu(h, shortcut, activation=_activation.RELU)
 
 
 def _folded_residual_forward(x, chain, downsample, ds, prepared):
     prepared = iter(prepared or ())
     if ds is not None:
-        shortcut = eval_conv(x, *ds, None, False, next(prepared, None))
+        shortcut = eval_conv(x, *ds, None, _activation.NONE, next(prepared, None))
     else:
         shortcut = x if downsample is None else downsample(x)
     h = x
     for i, (conv, bn) in enumerate(chain):
         last = i == len(chain) - 1
-        h = eval_conv(h, conv, bn, shortcut if last else None, True, next(prepared, None))
+        h = eval_conv(h, conv, bn, shortcut if last else None, _activation.RELU, next(prepared, None))
     return h
 
 
@@ -251,7 +252,8 @@ def slots_intact(slots) -> bool:
 
 
 class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """An ``nn.Conv2d`` that also applies the BN (and ReLU) its container calls right after it:
+    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6) or
+    SiLU, ``_activation.module_code``) its container calls right after it:
     ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
     the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
     :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not
@@ -266,8 +268,9 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
     a step. ``fuse`` called again re-fuses such a chain."""
 
     fused_bn: nn.BatchNorm2d
-    fused_relu: bool
-    fused_relu_module: nn.Module | None
+    fused_relu: bool  # whether an activation is fused (its slots: relu_slots)
+    fused_act: int  # its code (_activation)
+    fused_relu_module: nn.Module | None  # the activation module, when a separate one
     stem_owner: nn.Module  # the container whose forward calls conv, BN (and ReLU) in a row
     fused_slots: tuple[Slot, ...]  # where the container (and its parents) held the conv and the BN
     relu_slots: tuple[Slot, ...]  # where the modules between the BN and the ReLU, and the ReLU, were
@@ -290,10 +293,11 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
             return nn.Conv2d.forward(self, x)
         warn_if_global_hooks()
         bn = self.fused_bn
+        act = self.__dict__.get("fused_act", _activation.RELU) if relu else _activation.NONE
         if not _uses_batch_stats(bn):
             prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
-            return eval_conv(x, self, bn, None, relu, prepared[0] if prepared else None)
-        return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
+            return eval_conv(x, self, bn, None, act, prepared[0] if prepared else None)
+        return ops.bn_add_relu(conv_bn(x, self, bn), activation=act)
 
 
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
@@ -314,10 +318,31 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + ", fused into the preceding conv"
 
 
-class FusedAwayReLU(nn.ReLU):
-    """A ReLU whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+class FusedAwayActivation:
+    """An activation module whose work a preceding :class:`FusedConvBN2d` does: it passes its input
+    through (mixed into the activation's own class, whose forward runs when the chain is broken)."""
 
     fused_into: FusedConvBN2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_away_forward(self, nn.ReLU.forward, x, 1)
+        return fused_away_forward(self, self.__dict__["class_before_fuse"].forward, x, 1)
+
+
+class FusedAwayReLU(FusedAwayActivation, nn.ReLU):
+    """A ReLU whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwayReLU6(FusedAwayActivation, nn.ReLU6):
+    """A ReLU6 whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwayHardtanh(FusedAwayActivation, nn.Hardtanh):
+    """An ``nn.Hardtanh(0, 6)`` whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwaySiLU(FusedAwayActivation, nn.SiLU):
+    """A SiLU whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+FUSED_AWAY_ACT = {nn.ReLU: FusedAwayReLU, nn.ReLU6: FusedAwayReLU6, nn.Hardtanh: FusedAwayHardtanh,
+                  nn.SiLU: FusedAwaySiLU}  # by the activation's own class (_activation.module_code's)
