@@ -4,12 +4,13 @@ ReLU, ReLU6, Hardtanh(0, 6), SiLU) chains and residual blocks in them.
 A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
 read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
 MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
-timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet`` (stem and
-head) and its ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such class a
-*run* lists children the forward calls one after the other, each on the previous one's output and
-nothing else reading it in between: a conv followed by a BN in a run can be fused, and the activation
-after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings its own). Other libraries are looked up in
-``sys.modules`` only: fused_resnet imports neither, and a model built from them has imported them.
+timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet``
+(stem and head) and its ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such
+class a *run* lists children the forward calls one after the other, each on the previous one's
+output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
+the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
+its own). Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
+a model built from them has imported them.
 """
 
 from __future__ import annotations
