@@ -32,7 +32,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _foreign, _joins, _patterns, dense, distributed
+from . import _activation, _foreign, _joins, _patterns, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -162,7 +162,8 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     joins, join_notes, taken = _joins.find(model)
     found = _patterns.scan(model, _block_class, taken)
     found.notes.update(join_notes)
-    chained = {id(c.bn): f"fusable: into {c.name}" + (" with its ReLU" if c.relu_slots else "") for c in found.chains}
+    chained = {id(c.bn): f"fusable: into {c.name}" + (f" with its {_activation.NAMES[c.act]}" if c.relu_slots else "")
+               for c in found.chains}
     in_block = _join_states(model, joins)
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
@@ -200,7 +201,7 @@ def _bns(model: nn.Module) -> list[nn.Module]:
 def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """Fuse, in place, the torchvision-structured ``BasicBlock``/``Bottleneck`` blocks of ``model``
     (swapped for ``FusedBasicBlock``/``FusedBottleneck``), timm's ResNet blocks and every conv ->
-    BN (-> ReLU) chain of a container whose forward is known (see the module docstring);
+    BN (-> activation) chain of a container whose forward is known (see the module docstring);
     parameters, buffers and ``state_dict`` keys are unchanged. Returns ``model``. What was swapped
     is logged on the ``fused_resnet`` logger (INFO), and printed when ``verbose``; unrecognised
     modules are left as they are. A block passed as ``model`` itself cannot be swapped in place:

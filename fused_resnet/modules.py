@@ -302,7 +302,7 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
 
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
     """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
-    0 for its BN, 1 for its ReLU), else ``own_forward(module, x)``: the work of the class it was."""
+    0 for its BN, 1 for its activation), else ``own_forward(module, x)``: the work of the class it was."""
     return x if module.fused_into.fused_state()[which] else own_forward(module, x)
 
 
