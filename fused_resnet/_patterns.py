@@ -159,8 +159,9 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     if not all(fusable_pair(c, b) for c, b in pairs):
         return "a conv or BN of the block is not a plain Conv2d(bias=False) / BatchNorm2d"
     activations = [m._modules.get(a) for a in acts]
-    if any(type(a) is not nn.ReLU for a in activations) or len({id(a) for a in activations}) != len(acts):
-        return "its activations are not distinct nn.ReLU modules"
+    codes = {_activation.module_code(a) for a in activations}
+    if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
+        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU)"
     if m.__dict__.get("se") is not None or m._modules.get("se") is not None:
         return "SE between the last BN and the add"
     if type(m._modules.get("aa")) is not nn.Identity:

@@ -101,13 +101,15 @@ def _momentum(bn: nn.BatchNorm2d) -> float | None:
     return bn.momentum if bn.momentum is not None or bn.num_batches_tracked is not None else 0.0
 
 
-def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ops.DeferredBN:
-    """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn``."""
+def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+            in_act: int = _activation.RELU) -> ops.DeferredBN:
+    """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn`` (``in_act``:
+    the activation a deferred ``x`` gets in the prologue)."""
     group = distributed.sync_group(bn, x.y if isinstance(x, ops.DeferredBN) else x)
     return ops.conv_bn(
         x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
         training=bn.training, momentum=_momentum(bn), eps=bn.eps, process_group=group,
-        **_conv_kwargs(conv),
+        in_activation=in_act, **_conv_kwargs(conv),
     )
 
 
@@ -139,11 +141,12 @@ _UNSET = object()
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
                      downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None,
-                     ds=_UNSET) -> torch.Tensor:
-    """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``, fused; ``shortcut`` is
-    the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the
-    block's prepared convs (eval only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)``
-    when the caller has it already."""
+                     ds=_UNSET, act: int = _activation.RELU) -> torch.Tensor:
+    """``act(bn_k(conv_k(...act(bn_1(conv_1(x)))...)) + shortcut(x))``, fused (``act``: an
+    ``_activation`` code, ReLU for torchvision's blocks); ``shortcut`` is the identity, a fusable
+    ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the block's prepared convs (eval
+    only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)`` when the caller has it
+    already."""
     if ds is _UNSET:
         ds = downsample_pair(downsample)
     # A loop with early exit, not a list and a generator: this runs on every forward.
@@ -151,18 +154,18 @@ def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2
     for _, bn in chain:
         batch_stats = batch_stats or _uses_batch_stats(bn)
     if not batch_stats:
-        return _folded_residual_forward(x, chain, downsample, ds, prepared)
+        return _folded_residual_forward(x, chain, downsample, ds, prepared, act)
     h: torch.Tensor | ops.DeferredBN = x
     for conv, bn in chain:
-        h = conv_bn(h, conv, bn)
+        h = conv_bn(h, conv, bn, act)
     if ds is not None:
         shortcut = conv_bn(x, *ds)
     else:
         shortcut = x if downsample is None else downsample(x)
-    return ops.bn_add_relu(h, shortcut, activation=_activation.RELU)
+    return ops.bn_add_relu(h, shortcut, activation=act)
 
 
-def _folded_residual_forward(x, chain, downsample, ds, prepared):
+def _folded_residual_forward(x, chain, downsample, ds, prepared, act):
     prepared = iter(prepared or ())
     if ds is not None:
         shortcut = eval_conv(x, *ds, None, _activation.NONE, next(prepared, None))
@@ -171,7 +174,7 @@ def _folded_residual_forward(x, chain, downsample, ds, prepared):
     h = x
     for i, (conv, bn) in enumerate(chain):
         last = i == len(chain) - 1
-        h = eval_conv(h, conv, bn, shortcut if last else None, _activation.RELU, next(prepared, None))
+        h = eval_conv(h, conv, bn, shortcut if last else None, act, next(prepared, None))
     return h
 
 
@@ -225,7 +228,11 @@ class _FusedBlockMixin(inference.Preparable):
         prepared = None
         if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
             prepared = self.prepared_convs(_eval_pairs(chain, ds))
-        return residual_forward(x, chain, self.downsample, prepared, ds)
+        return residual_forward(x, chain, self.downsample, prepared, ds, self._act_code())
+
+    def _act_code(self) -> int:
+        """The block's activation (torchvision's blocks: ReLU, checked by ``_fused_pairs``)."""
+        return _activation.RELU
 
 
 class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):

@@ -131,3 +131,16 @@ def test_hardtanh_0_6_fused_like_relu6():
             assert_step_matches(plain, fused, _x(n=3) * 3, train)
     fused_resnet.unfuse(fused)
     assert type(fused[2]) is nn.Hardtanh and type(fused[0]) is nn.Conv2d
+
+
+@pytest.mark.parametrize("act_layer", ["silu", "relu6"])
+def test_timm_resnet_blocks_with_another_activation_fused_whole(act_layer):
+    """timm ResNet blocks built with ``act_layer``: fused whole as with ReLU, the activation in the
+    next conv's prologue and after the add (fp64 parity, train and eval)."""
+    plain = randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer=act_layer).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert report["layer2.0.bn2"].startswith("fused: in the residual block"), report["layer2.0.bn2"]
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
