@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources of the native extension (csrc/**/*.cu, and the host
-# files of csrc/cuda with the CUDA headers) against the installed torch's headers, for sm_80 and
+# Compile-only check of the CUDA sources of the native extension's library _C_ops (csrc/**/*.cu,
+# and the host files of csrc/cuda with the CUDA headers) against the installed torch's headers, for sm_80 and
 # sm_90, with no GPU and no CUDA build of torch: a syntax, template or device-code error fails.
 #
 # Needs: nvcc (CUDA >= 12) on PATH or at $CUDA_HOME/bin, and torch importable by $PYTHON.
@@ -16,10 +16,10 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 read -r -a INCLUDES < <("$PYTHON" - <<'PY'
-import sysconfig
 from torch.utils.cpp_extension import include_paths
-# The Python headers too: the op router (csrc/router.h) calls Python, as a real build allows.
-print(" ".join(list(include_paths()) + [sysconfig.get_paths()["include"]]))
+# No Python headers: the CUDA kernels are part of fused_resnet/_C_ops.so, which has no Python in it
+# (docs/design.md, decision 7; the router reaches Python through a hook that the pybind module sets).
+print(" ".join(include_paths()))
 PY
 )
 ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"

@@ -97,4 +97,19 @@ inline void residual(const OptTensor& r, const Tensor& like, c10::IntArrayRef sh
               shape, "; a downsample module is needed when stride or channels change");
 }
 
+// bn_add_relu's gate: a per-(sample, channel) factor of shape (N, C) or (N, C, 1, 1), in the
+// activation's dtype or its statistics dtype, on its device.
+inline void gate(const OptTensor& g, const Tensor& y) {
+  if (!has(g)) return;
+  const bool shaped = (g->dim() == 2 || (g->dim() == 4 && g->size(2) == 1 && g->size(3) == 1)) &&
+                      g->size(0) == y.size(0) && g->size(1) == y.size(1);
+  TORCH_CHECK(shaped, "fused_resnet: gate must have shape (", y.size(0), ", ", y.size(1), ") or (", y.size(0), ", ",
+              y.size(1), ", 1, 1) (per sample and channel), got ", g->sizes());
+  TORCH_CHECK(g->device() == y.device(), "fused_resnet: gate is on ", g->device(), " but input is on ", y.device());
+  TORCH_CHECK(g->scalar_type() == y.scalar_type() || g->scalar_type() == stat_dtype(y.scalar_type()),
+              "fused_resnet: gate must be ", dtype_name(y.scalar_type()), " or ",
+              dtype_name(stat_dtype(y.scalar_type())), " for ", dtype_name(y.scalar_type()), " activations, got ",
+              dtype_name(g->scalar_type()));
+}
+
 }  // namespace fused_resnet_native::checks

@@ -71,6 +71,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
     const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
     std::array<bool, 4> output_mask);
 
+// bn_add_relu with a per-(sample, channel) gate ((N, C) or (N, C, 1, 1)) multiplying the BN's output
+// (csrc/gate.cpp, on the kernels above); the backward's last output is the gate's gradient.
+Tensor bn_add_relu_gated(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
+                         const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
+                         const Tensor& gate);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_gated_backward(
+    const Kernels& k, const Tensor& grad_out, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
+    std::array<bool, 4> output_mask, const Tensor& gate);
+
 Tensor conv_bias_act(const Kernels& k, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                      const OptTensor& residual, IntList stride, IntList padding, IntList dilation, int64_t groups,
                      int64_t act);
@@ -122,6 +133,17 @@ struct Impls {
       const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask) {
     typename Device::Guard guard(y);
     return bn_add_relu_backward(Device::kernels(), go, y, s, b, res, rs, rb, act, mask);
+  }
+  static Tensor bn_add_relu_gated_(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
+                                   const OptTensor& rs, const OptTensor& rb, int64_t act, const Tensor& gate) {
+    typename Device::Guard guard(y);
+    return bn_add_relu_gated(Device::kernels(), y, s, b, res, rs, rb, act, gate);
+  }
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_gated_backward_(
+      const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
+      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask, const Tensor& gate) {
+    typename Device::Guard guard(y);
+    return bn_add_relu_gated_backward(Device::kernels(), go, y, s, b, res, rs, rb, act, mask, gate);
   }
   static Tensor conv_bias_act_(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,
                                IntList st, IntList p, IntList d, int64_t g, int64_t act) {

@@ -136,7 +136,7 @@ struct Routed {
   }
 
   static Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-                            const OptTensor& rs, const OptTensor& rb, int64_t act) {
+                            const OptTensor& rs, const OptTensor& rb, int64_t act, const OptTensor& gate) {
     checks::activation("input", y);
     checks::per_channel("scale", s, y.size(1), y);
     checks::per_channel("shift", b, y.size(1), y);
@@ -146,27 +146,39 @@ struct Routed {
     checks::per_channel("res_scale", rs, y.size(1), y);
     checks::per_channel("res_shift", rb, y.size(1), y);
     checks::act("act", act);
+    checks::gate(gate, y);
     const Choice c = choose(router::requested(), y, "bn_add_relu");
-    if (!c.native) return router::call_python<Tensor>("bn_add_relu", c.python.c_str(), y, s, b, res, rs, rb, act);
+    if (!c.native) {
+      return router::call_python<Tensor>("bn_add_relu", c.python.c_str(), y, s, b, res, rs, rb, act, gate);
+    }
     router::NoAutocast no_autocast;
     const Tensor* residual = checks::has(res) ? &*res : &y;
+    if (checks::has(gate)) return unaliased(I::bn_add_relu_gated_(y, s, b, res, rs, rb, act, *gate), {&y, residual});
     return unaliased(I::bn_add_relu_(y, s, b, res, rs, rb, act), {&y, residual});
   }
 
-  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
       const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask, c10::string_view backend) {
+      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask, c10::string_view backend,
+      const OptTensor& gate) {
     checks::act("act", act);
     const Choice c = choose_recorded(backend, y, "bn_add_relu_backward");
     if (!c.native) {
-      return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
-          "bn_add_relu_backward", c.python.c_str(), go, y, s, b, res, rs, rb, act, mask);
+      return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
+          "bn_add_relu_backward", c.python.c_str(), go, y, s, b, res, rs, rb, act, mask, gate);
     }
     router::NoAutocast no_autocast;
-    auto [gy, gs, gb, gr, grs, grb] = I::bn_add_relu_backward_(go, y, s, b, res, rs, rb, act, mask);
+    Tensor gy, gs, gb, gr, grs, grb, gg;
+    if (checks::has(gate)) {
+      std::tie(gy, gs, gb, gr, grs, grb, gg) = I::bn_add_relu_gated_backward_(go, y, s, b, res, rs, rb, act, mask,
+                                                                               *gate);
+    } else {
+      std::tie(gy, gs, gb, gr, grs, grb) = I::bn_add_relu_backward_(go, y, s, b, res, rs, rb, act, mask);
+    }
     const auto stat = y.options().dtype(checks::stat_dtype(y.scalar_type()));
     return {or_empty(unaliased(gy, {&go}), y.options()), or_empty(gs, stat), or_empty(gb, stat),
-            or_empty(unaliased(gr, {&go, &gy}), y.options()), or_empty(grs, stat), or_empty(grb, stat)};
+            or_empty(unaliased(gr, {&go, &gy}), y.options()), or_empty(grs, stat), or_empty(grb, stat),
+            or_empty(gg, stat)};
   }
 
   static Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,

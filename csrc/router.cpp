@@ -1,4 +1,4 @@
-// The backend choice of the public ops (router.h): state, and the Python side's entry points.
+// The backend choice of the public ops (router.h): its state and the hooks into Python.
 #include "router.h"
 
 #include <atomic>
@@ -9,12 +9,8 @@ namespace {
 constexpr const char* kNames[] = {"auto", "reference", "triton", "native"};
 std::atomic<int> default_backend{kAuto};
 thread_local int override_backend = -1;
-std::atomic<bool> tracing_on{false};
-
-// Held for the life of the process and never destroyed: a static py::object destructor could run
-// after the interpreter is gone.
-py::object* kernels_callable = new py::object();
-py::object* trace_callable = new py::object();
+std::atomic<PythonKernelHook> kernel_hook{nullptr};
+std::atomic<TraceHook> trace_hook{nullptr};
 
 }  // namespace
 
@@ -32,24 +28,13 @@ void set_default(int backend) { default_backend.store(backend); }
 int thread_override() { return override_backend; }
 void set_thread_override(int backend) { override_backend = backend; }
 
-py::object& python_kernels() { return *kernels_callable; }
-py::object& trace_hook() { return *trace_callable; }
-bool tracing() { return tracing_on.load(std::memory_order_relaxed); }
+void set_python_kernel_hook(PythonKernelHook hook) { kernel_hook.store(hook); }
+PythonKernelHook python_kernel_hook() { return kernel_hook.load(std::memory_order_acquire); }
+void set_trace_hook(TraceHook hook) { trace_hook.store(hook); }
+bool tracing() { return trace_hook.load(std::memory_order_relaxed) != nullptr; }
 
 void record(const char* kernel, const char* backend) {
-  py::gil_scoped_acquire gil;
-  if (!trace_hook().is_none()) trace_hook()(kernel, backend);
-}
-
-void bind(py::module& m) {
-  m.def("_set_default_backend", &set_default);
-  m.def("_thread_backend", &thread_override);
-  m.def("_set_thread_backend", &set_thread_override);
-  m.def("_set_python_kernels", [](py::object fn) { *kernels_callable = std::move(fn); });
-  m.def("_set_trace_hook", [](py::object fn) {
-    *trace_callable = std::move(fn);
-    tracing_on.store(!trace_callable->is_none());
-  });
+  if (const TraceHook hook = trace_hook.load(std::memory_order_acquire)) hook(kernel, backend);
 }
 
 }  // namespace fused_resnet_native::router

@@ -48,6 +48,27 @@ def check_per_channel(name: str, t: torch.Tensor | None, channels: int, activati
         )
 
 
+def check_gate(gate: torch.Tensor | None, activation: torch.Tensor) -> None:
+    """``bn_add_relu``'s gate: shape (N, C) or (N, C, 1, 1), the activation's dtype or its statistics
+    dtype, on its device."""
+    if gate is None:
+        return
+    n, c = activation.shape[:2]
+    if tuple(gate.shape) not in ((n, c), (n, c, 1, 1)):
+        raise RuntimeError(
+            f"fused_resnet: gate must have shape ({n}, {c}) or ({n}, {c}, 1, 1) (per sample and channel), "
+            f"got {tuple(gate.shape)}"
+        )
+    if gate.device != activation.device:
+        raise RuntimeError(f"fused_resnet: gate is on {gate.device} but input is on {activation.device}")
+    allowed = (activation.dtype, stat_dtype(activation.dtype))
+    if gate.dtype not in allowed:
+        raise RuntimeError(
+            f"fused_resnet: gate must be {_dtype_name(allowed[0])} or {_dtype_name(allowed[1])} for "
+            f"{_dtype_name(activation.dtype)} activations, got {_dtype_name(gate.dtype)}"
+        )
+
+
 def check_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> None:
     check_activation("input", x)
     check_same("weight", weight, x, "input")

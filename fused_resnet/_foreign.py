@@ -15,7 +15,7 @@ import importlib
 import torch
 from torch import nn
 
-from . import _activation, _patterns
+from . import _activation, _gates, _patterns
 from .modules import FusedConvBN2d, _FusedBlockMixin, downsample_pair
 
 _MIXINS: dict[str, type] = {}
@@ -87,11 +87,13 @@ def inactive(drop: nn.Module | None) -> bool:
 
 @register_mixin
 class FusedResidualBlock(_FusedBlockMixin):
-    """Mixed into a residual block whose forward is ``act_last(bn_k(conv_k(...)) + shortcut(x))``
-    with the activations between the convs (timm's ``BasicBlock`` / ``Bottleneck`` without SE and
-    anti-aliasing, checked by ``_patterns.residual_block``): fused as the torchvision blocks are.
-    While its DropBlock / DropPath would drop something (training with a drop probability) it runs
-    its own forward, unfused, so that they draw the same random numbers as unfused."""
+    """Mixed into a residual block whose forward is ``act_last(drop_path(se(bn_k(conv_k(...)))) +
+    shortcut(x))`` with the activations between the convs (timm's ``BasicBlock`` / ``Bottleneck``
+    without anti-aliasing, checked by ``_patterns.residual_block``): fused as the torchvision blocks
+    are, SE and an active DropPath as the join's per-(sample, channel) gate (``_gates``: SE's pooled
+    input from the deferred BN, DropPath's draws by the block's own module). While its DropBlock
+    would drop something (training with a drop probability) it runs its own forward, unfused, so that
+    DropBlock draws the same random numbers as unfused (a DropBlock mask is per pixel, no gate)."""
 
     fused_names: tuple[tuple[str, str], ...]  # (conv, bn) attribute names, in order
     fused_acts: tuple[str, ...]  # the activations' names, the last one after the add
@@ -106,7 +108,14 @@ class FusedResidualBlock(_FusedBlockMixin):
     def _fused_pairs(self):
         # The block's structure as fuse checked it, checked again now (a module may have been replaced);
         # the mixin's fusable(), eval_pairs() and forward() all ask this.
-        if not (_patterns.residual_block_intact(self) and inactive(getattr(self, "drop_block", None))
-                and inactive(getattr(self, "drop_path", None))):
+        if not (_patterns.residual_block_intact(self) and inactive(getattr(self, "drop_block", None))):
             return None
         return self._chain(), downsample_pair(self.downsample)
+
+    def _join_gate(self):
+        se = self._modules.get("se")
+        drop = getattr(self, "drop_path", None)
+        drop = None if inactive(drop) else drop
+        if se is None and drop is None:
+            return None
+        return lambda h: _gates.join_gate(h, se, drop)

@@ -14,9 +14,9 @@ Fused, the block runs its body's modules as they are (their own conv -> BN chain
 the shortcut's BN (when the shortcut is a conv -> BN) and the add (and activation) in one pass, so the
 normalised output is neither written nor saved; in eval both BNs are folded and the conv's epilogue
 adds the shortcut. An activation the kernels do not apply (``_activation.module_code``: ReLU, ReLU6,
-Hardtanh(0, 6), SiLU) runs as its own module after the add. While a
-timm DropPath would drop (training, drop rate > 0) the block runs its own forward, unfused, so that it
-draws the same random numbers as unfused. Every call checks that the modules are still where
+Hardtanh(0, 6), SiLU) runs as its own module after the add. While a timm DropPath drops (training,
+drop rate > 0) its per-sample keep-scale, drawn by the module itself (the same random numbers as
+unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
 ``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
 fuses a join whose module was replaced anew, with the modules it holds then).
 """
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _activation, _foreign, _patterns, distributed, inference, ops
-from .modules import Slot, _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
-    warn_if_global_hooks
+from . import _activation, _foreign, _gates, _patterns, distributed, inference, ops
+from .modules import Slot, _uses_batch_stats, conv_bn, eval_conv, gated_join, has_hooks, is_fusable_conv, \
+    slots_intact, warn_if_global_hooks
 
 
 @dataclass
@@ -175,16 +175,23 @@ def fuse_join(block: nn.Module, join: Join) -> None:
 
 
 def join_forward(x: torch.Tensor, h: torch.Tensor, last, shortcut, act: int,
-                 prepared: list[inference.PreparedConv] | None) -> torch.Tensor:
-    """``act(bn(conv(h)) + shortcut(x))`` (``act``: an ``_activation`` code), ``shortcut`` a (conv, BN)
-    pair or None (the identity)."""
+                 prepared: list[inference.PreparedConv] | None, drop: nn.Module | None = None) -> torch.Tensor:
+    """``act(drop(bn(conv(h))) + shortcut(x))`` (``act``: an ``_activation`` code), ``shortcut`` a
+    (conv, BN) pair or None (the identity), ``drop`` an active DropPath or None: its per-sample
+    keep-scale is the join's gate (``_gates``), drawn before the shortcut runs, as unfused."""
     conv, bn = last
+    gate = None if drop is None else (lambda d: _gates.join_gate(d, None, drop))
     if not _uses_batch_stats(bn) and (shortcut is None or not _uses_batch_stats(shortcut[1])):
         prepared = iter(prepared or ())
         residual = x if shortcut is None else eval_conv(x, *shortcut, None, _activation.NONE, next(prepared, None))
+        if gate is not None:
+            return gated_join(eval_conv(h, conv, bn, None, _activation.NONE, next(prepared, None)), residual, act,
+                              gate)
         return eval_conv(h, conv, bn, residual, act, next(prepared, None))
+    main = conv_bn(h, conv, bn)
+    g = None if gate is None else gate(main)
     residual = x if shortcut is None else conv_bn(x, *shortcut)
-    return ops.bn_add_relu(conv_bn(h, conv, bn), residual, activation=act)
+    return ops.bn_add_relu(main, residual, activation=act, gate=g)
 
 
 @_foreign.register_mixin
@@ -203,11 +210,9 @@ class FusedResidualJoin(inference.Preparable):
     join_hooked: tuple[nn.Module, ...]
 
     def fusable(self) -> bool:
-        """Whether the modules are where ``fuse`` found them, hook-free and still fusable, and the
-        DropPath inactive (checked on every call)."""
+        """Whether the modules are where ``fuse`` found them, hook-free and still fusable (checked on
+        every call); an active DropPath is the join's gate."""
         if not slots_intact(self.join_slots) or any(has_hooks(m) for m in self.join_hooked):
-            return False
-        if not _foreign.inactive(self.join_drop):
             return False
         return all(is_fusable_conv(c) and _plain_norm(b, c.out_channels)
                    for c, b in (self.join_last,) + ((self.join_shortcut,) if self.join_shortcut else ()))
@@ -225,5 +230,6 @@ class FusedResidualJoin(inference.Preparable):
         prepared = None
         if "_prepared" in self.__dict__:
             prepared = self.prepared_convs(([self.join_shortcut] if self.join_shortcut else []) + [self.join_last])
-        out = join_forward(x, h, self.join_last, self.join_shortcut, self.join_code, prepared)
+        drop = None if _foreign.inactive(self.join_drop) else self.join_drop
+        out = join_forward(x, h, self.join_last, self.join_shortcut, self.join_code, prepared, drop)
         return out if self.join_act is None else self.join_act(out)

@@ -1,7 +1,8 @@
 """The ``fused_resnet`` operator library: every schema, its fake, and its Python kernels.
 
-This is the one place where ops are declared (docs/design.md). The compiled extension
-(``_extension.py``) registers their CPU and CUDA kernels, which check the arguments and choose the
+This is the one place where ops are declared (docs/design.md): setup.py generates the C++ definitions
+of the compiled library ``_C_ops`` from SCHEMAS. The compiled extension (``_extension.py``) registers
+their CPU and CUDA kernels, which check the arguments and choose the
 backend in C++: native kernels run there; the reference and Triton backends are the Python
 kernels here (:func:`python_kernel`, which picks the backend's function with ``_backend.select``
 and runs it with autocast off: inputs were already cast by the functional layer). Autograd is the
@@ -37,13 +38,16 @@ SCHEMAS = {
     f" Tensor? in_shift, int in_act, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask,"
     f" {_BACKEND})"
     " -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_weight)",
-    # out = act(y * scale + shift + residual * res_scale + res_shift)
+    # out = act(gate * (y * scale + shift) + residual * res_scale + res_shift); act: an activation code
+    # (0 none, 1 ReLU, 2 ReLU6, 3 SiLU); gate: per (sample, channel), shape (N, C) or (N, C, 1, 1) (SE,
+    # DropPath), trailing with a default so that calls without it stay valid; its gradient comes with
+    # scale/shift's (output_mask[1]), last, in its dtype.
     "bn_add_relu": "(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale,"
-    " Tensor? res_shift, int act) -> Tensor",
+    " Tensor? res_shift, int act, Tensor? gate=None) -> Tensor",
     "bn_add_relu_backward": "(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual,"
-    f" Tensor? res_scale, Tensor? res_shift, int act, bool[4] output_mask, {_BACKEND})"
+    f" Tensor? res_scale, Tensor? res_shift, int act, bool[4] output_mask, {_BACKEND}, Tensor? gate=None)"
     " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual, Tensor grad_res_scale,"
-    " Tensor grad_res_shift)",
+    " Tensor grad_res_shift, Tensor grad_gate)",
     # out = act(conv(x, weight) + bias + residual): inference with BN folded into weight/bias. Its
     # backward's `out`: the output (ReLU, ReLU6) or the pre-activation (any act; SiLU needs it).
     "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, int act) -> Tensor",
@@ -71,9 +75,9 @@ SCHEMAS = {
     " Tensor mean, Tensor var, SymInt count, float? momentum) -> ()",
 }
 
-_lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
+# The compiled library defines them (setup.py generates its C++ definitions from SCHEMAS); Python only
+# where it is not built, and a library built from other schemas is refused (_extension.library).
+_lib = _extension.library(NAMESPACE, SCHEMAS)
 
 
 def _run(kernel: str, device: torch.device, *args, backend: str | None = None, record_as: str | None = None):
@@ -178,7 +182,7 @@ def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift
 # bn_add_relu --------------------------------------------------------------------------------------
 
 
-def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift):
+def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate=None):
     _checks.check_activation("input", y)
     _checks.check_per_channel("scale", scale, y.shape[1], y)
     _checks.check_per_channel("shift", shift, y.shape[1], y)
@@ -187,35 +191,36 @@ def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift):
         raise RuntimeError("fused_resnet: res_scale/res_shift given without a residual")
     _checks.check_per_channel("res_scale", res_scale, y.shape[1], y)
     _checks.check_per_channel("res_shift", res_shift, y.shape[1], y)
+    _checks.check_gate(gate, y)
 
 
 @_impl("bn_add_relu")
-def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act):
+def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
     _activation.check("act", act)
     _extension.require()
-    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift)
-    return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, act)
+    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate)
+    return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, act, gate)
 
 
 @_fake("bn_add_relu")
-def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, act):
+def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
     _activation.check("act", act)
-    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift)
+    _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate)
     return empty_activation(y, y.shape)
 
 
 @_impl("bn_add_relu_backward")
 def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
-                          backend=""):
+                          backend="", gate=None):
     grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, act,
-                 output_mask, backend=backend)
+                 output_mask, gate, backend=backend)
     per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
-    return _fill(grads, (y, per_channel, per_channel, y, per_channel, per_channel))
+    return _fill(grads, (y, per_channel, per_channel, y, per_channel, per_channel, per_channel))
 
 
 @_fake("bn_add_relu_backward")
 def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
-                               backend=""):
+                               backend="", gate=None):
     need_y, need_affine, need_res, need_res_affine = output_mask
     def like(t, needed):
         return torch.empty_like(t) if needed and t is not None else y.new_empty(0, dtype=stat_dtype(y.dtype))
@@ -227,6 +232,7 @@ def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, r
         empty_activation(residual, residual.shape) if need_res and residual is not None else y.new_empty(0),
         like(res_scale, need_res_affine and residual is not None),
         like(res_shift, need_res_affine and residual is not None),
+        torch.empty_like(gate) if need_affine and gate is not None else y.new_empty(0, dtype=stat_dtype(y.dtype)),
     )
 
 
@@ -404,6 +410,8 @@ def python_kernel(kernel: str, backend: str, *args):
     Python backends; ``""``: the one in force) on arguments the extension has checked; called from
     C++ (``csrc/router.h``)."""
     backend = backend or None
+    if kernel == "bn_add_relu_backward":  # the schema's gate trails its backend
+        return _bn_add_relu_backward(*args[:-1], backend, args[-1])
     if kernel in _BACKWARD:
         return _BACKWARD[kernel](*args, backend)
     if kernel == "update_running_stats_":

@@ -153,6 +153,16 @@ def droppable(m: nn.Module | None, cls_name: str) -> bool:
     return m is None or type(m) is nn.Identity or is_own(m, timm_cls, "forward")
 
 
+def se_gate_module(m: nn.Module | None) -> bool:
+    """None, or timm's ``SEModule`` / ``EffectiveSEModule`` with their own forward and no max-pooling:
+    ``x * gate(f(mean_hw(x)))`` with ``f`` their child modules (``_gates.se_gate`` runs them)."""
+    if m is None:
+        return True
+    tse = loaded_module("timm.layers.squeeze_excite")
+    return tse is not None and not getattr(m, "add_maxpool", True) and (
+        is_own(m, tse.SEModule, "forward") or is_own(m, tse.EffectiveSEModule, "forward"))
+
+
 def why_not_residual(m: nn.Module, names, acts) -> str | None:
     """Why the timm block ``m`` cannot run fused as a whole (None: it can)."""
     pairs = [(m._modules.get(c), m._modules.get(b)) for c, b in names]
@@ -162,8 +172,12 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     codes = {_activation.module_code(a) for a in activations}
     if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
         return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU)"
-    if m.__dict__.get("se") is not None or m._modules.get("se") is not None:
-        return "SE between the last BN and the add"
+    if m.__dict__.get("se") is not None and m._modules.get("se") is None:
+        return "its se is not a module"
+    if not se_gate_module(m._modules.get("se")):
+        return "its SE is not timm's SEModule / EffectiveSEModule without max-pooling"
+    if m._modules.get("se") is not None and has_hooks(m._modules["se"]):
+        return "its SE has hooks"
     if type(m._modules.get("aa")) is not nn.Identity:
         return "anti-aliasing after an activation"
     if not (droppable(m._modules.get("drop_block"), "DropBlock2d")

@@ -1,7 +1,7 @@
 """``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> activation) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Four rules, in this order:
+Five rules, in this order:
 
 - **torchvision-structured blocks**, recognised by structure, not class: any module whose children
   are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
@@ -15,6 +15,10 @@ Four rules, in this order:
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
   BN, add and activation run as one pass; their other convs are left to the next rule.
+- **adds in a user's own forward** (``_traced_joins``): a module whose ``forward`` is the user's own
+  has that forward traced with torch.fx (submodules as leaves); its ``relu?(conv->BN branch + shortcut)``
+  adds (and ``bn(conv(h))`` chains written out there) run fused from the traced plan, in this instance
+  only (``_traced_forward.FusedTracedForward``); untraceable forwards are left as they are, with a reason.
 - **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
   every call that they are still where ``fuse`` found them. The activations the kernels apply:
@@ -32,7 +36,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _activation, _foreign, _joins, _patterns, dense, distributed
+from . import _activation, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -122,17 +126,23 @@ def find_fusable(model: nn.Module) -> list[str]:
     joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
     joins, _, taken = _joins.find(model)
-    found = _patterns.scan(model, _block_class, taken)
+    traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
+    found = _patterns.scan(model, _block_class, taken | traced_taken)
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
-    return blocks + list(found.blocks) + list(joins) + chains + broken + dense.find_dense(model)
+    traced_names = [_traced_joins.label(name, m) for name, (m, _) in traced.items()]
+    return blocks + list(found.blocks) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
+
+
+def _is_block(m: nn.Module) -> bool:
+    return _block_class(m) is not None
 
 
 def _block_state(block: _FusedBlockMixin, name: str) -> str:
     if block.fusable():
         return f"fused: in the residual block {name}"
     if isinstance(block, FusedResidualBlock) and _patterns.residual_block_intact(block):
-        return f"fused: in the residual block {name} (in training, while its DropBlock / DropPath drops, " \
+        return f"fused: in the residual block {name} (in training, while its DropBlock drops, " \
                "its own forward runs)"
     return f"not fused: a module of the fused block {name} was replaced since fuse, so it runs its own forward"
 
@@ -148,7 +158,7 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
         state = f"fusable: with the residual add of {name}"
         if fused:
             state = f"fused: with the residual add of {name}" if m.fusable() else (
-                f"not fused: a module of the fused join {name} was replaced, has hooks, or drops now, so it runs "
+                f"not fused: a module of the fused join {name} was replaced or has hooks, so it runs "
                 "its own forward")
         for slots in (join.last, join.shortcut or ()):
             if slots:
@@ -160,11 +170,15 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
     (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
     joins, join_notes, taken = _joins.find(model)
-    found = _patterns.scan(model, _block_class, taken)
+    traced, traced_notes, traced_taken = _traced_joins.find(model, _is_block, taken)
+    found = _patterns.scan(model, _block_class, taken | traced_taken)
     found.notes.update(join_notes)
+    for key, note in traced_notes.items():  # an add in a user's forward that is not fused, and why
+        found.notes.setdefault(key, note)
     chained = {id(c.bn): f"fusable: into {c.name}" + (f" with its {_activation.NAMES[c.act]}" if c.relu_slots else "")
                for c in found.chains}
     in_block = _join_states(model, joins)
+    in_block.update(_traced_joins.states(model, traced))
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
@@ -223,11 +237,16 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         if _patterns.broken(module):
             _unfuse_chain(module)
     _joins.release_broken(model)
+    _traced_forward.release_broken(model)
     joins, _, taken = _joins.find(model)
     for name, (block, join) in joins.items():
         _joins.fuse_join(block, join)
         swapped.append(name)
-    found = _patterns.scan(model, _block_class, taken)
+    traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
+    for name, (module, plan) in traced.items():  # residual adds in a user's own forward
+        swapped.append(_traced_joins.label(name, module))
+        _traced_forward.fuse_traced(module, plan)
+    found = _patterns.scan(model, _block_class, taken | traced_taken)
     for name, block in found.blocks.items():
         names, acts = _patterns.residual_block(block)
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))

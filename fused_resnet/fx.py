@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from . import _foreign, dense, distributed, inference, modules
+from . import _foreign, _traced_forward, dense, distributed, inference, modules
 
 _FUSED = (inference.Preparable, modules.FusedAwayBatchNorm2d, modules.FusedAwayActivation, _foreign.FusedAwayNormAct,
           distributed.FusedAwaySyncBatchNorm2d, dense.FusedDenseBlock, dense.FusedDenseTransition)
@@ -44,6 +44,18 @@ class FusedTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_fused(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        """A root whose own forward ``fuse`` replaced (adds in a user's forward, ``_traced_forward``) is
+        traced through that own forward: the same values, its joins as the plain modules they call."""
+        if not isinstance(root, _traced_forward.FusedTracedForward):
+            return super().trace(root, concrete_args)
+        fused_cls = type(root)
+        root.__class__ = root.__dict__["class_before_fuse"]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            root.__class__ = fused_cls
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:

@@ -141,12 +141,13 @@ _UNSET = object()
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
                      downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None,
-                     ds=_UNSET, act: int = _activation.RELU) -> torch.Tensor:
+                     ds=_UNSET, act: int = _activation.RELU, gate=None) -> torch.Tensor:
     """``act(bn_k(conv_k(...act(bn_1(conv_1(x)))...)) + shortcut(x))``, fused (``act``: an
     ``_activation`` code, ReLU for torchvision's blocks); ``shortcut`` is the identity, a fusable
     ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the block's prepared convs (eval
     only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)`` when the caller has it
-    already."""
+    already; ``gate``: None, or a function of the last BN as a ``DeferredBN`` giving a per-(sample,
+    channel) factor of its output (``_gates.join_gate``)."""
     if ds is _UNSET:
         ds = downsample_pair(downsample)
     # A loop with early exit, not a list and a generator: this runs on every forward.
@@ -154,18 +155,34 @@ def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2
     for _, bn in chain:
         batch_stats = batch_stats or _uses_batch_stats(bn)
     if not batch_stats:
-        return _folded_residual_forward(x, chain, downsample, ds, prepared, act)
+        return _folded_residual_forward(x, chain, downsample, ds, prepared, act, gate)
     h: torch.Tensor | ops.DeferredBN = x
     for conv, bn in chain:
         h = conv_bn(h, conv, bn, act)
+    g = gate(h) if gate is not None else None  # before the shortcut: the unfused order of random draws
     if ds is not None:
         shortcut = conv_bn(x, *ds)
     else:
         shortcut = x if downsample is None else downsample(x)
-    return ops.bn_add_relu(h, shortcut, activation=act)
+    return ops.bn_add_relu(h, shortcut, activation=act, gate=g)
 
 
-def _folded_residual_forward(x, chain, downsample, ds, prepared, act):
+def gated_join(z: torch.Tensor, residual: torch.Tensor | None, act: int, gate) -> torch.Tensor:
+    """``act(gate(z) * z + residual)`` for a folded (eval) join whose BN output ``z`` a gate scales
+    per sample and channel (the conv's epilogue cannot); ``act``: an ``_activation`` code. One
+    ``bn_add_relu`` pass, or ATen ops where the fused ops would not be (``inference.emits_aten``)."""
+    g = gate(ops.DeferredBN(z, None, None))
+    if g is None:
+        out = z if residual is None else z + residual
+        return _activation.apply(out, act)
+    if not inference.emits_aten():
+        return ops.bn_add_relu(z, residual, activation=act, gate=g)
+    out = z * g.reshape(z.shape[0], z.shape[1], 1, 1)
+    out = out if residual is None else out + residual
+    return _activation.apply(out, act)
+
+
+def _folded_residual_forward(x, chain, downsample, ds, prepared, act, gate=None):
     prepared = iter(prepared or ())
     if ds is not None:
         shortcut = eval_conv(x, *ds, None, _activation.NONE, next(prepared, None))
@@ -174,6 +191,9 @@ def _folded_residual_forward(x, chain, downsample, ds, prepared, act):
     h = x
     for i, (conv, bn) in enumerate(chain):
         last = i == len(chain) - 1
+        if last and gate is not None:  # the gate scales the BN's output before the add
+            return gated_join(eval_conv(h, conv, bn, None, _activation.NONE, next(prepared, None)), shortcut, act,
+                              gate)
         h = eval_conv(h, conv, bn, shortcut if last else None, act, next(prepared, None))
     return h
 
@@ -228,11 +248,16 @@ class _FusedBlockMixin(inference.Preparable):
         prepared = None
         if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
             prepared = self.prepared_convs(_eval_pairs(chain, ds))
-        return residual_forward(x, chain, self.downsample, prepared, ds, self._act_code())
+        return residual_forward(x, chain, self.downsample, prepared, ds, self._act_code(), self._join_gate())
 
     def _act_code(self) -> int:
         """The block's activation (torchvision's blocks: ReLU, checked by ``_fused_pairs``)."""
         return _activation.RELU
+
+    def _join_gate(self):
+        """None, or ``residual_forward``'s ``gate``: what scales the last BN's output per sample and
+        channel before the add (timm's SE, an active DropPath; ``_foreign.FusedResidualBlock``)."""
+        return None
 
 
 class FusedBasicBlock(_FusedBlockMixin, resnet_arch.BasicBlock):

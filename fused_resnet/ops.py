@@ -141,16 +141,23 @@ def bn_add_relu(
     *,
     relu: bool | None = None,
     activation: str | None = "relu",
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
+    """``act(gate * bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
     :class:`DeferredBN` (the downsample branch's BN is then applied in the same pass);
-    ``activation``: ``"relu"``, ``"relu6"``, ``"silu"`` or None (``relu``, when given, overrides it)."""
+    ``activation``: ``"relu"``, ``"relu6"``, ``"silu"`` or None (``relu``, when given, overrides it).
+    ``gate`` (optional) multiplies the main branch per sample and channel: shape (N, C) or
+    (N, C, 1, 1), as timm's SE gate or DropPath's per-sample keep-scale; a gate in neither the
+    activation's dtype nor its statistics dtype is cast to the latter. NCHW or channels_last."""
     y, scale, shift = y if isinstance(y, DeferredBN) else (y, None, None)
     res_scale = res_shift = None
     if isinstance(residual, DeferredBN):
         residual, res_scale, res_shift = residual
     y, residual = _promote(y, residual)
-    return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift, _activation.from_flag(activation, relu))
+    if gate is not None and gate.dtype not in (y.dtype, stat_dtype(y.dtype)):
+        gate = gate.to(stat_dtype(y.dtype))
+    return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift,
+                            _activation.from_flag(activation, relu), gate)
 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -104,38 +104,40 @@ def conv_stats_backward(
     return grad_x, grad_scale, grad_shift, grad_w
 
 
-def _tail_preactivation(y, scale, shift, residual, res_scale, res_shift):
+def _gate_view(gate: torch.Tensor, sdt: torch.dtype) -> torch.Tensor:
+    """A ``bn_add_relu`` gate ((N, C) or (N, C, 1, 1)) as an (N, C, 1, 1) factor in ``sdt``."""
+    return gate.to(sdt).reshape(gate.shape[0], gate.shape[1], 1, 1)
+
+
+def _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate=None):
     z = _affine(y, scale, shift)
+    if gate is not None:
+        z = z * _gate_view(gate, z.dtype)
     if residual is not None:
         z = z + _affine(residual, res_scale, res_shift)
     return z
 
 
-def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act):
-    """``act(y * scale + shift + (residual * res_scale + res_shift))`` in ``y``'s dtype and layout
-    (``act``: an activation code of ``_activation``); every scale/shift/residual term is optional
-    (absent means 1, 0 and no residual)."""
-    z = _tail_preactivation(y, scale, shift, residual, res_scale, res_shift)
+def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
+    """``act(gate * (y * scale + shift) + (residual * res_scale + res_shift))`` in ``y``'s dtype and
+    layout (``act``: an activation code of ``_activation``); every scale/shift/residual/gate term is
+    optional (absent means 1, 0, no residual and 1). ``gate`` is a per-(sample, channel) factor of
+    shape (N, C) or (N, C, 1, 1) (SE, DropPath)."""
+    z = _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate)
     return _finish(_activation.apply(z, act), y)
 
 
-def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask):
-    """Gradients of ``bn_add_relu`` w.r.t. ``(y, scale, shift, residual, res_scale, res_shift)``;
-    ``output_mask`` selects ``(y, scale/shift, residual, res_scale/res_shift)``; the activation's
-    derivative is taken at the pre-activation recomputed from the inputs."""
+def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask, gate=None):
+    """Gradients of ``bn_add_relu`` w.r.t. ``(y, scale, shift, residual, res_scale, res_shift, gate)``;
+    ``output_mask`` selects ``(y, scale/shift/gate, residual, res_scale/res_shift)``; the activation's
+    derivative is taken at the pre-activation recomputed from the inputs. The gate's gradient has the
+    gate's shape and dtype."""
     need_y, need_affine, need_res, need_res_affine = output_mask
     sdt = stat_dtype(y.dtype)
     dz = grad_out.to(sdt)
     if act:
-        dz = _activation.grad(dz, _tail_preactivation(y, scale, shift, residual, res_scale, res_shift), act)
-    out = [None] * 6
-    if need_y:
-        out[0] = _finish(dz * channel_view(scale) if scale is not None else dz, y)
-    if need_affine:
-        if scale is not None:
-            out[1] = (dz * y.to(sdt)).sum(_REDUCE_DIMS)
-        if shift is not None:
-            out[2] = dz.sum(_REDUCE_DIMS)
+        dz = _activation.grad(dz, _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate), act)
+    out = [None] * 7
     if residual is not None:
         if need_res:
             out[3] = _finish(dz * channel_view(res_scale) if res_scale is not None else dz, residual)
@@ -144,6 +146,17 @@ def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shi
                 out[4] = (dz * residual.to(sdt)).sum(_REDUCE_DIMS)
             if res_shift is not None:
                 out[5] = dz.sum(_REDUCE_DIMS)
+    if gate is not None:
+        if need_affine:  # d/dgate: the BN's output summed over each (sample, channel) plane
+            out[6] = (dz * _affine(y, scale, shift)).sum((2, 3)).reshape(gate.shape).to(gate.dtype)
+        dz = dz * _gate_view(gate, sdt)  # the rest sees the gated gradient
+    if need_y:
+        out[0] = _finish(dz * channel_view(scale) if scale is not None else dz, y)
+    if need_affine:
+        if scale is not None:
+            out[1] = (dz * y.to(sdt)).sum(_REDUCE_DIMS)
+        if shift is not None:
+            out[2] = dz.sum(_REDUCE_DIMS)
     return tuple(out)
 
 

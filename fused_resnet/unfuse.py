@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import _joins, dense
+from . import _joins, _traced_forward, dense
 from .fuse import _unfuse_chain
 from .inference import Preparable
 from .modules import FusedConvBN2d, _FusedBlockMixin
@@ -54,6 +54,8 @@ def unfuse(model: nn.Module) -> nn.Module:
             _unfuse_block(module)
         elif isinstance(module, _joins.FusedResidualJoin):
             _joins.restore(module)  # MobileNetV2 / RegNet residual joins
+        elif isinstance(module, _traced_forward.FusedTracedForward):
+            _traced_forward.restore(module)  # residual adds in a user's own forward
         else:
             dense.restore(module)  # DenseNet blocks and transitions
     return model

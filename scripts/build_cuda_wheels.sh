@@ -20,7 +20,8 @@
 #   TORCH_INDEX= MATRIX="3.11:2.14.1:cu130" bash scripts/build_cuda_wheels.sh   # torch from pip's own
 #       configuration (a mirror, a local wheel cache) instead of download.pytorch.org/whl/<cuda>
 # For manylinux-tagged wheels, run it inside PyTorch's manylinux builder image and `auditwheel repair
-# --exclude 'libtorch*.so' --exclude 'libc10*.so'` the results (torch's libraries come from torch).
+# --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude _C_ops.so` the results (torch's libraries come
+# from torch; fused_resnet/_C_ops.so is the wheel's own, found by _C beside it through its RUNPATH $ORIGIN).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MATRIX="${MATRIX:-3.11:2.14.1:cu130 3.12:2.14.1:cu130 3.11:2.14.1:cu128}"
@@ -56,5 +57,10 @@ for entry in $MATRIX; do
 import fused_resnet, fused_resnet._C as C
 assert 'site-packages' in fused_resnet.__file__ and C.WITH_CUDA, (fused_resnet.__file__, C.CUDA_SKIP_REASON)
 print('ok', fused_resnet.__version__)")
+  # Its ops library needs no Python (loadable from C++: docs/design.md, decision 7).
+  ops_lib="$(cd / && "$venv/bin/python" -c 'import pathlib, fused_resnet; print(pathlib.Path(fused_resnet.__file__).parent / "_C_ops.so")')"
+  if readelf -d "$ops_lib" | grep -E 'NEEDED.*(libpython|libtorch_python)'; then
+    echo "$ops_lib links Python" >&2; exit 1
+  fi
   echo "built $wheel"
 done

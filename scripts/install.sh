@@ -8,7 +8,7 @@
 #   the package itself, editable (once: `pip install -e` with FUSED_RESNET_SKIP_EXT=1, metadata only),
 #   then its native extension built in place against this torch (`setup.py build_ext --inplace`: objects
 #   under build/torch<version>/, so rebuilding for a torch built before only relinks, and the in-place
-#   _C*.so always matches the torch of the last install).
+#   _C*.so and _C_ops.so always match the torch of the last install).
 # Usage: scripts/install.sh            (FUSED_RESNET_SKIP_EXT=1 for a pure-Python install)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

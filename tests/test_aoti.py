@@ -8,25 +8,21 @@ Slow: inductor compiles the model's C++ (a minute or two on 2 cores), and g++ th
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils import cpp_extension
 
 import fused_resnet
 from fused_resnet.small_resnet import small_resnet
 from fused_resnet._tolerances import assert_close
 
+import _aoti_runner
 from _isolated import run_without_fused_resnet
 
 pytestmark = pytest.mark.slow
 F32 = torch.float32
 SHAPE = (2, 3, 16, 16)
-RUNNER = Path(__file__).parent / "cpp" / "aoti_run.cpp"
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +57,13 @@ def test_aoti_package_runs_from_python_without_fused_resnet(package, tmp_path):
     assert_close(torch.load(tmp_path / "y.pt"), expected, F32, name="AOTInductor package (Python)")
 
 
-def _build_runner(out: Path) -> Path:
-    """tests/cpp/aoti_run.cpp compiled against this torch's headers and libraries (LibTorch only)."""
-    exe = out / "aoti_run"
-    libs = cpp_extension.library_paths()
-    cmd = ["g++", "-std=c++20", "-O1", str(RUNNER), "-o", str(exe),
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-ltorch", "-ltorch_cpu", "-lc10"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-5000:]}"
-    return exe
-
-
 def test_aoti_package_runs_from_cpp(package, tmp_path):
     """The runner's environment: LibTorch's lib/ on LD_LIBRARY_PATH (the package's model library
     dlopens libtorch.so by name), nothing of Python."""
     path, x, expected = package
-    exe, libs = _build_runner(tmp_path), cpp_extension.library_paths()
+    exe = _aoti_runner.build_runner(tmp_path)
     (tmp_path / "x.bin").write_bytes(x.numpy().tobytes())
-    result = subprocess.run([str(exe), str(path), str(tmp_path / "x.bin"), str(tmp_path / "y.bin"),
-                             *map(str, SHAPE)], capture_output=True, text=True, timeout=600, check=False,
-                            env={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": os.pathsep.join(libs)})
+    result = _aoti_runner.run(exe, [str(path), str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), *map(str, SHAPE)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["shape", *map(str, expected.shape)]
     got = torch.frombuffer(bytearray((tmp_path / "y.bin").read_bytes()), dtype=F32).reshape(expected.shape)

@@ -84,10 +84,10 @@ def test_join_applies_the_last_bn_with_the_add():
     calls = []
     original = fused_resnet.ops.bn_add_relu
 
-    def spy(y, residual=None, *, relu=None, activation="relu"):
+    def spy(y, residual=None, *, relu=None, activation="relu", gate=None):
         act = fused_resnet._activation.from_flag(activation, relu)
         calls.append((isinstance(y, fused_resnet.ops.DeferredBN), residual is not None, bool(act)))
-        return original(y, residual, relu=relu, activation=activation)
+        return original(y, residual, relu=relu, activation=activation, gate=gate)
 
     fused_resnet._joins.ops.bn_add_relu = spy
     try:
@@ -98,12 +98,13 @@ def test_join_applies_the_last_bn_with_the_add():
 
 
 def test_timm_drop_path_draws_as_unfused():
-    """DropPath active in training: the block runs its own forward (the same draws); in eval, fused."""
+    """DropPath active in training: fused, its keep-scale (drawn by the module: the same draws) the
+    join's gate; in eval, fused without a gate."""
     plain, fused = _pair(lambda: _timm_regnet_blocks(drop_path_rate=0.3))
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(), train)
-    assert not fused[0].train().fusable() and fused[0].eval().fusable()
+    assert fused[0].train().fusable() and fused[0].eval().fusable()
 
 
 @pytest.mark.parametrize("change", ["hook", "replace_bn"])

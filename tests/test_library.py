@@ -38,6 +38,13 @@ def _op_samples(dtype=torch.float64, layout="nchw"):
                  (y, None, None, r, None, None, True)):
         samples.append(("bn_add_relu", tail))
         samples.append(("bn_add_relu_backward", (torch.randn_like(y), *tail, [True, True, True, True])))
+    # The per-(sample, channel) gate: (N, C, 1, 1) in the activation dtype, (N, C) in the statistics dtype.
+    gate4 = torch.rand(2, 6, 1, 1, dtype=dtype) + 0.5
+    gate2 = torch.rand(2, 6, dtype=s.dtype) + 0.5
+    for tail in ((y, s, t, r, rs, rt, True, gate4), (y, None, t, None, None, None, False, gate2)):
+        samples.append(("bn_add_relu", tail))
+        samples.append(("bn_add_relu_backward", (torch.randn_like(y), *tail[:7], [True, True, True, True], "",
+                                                 tail[7])))
     x, _, _, _, w, stride, padding, dilation, groups = conv_case(CONV_SHAPES[0], dtype, layout)
     bias = per_channel(w.shape[0], dtype)
     out_shape = OPS.conv_bias_act(x, w, None, None, stride, padding, dilation, groups, False).shape

@@ -19,8 +19,16 @@ pytest.importorskip("triton")
 from fused_resnet.backends.triton import _choice, _tiling
 
 
+@pytest.fixture(autouse=True)
+def _mode_restored():
+    """Each test leaves the conv path as ``FUSED_RESNET_TRITON_CONV`` set it (read at import)."""
+    yield
+    _choice.set_mode(None)
+
+
 def test_choice_modes(monkeypatch):
-    """``FUSED_RESNET_TRITON_CONV`` forces a path; ``auto`` off a GPU takes torch's conv."""
+    """``set_mode`` (``FUSED_RESNET_TRITON_CONV`` at import) forces a path; ``auto`` off a GPU takes
+    torch's conv; a bad value is a ValueError naming the variable, from the setter or the first call."""
     calls = []
 
     def fake_gemm(*args):
@@ -30,21 +38,27 @@ def test_choice_modes(monkeypatch):
     monkeypatch.setattr(_choice, "_gemm_kernel", lambda kernel: (fake_gemm, lambda *a: True))
     args = (torch.zeros(1),)
     for mode, expected in (("gemm", fake_gemm), ("torch", None), ("auto", None)):
-        monkeypatch.setenv(_choice.MODE_ENV, mode)
+        _choice.set_mode(mode)
         chosen = _choice.choose("conv_stats", args, torch_fn=len)
         assert chosen is (expected or len), mode
+    with pytest.raises(ValueError, match="FUSED_RESNET_TRITON_CONV"):
+        _choice.set_mode("bogus")
+    assert _choice.mode() == "auto"  # unchanged by the refused value
     monkeypatch.setenv(_choice.MODE_ENV, "bogus")
+    _choice.set_mode(None)  # what an import with that variable does
     with pytest.raises(ValueError, match="FUSED_RESNET_TRITON_CONV"):
         _choice.choose("conv_stats", args, torch_fn=len)
-    monkeypatch.setattr(_choice, "_gemm_kernel", lambda kernel: (fake_gemm, lambda *a: False))
     monkeypatch.setenv(_choice.MODE_ENV, "gemm")
+    _choice.set_mode(None)
+    assert _choice.mode() == "gemm"
+    monkeypatch.setattr(_choice, "_gemm_kernel", lambda kernel: (fake_gemm, lambda *a: False))
     assert _choice.choose("conv_stats", args, torch_fn=len) is len  # unsupported args: torch's conv
 
 
 @pytest.mark.parametrize("mode", ["torch", "gemm"])
 def test_both_conv_paths_match_reference(mode, monkeypatch):
     """Each conv path through the registered kernels (the GEMM one where ``_conv_gemm`` has it)."""
-    monkeypatch.setenv(_choice.MODE_ENV, mode)
+    _choice.set_mode(mode)
     ran = []
     real_choose = _choice.choose
 
@@ -90,7 +104,7 @@ def test_choice_cache_roundtrip(tmp_path, monkeypatch):
 @pytest.mark.cuda
 def test_choice_measures_once_and_not_during_capture(tmp_path, monkeypatch):
     monkeypatch.setenv(_choice.CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(_choice.MODE_ENV, "auto")
+    _choice.set_mode("auto")
     monkeypatch.setattr(_choice, "_decisions", None)
     if _choice._gemm_kernel("conv_stats") is None:
         pytest.skip("no implicit-GEMM conv_stats to choose from")
@@ -100,9 +114,9 @@ def test_choice_measures_once_and_not_during_capture(tmp_path, monkeypatch):
     _run("conv_stats", *args)
     assert len(_choice.decisions()) == 1
     other = _conv_args("3x3s2", torch.float16, "nhwc", "cuda")
-    monkeypatch.setenv(_choice.MODE_ENV, "torch")
+    _choice.set_mode("torch")
     _run("conv_stats", *other)  # autotunes the Triton kernels for this shape (never inside a capture)
-    monkeypatch.setenv(_choice.MODE_ENV, "auto")
+    _choice.set_mode("auto")
     assert len(_choice.decisions()) == 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

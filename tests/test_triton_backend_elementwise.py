@@ -162,3 +162,24 @@ def test_int64_offsets_huge_tensor_cuda():
     with fused_resnet.use_backend("triton"):
         out = ops.bn_add_relu(y, None, None, None, None, None, True)
     assert_close(out, torch.relu(y.float()).half())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_add_relu_gate(dtype, layout, device):
+    """The per-(sample, channel) gate (``_gate``: NCHW as [1, N*C, H, W], channels_last per sample):
+    forward and every gradient, the gate's included, against the reference."""
+    n, c, h, w = 3, 67, 7, 5
+    y, residual = _act((n, c, h, w), dtype, layout, device), _act((n, c, h, w), dtype, layout, device)
+    for gate, affine in ((torch.rand(n, c, 1, 1, device=device).to(dtype) + 0.5, True),
+                         (torch.rand(n, c, device=device) + 0.5, False)):
+        args = (y, _vec(c, device, True), _vec(c, device), residual,
+                _vec(c, device, True) if affine else None, _vec(c, device) if affine else None, True)
+        _compare(_run("bn_add_relu", *args, gate), (reference.bn_add_relu(*args, gate),), dtype, ("out",))
+        grad = torch.randn_like(y)
+        for mask in ([True, True, True, True], [False, True, False, True]):
+            _compare(_run("bn_add_relu_backward", grad, *args, mask, "", gate),
+                     reference.bn_add_relu_backward(grad, *args, mask, gate), dtype,
+                     ("grad_y", "grad_scale", "grad_shift", "grad_res", "grad_res_scale", "grad_res_shift",
+                      "grad_gate"))

@@ -42,7 +42,9 @@ def test_wheel_is_platform_specific_and_contains_the_extension(wheel):
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("fused_resnet/_C") and n.endswith(".so") for n in names), names
+    # Both libraries: the ops (no Python in it, docs/design.md decision 7) and the pybind module linking it.
+    assert "fused_resnet/_C_ops.so" in names, names
+    assert any(n.startswith("fused_resnet/_C.") and n.endswith(".so") for n in names), names
     assert not any(n.startswith("csrc/") for n in names)
     # A compiled extension: the tag names the interpreter and platform, never py3-none-any.
     assert "-none-any" not in wheel.name and "linux" in wheel.name, wheel.name

@@ -27,8 +27,8 @@ CUDA_SKIP_REASON = None if _C is None or WITH_CUDA else getattr(
 
 def availability(device_type: str) -> str | None:
     """None where the native kernels can run, else why not."""
-    if LOAD_ERROR is not None:
-        return LOAD_ERROR
+    if _extension.LOAD_ERROR is not None:  # read now: _library may refuse the extension after this import
+        return _extension.LOAD_ERROR
     if device_type == "cpu":
         return None
     if device_type == "cuda":
@@ -51,8 +51,8 @@ if _C is not None:
 
 def info_lines() -> list[str]:
     """What ``python -m fused_resnet info`` says about the extension."""
-    if _C is None:
-        return [f"not loaded: {LOAD_ERROR}"]
+    if _extension.C is None:
+        return [f"not loaded: {_extension.LOAD_ERROR}"]
     cuda = "yes" if WITH_CUDA else f"no ({CUDA_SKIP_REASON})"
     lines = [f"built against torch {getattr(_C, 'TORCH_VERSION', '?')}, CUDA kernels: {cuda}"]
     if not torch.backends.mkldnn.is_available():

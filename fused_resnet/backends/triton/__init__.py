@@ -53,7 +53,7 @@ def availability(device_type: str) -> str | None:
 register_backend(NAME, availability)
 
 if _IMPORT_ERROR is None:
-    from . import _choice, _conv_torch, _elementwise, _running_stats
+    from . import _choice, _conv_torch, _elementwise, _gate, _running_stats
     from ._tiling import INTERPRETED, as_mergeable
 
     _ACTIVATION_DTYPES = (torch.float16, torch.float32)
@@ -85,8 +85,10 @@ if _IMPORT_ERROR is None:
     _conv_kernel("conv_bias_act_backward", _x_ok)
 
     @register_kernel(NAME, "bn_add_relu", supports=_first_ok)
-    def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act):
-        """``reference.bn_add_relu`` in one pass (``_elementwise``)."""
+    def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
+        """``reference.bn_add_relu`` in one pass (``_elementwise``; a gate through ``_gate``)."""
+        if gate is not None:
+            return _gate.forward(bn_add_relu, y, scale, shift, residual, res_scale, res_shift, act, gate)
         residual = as_mergeable(residual) if residual is not None else None
         return _elementwise.bn_add_relu(as_mergeable(y), scale, shift, residual, res_scale, res_shift, act)
 
@@ -97,8 +99,13 @@ if _IMPORT_ERROR is None:
         return sum_dz.clone() if shared else sum_dz
 
     @register_kernel(NAME, "bn_add_relu_backward", supports=lambda grad_out, y, *rest: _activation_ok(y))
-    def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask):
-        """``reference.bn_add_relu_backward`` in one pass plus a tiny ``[T, C]`` sum (``_elementwise``)."""
+    def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
+                             gate=None):
+        """``reference.bn_add_relu_backward`` in one pass plus a tiny ``[T, C]`` sum (``_elementwise``;
+        a gate through ``_gate``)."""
+        if gate is not None:
+            return _gate.backward(bn_add_relu_backward, grad_out, y, scale, shift, residual, res_scale, res_shift,
+                                  act, output_mask, gate)
         need_y, need_affine, need_res, need_res_affine = output_mask
         has_res = residual is not None
         need_res_affine = need_res_affine and has_res
@@ -117,6 +124,7 @@ if _IMPORT_ERROR is None:
             grad_res,
             sum_dzr,
             _res_shift_grad(sum_dz, need_affine and shift is not None, need_res_affine and res_shift is not None),
+            None,
         )
 
     register_kernel(NAME, "update_running_stats_", supports=_running_stats.supports)(

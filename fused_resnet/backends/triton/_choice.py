@@ -5,8 +5,8 @@ Path ``gemm``: the implicit-GEMM Triton kernels of ``_conv_gemm`` / ``_conv_gemm
 with the prologue, epilogue and statistics fused in), where a module defines the kernel and its
 ``supports_<kernel>(*args)`` says yes.
 
-``FUSED_RESNET_TRITON_CONV`` = ``torch`` | ``gemm`` | ``auto`` (default) forces a path or lets
-measurements decide. In ``auto`` on a GPU each new key (device name, kernel, dtypes, shapes,
+``FUSED_RESNET_TRITON_CONV`` = ``torch`` | ``gemm`` | ``auto`` (default), read at import (or
+:func:`set_mode`), forces a path or lets measurements decide. In ``auto`` on a GPU each new key (device name, kernel, dtypes, shapes,
 layouts, conv parameters, flags, Triton version) is timed once both ways with
 ``triton.testing.do_bench`` (median) on the call's own arguments, and the winner is cached in
 ``$FUSED_RESNET_CACHE_DIR/choices.json`` (default ``~/.cache/fused_resnet``), shared across
@@ -41,11 +41,39 @@ _decisions: dict[str, dict] | None = None
 _gemm_state: dict[str, tuple] = {}
 
 
-def mode() -> str:
-    value = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+def _parse(value: str) -> str:
+    value = value.strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"{MODE_ENV}={value!r}: expected one of {', '.join(_MODES)}")
     return value
+
+
+def _from_env() -> tuple[str | None, str | None]:
+    """``(mode, None)`` from ``FUSED_RESNET_TRITON_CONV``, or ``(None, error)`` for a bad value."""
+    try:
+        return _parse(os.environ.get(MODE_ENV, "auto")), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+# Read once, at import, not per call (host cost: docs/design.md, decision 6). A bad value raises
+# at the first Triton conv rather than at import, so that the rest of the package still loads.
+_mode, _mode_error = _from_env()
+
+
+def mode() -> str:
+    """The conv path in force: ``torch``, ``gemm`` or ``auto``."""
+    if _mode is None:
+        raise ValueError(_mode_error)
+    return _mode
+
+
+def set_mode(value: str | None) -> None:
+    """Forces the conv path (``torch`` | ``gemm`` | ``auto``) for the process, as
+    ``FUSED_RESNET_TRITON_CONV`` does at import; ``None`` reads the variable again. A bad value
+    raises ValueError and changes nothing."""
+    global _mode, _mode_error
+    _mode, _mode_error = _from_env() if value is None else (_parse(value), None)
 
 
 def cache_path() -> Path:

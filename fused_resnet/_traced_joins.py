@@ -1,0 +1,329 @@
+"""Residual adds written in a user's own ``forward``: found with torch.fx, fused by ``_traced_forward``.
+
+Module structure cannot show an add in a parent's ``forward`` (``relu(x + self.body(x))``), so for a
+module whose ``forward`` is the user's own (defined outside torch, torchvision, timm and fused_resnet,
+whose classes are recognised by identity elsewhere) and that has a child ending in a BN, that one
+``forward`` is traced with torch.fx, every submodule a leaf (whole-model ``symbolic_trace`` fails on
+some models; nothing but this forward is traced, and a failure only leaves the module as it is).
+
+A *join* is ``add(a, b)`` (``+``, ``+=``, ``torch.add``, ``.add``; no ``alpha``), optionally followed
+by a ReLU (``F.relu``, ``torch.relu``, ``.relu()``/``.relu_()``, an ``nn.ReLU`` child; in place or
+not) that reads only the add, where ``a`` is the main branch: the output of a child ``nn.Sequential``
+ending in conv -> BN, or of ``self.bn(self.conv(h))``, read by nothing but the add. ``b`` is a
+conv -> BN shortcut of the same kinds, or any other tensor (the module's input, a pooled shortcut).
+Only straight-line forwards: a trace that fails (data-dependent control flow), a forward that traces
+differently in training and in eval, or operands read elsewhere leave the module as it is, with the
+reason in ``fusion_report``. Python ``if``/``for`` on attributes and children are specialised at
+fuse time and checked on every call (``_traced_forward``).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _joins, _patterns
+from ._traced_forward import _PLAIN, FusedTracedForward, Plan, Ref, TracedJoin
+from .modules import has_hooks, is_fusable_conv
+
+_LIBRARIES = ("torch", "torchvision", "timm", "fused_resnet")
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELUS = (torch.relu, torch.relu_, F.relu, F.relu_)
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule call is a leaf (``call_module``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _own_forward(m: nn.Module) -> bool:
+    module = getattr(type(m).forward, "__module__", None) or ""
+    return module.split(".")[0] not in _LIBRARIES
+
+
+def _bn_ends(m: nn.Module) -> list[nn.Module]:
+    """The BNs that end ``m``'s children (a BN child, or the last child of a Sequential child; in a
+    ModuleList / ModuleDict child too)."""
+    ends, children = [], []
+    for child in m.children():  # a ModuleList / ModuleDict's modules are called by the forward itself
+        children += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+    for child in children:
+        if _patterns.is_own(child, nn.Sequential, "forward") and len(child):
+            child = child[-1]
+        if isinstance(child, _BatchNorm):
+            ends.append(child)
+    return ends
+
+
+def _plain(v) -> bool:
+    """A value a forward may branch on in Python, checked on every call: None, bool, int, float, str,
+    or a tuple of them."""
+    return isinstance(v, _PLAIN) or (type(v) is tuple and all(isinstance(x, _PLAIN) for x in v))
+
+
+def _trace(m: nn.Module) -> tuple[fx.Graph | None, str | None]:
+    graphs, training = [], m.training
+    saved = {k: v for k, v in m.__dict__.items() if _plain(v)}  # a forward that counts its calls
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for mode in (True, False):  # the module's own flag only: its children are leaves
+                m.training = mode
+                graphs.append(_LeafTracer().trace(m))
+    except Exception as e:  # noqa: BLE001 - any failure leaves the module as it is, with the reason
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return None, f"its forward cannot be traced by torch.fx ({type(e).__name__}: {first})"
+    finally:
+        changed = [k for k, v in saved.items() if k != "training" and m.__dict__.get(k, _PLAIN) is not v]
+        m.__dict__.update(saved)
+        m.training = training
+    if changed:  # a Python side effect the graph does not record, so a plan would not repeat it
+        return None, f"its forward sets {', '.join(changed)}"
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return None, "its forward differs in training and eval"
+    return graphs[0], None
+
+
+def _slot(root: nn.Module, path: str) -> tuple:
+    owner_path, _, name = path.rpartition(".")
+    owner = root.get_submodule(owner_path)
+    return owner, name, owner._modules[name]
+
+
+def _single_input(node: fx.Node) -> fx.Node | None:
+    ok = not node.kwargs and len(node.args) == 1 and isinstance(node.args[0], fx.Node)
+    return node.args[0] if ok else None
+
+
+def _branch(node, root, uses, calls, operand=True) -> tuple[tuple | None, str | None]:
+    """``((conv slot, BN slot), Sequential or None, input node), None`` when ``node`` is a conv -> BN
+    branch the join can apply; ``None, why-not`` (or ``None, None`` when it is no such branch).
+    ``operand``: an add's operand (read by nothing else), else a chain written out in the forward."""
+    if node.op != "call_module" or _single_input(node) is None:
+        return None, None
+    mod = root.get_submodule(node.target)
+    if _patterns.is_own(mod, nn.Sequential, "forward") and len(mod) >= 2:
+        names = list(mod._modules)
+        slots, seq, inp = (_slot(mod, names[-2]), _slot(mod, names[-1])), mod, node.args[0]
+    elif isinstance(mod, _BatchNorm) and node.args[0].op == "call_module":
+        conv_node = node.args[0]
+        if _single_input(conv_node) is None or len(conv_node.users) != 1 or calls[conv_node.target] != 1:
+            return None, None
+        slots, seq, inp = (_slot(root, conv_node.target), _slot(root, node.target)), None, conv_node.args[0]
+    else:
+        return None, None
+    conv, bn = slots[0][2], slots[1][2]
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
+        return None, None
+    if not (is_fusable_conv(conv) and _joins._plain_norm(bn, conv.out_channels)):
+        return None, "its conv -> BN is not a plain Conv2d(bias=False) -> BatchNorm2d"
+    if (operand and len(node.users) != 1) or calls[node.target] != 1 or any(uses[id(x)] > 1 for x in (mod, conv, bn)):
+        return None, "the branch's output or modules are used elsewhere too"
+    if any(has_hooks(x) for x in (mod, conv, bn)):
+        return None, "a module of the branch has hooks"
+    return (slots, seq, inp), None
+
+
+def _add_operands(node: fx.Node) -> tuple | None:
+    """(a, b, in place) of an add of two tensors without ``alpha``, else None."""
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    if node.op == "call_function" and node.target in _ADDS:
+        return node.args[0], node.args[1], node.target is operator.iadd
+    if node.op == "call_method" and node.target in ("add", "add_"):
+        return node.args[0], node.args[1], node.target == "add_"
+    return None
+
+
+def _relu_after(node: fx.Node, root: nn.Module) -> tuple[fx.Node, nn.Module | None] | None:
+    """The ReLU that alone reads ``node`` (and its nn.ReLU module, if it is one), else None."""
+    if len(node.users) != 1:
+        return None
+    r = next(iter(node.users))
+    if not r.args or r.args[0] is not node:
+        return None
+    if r.op == "call_function" and r.target in _RELUS and len(r.args) <= 2 and set(r.kwargs) <= {"inplace"}:
+        return r, None
+    if r.op == "call_method" and r.target in ("relu", "relu_") and len(r.args) == 1 and not r.kwargs:
+        return r, None
+    if r.op == "call_module" and len(r.args) == 1 and not r.kwargs:
+        mod = root.get_submodule(r.target)
+        if type(mod) is nn.ReLU and not has_hooks(mod):
+            return r, mod
+    return None
+
+
+def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    joins, notes = [], {}
+    for node in graph.nodes:
+        operands = _add_operands(node)
+        if operands is None:
+            continue
+        a, b, inplace = operands
+        (main, why_a), (short, why_b) = _branch(a, root, uses, calls), _branch(b, root, uses, calls)
+        for why, n in ((why_a, a), (why_b, b)):
+            if why is not None:
+                bn = root.get_submodule(n.target)
+                bn = bn[-1] if isinstance(bn, nn.Sequential) else bn
+                notes[id(bn)] = f"not with the residual add: {why}"
+        if main is None:
+            main, short, a, b = short, None, b, a
+        if main is None or (inplace and node.args[0] is not a and short is None):
+            continue  # no conv -> BN branch, or an add into a tensor that others may read
+        joins.append((node, _relu_after(node, root), a, main, b, short))
+    taken = {n for j in joins for n in (j[2], j[4]) if n is not None}
+    # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch; a ResNet-like model's stem
+    # (conv1 -> bn1, _patterns.known_runs) is left to the chain rule, as before.
+    for node in graph.nodes if _patterns.known_runs(root) is None else ():
+        if node.op == "call_module" and node not in taken and isinstance(root.get_submodule(node.target), _BatchNorm):
+            chain, _ = _branch(node, root, uses, calls, operand=False)
+            if chain is not None and chain[1] is None:
+                joins.append((node, _relu_after(node, root), node, chain, None, None))
+    return joins, notes
+
+
+def _arg(a, pos):
+    if isinstance(a, fx.Node):
+        return Ref(pos[a])
+    if isinstance(a, (tuple, list)):
+        items = [_arg(v, pos) for v in a]
+        return tuple(items) if isinstance(a, tuple) else items
+    if isinstance(a, dict):
+        return {k: _arg(v, pos) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_arg(a.start, pos), _arg(a.stop, pos), _arg(a.step, pos))
+    return a
+
+
+def _owners(root: nn.Module, graph: fx.Graph) -> list:
+    """Every container on a traced module path (the root always), with the children it holds now."""
+    paths = {""}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            parts = n.target.split(".")
+            paths.update(".".join(parts[:i]) for i in range(len(parts)))
+    owners = [root.get_submodule(p) for p in sorted(paths)]
+    return [(o, tuple(o._modules), tuple(o._modules.values())) for o in owners]
+
+
+def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
+    """The plan of ``graph``: every node a step, but each join's branches, add and ReLU one join step."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    pos = {n: i for i, n in enumerate(inputs)}
+    branches, adds, relus, skip, joins = {}, {}, {}, set(), []
+    for node, relu, a, main, b, short in found:
+        adds[node] = (len(joins), a, b)
+        joins.append(TracedJoin(main[0], main[1], short[0] if short else None, short[1] if short else None,
+                                relu is not None, relu[1] if relu else None, add=b is not None))
+        if relu is not None:
+            relus[relu[0]] = node
+        for operand, branch in ((a, main), (b, short)):
+            if branch is not None:
+                branches[operand] = branch
+                if branch[1] is None:  # bn(conv(h)) written out: the conv node moves into the join
+                    skip.add(operand.args[0])
+    steps = []
+
+    def emit(node, step):
+        steps.append(step)
+        pos[node] = len(inputs) + len(steps) - 1
+
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in skip:
+            continue
+        if node in adds and adds[node][2] is None:  # a chain: conv, BN (and ReLU) in one step
+            emit(node, ("join", adds[node][0], Ref(pos[branches[node][2]]), None))
+        elif node in branches:
+            _, seq, inp = branches[node]
+            if seq is not None:  # the Sequential's children before its conv and BN, at its place
+                emit(node, ("prefix", seq, Ref(pos[inp])))
+            else:
+                pos[node] = pos[inp]  # the join reads the conv's input
+        elif node in adds:
+            k, a, b = adds[node]
+            emit(node, ("join", k, Ref(pos[a]), Ref(pos[b])))
+        elif node in relus:
+            pos[node] = pos[relus[node]]  # applied by the join
+        elif node.op == "call_module":
+            emit(node, ("call_module", root.get_submodule(node.target), _arg(node.args, pos), _arg(node.kwargs, pos)))
+        elif node.op in ("call_function", "call_method"):
+            emit(node, (node.op, node.target, _arg(node.args, pos), _arg(node.kwargs, pos)))
+        elif node.op == "get_attr":
+            emit(node, ("get_attr", node.target))
+        elif node.op == "output":
+            steps.append(("output", _arg(node.args[0], pos)))
+    attrs = [(k, v) for k, v in root.__dict__.items() if not k.startswith("_") and k != "training" and _plain(v)]
+    return Plan(len(inputs), steps, joins, _owners(root, graph), attrs)
+
+
+def label(name: str, m: nn.Module) -> str:
+    """``name``, or for the model itself its own class's name."""
+    return name or m.__dict__.get("class_before_fuse", type(m)).__name__
+
+
+def _join_ids(plan: Plan) -> set[int]:
+    return {id(s[2]) for j in plan.joins for s in j.slots}
+
+
+def find(model: nn.Module, skip, taken: set[int] = frozenset()):
+    """The modules whose own forward ``fuse`` would give fused joins: ``{name: (module, Plan)}``; why
+    others are not (``id(BN) -> why``); the ids of the convs and BNs the joins (found now or fused
+    before) apply, which the chain rule skips. ``skip(m)``: modules another rule swaps whole."""
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    found, notes, reserved = {}, {}, set()
+    for name, m in model.named_modules():
+        if isinstance(m, FusedTracedForward):
+            reserved |= _join_ids(m.traced_plan)
+            continue
+        if not _own_forward(m) or skip(m) or not (ends := _bn_ends(m)):
+            continue
+        graph, why = _trace(m)
+        if graph is None:
+            for bn in ends:
+                notes.setdefault(id(bn), f"no add or conv -> BN fused in the forward of {label(name, m)}: {why}")
+            continue
+        joins, join_notes = _find_joins(m, graph, uses)
+        for key, note in join_notes.items():
+            notes.setdefault(key, note)
+        if not joins:
+            continue
+        try:
+            plan = _plan(m, graph, joins)
+        except KeyError:  # a node reads a value the joins absorb: leave the module as it is
+            continue
+        ids = _join_ids(plan)
+        if ids & (reserved | set(taken)):
+            continue
+        found[name] = (m, plan)
+        reserved |= ids
+    return found, notes, reserved
+
+
+def states(model: nn.Module, found: dict) -> dict[int, str]:
+    """``fusion_report``'s states of the joins' and chains' BNs (fused, or found by :func:`find`), by id."""
+    out = {}
+    for name, m in model.named_modules():
+        fused = isinstance(m, FusedTracedForward)
+        if not fused and name not in found:
+            continue
+        plan, where = (m.traced_plan if fused else found[name][1]), f"in the forward of {label(name, m)}"
+        state = f"fusable: with the residual add {where}"
+        if fused:
+            state = f"fused: with the residual add {where}" if m.fusable() else (
+                f"not fused: a module or attribute of {label(name, m)} changed since fuse, or a module of the "
+                "join has hooks, so it runs its own forward")
+        for join in plan.joins:
+            for slots in (join.main, join.short or ()):
+                if slots:
+                    out[id(slots[1][2])] = state if join.add else state.replace(
+                        "with the residual add", "with its conv" + (" and ReLU" if join.relu else ""))
+    return out
