@@ -44,7 +44,7 @@ def test_elementwise_forward_and_backward(act, dtype, channels_last):
     args = (y, s, t, r, rs, rt, code)
     _check_all((_elementwise.bn_add_relu(*args),), (reference.bn_add_relu(*args),), dtype, ("out",))
     bargs = (_act(y.shape, dtype, channels_last), *args, [True] * 4)
-    gy, gs, gt, gr, grs, grt = reference.bn_add_relu_backward(*bargs)
+    gy, gs, gt, gr, grs, grt, _ = reference.bn_add_relu_backward(*bargs)  # no gate: its gradient None
     got = _elementwise.bn_add_relu_backward(*bargs[:8], need_dres=True, sum_dz=True, sum_dzy=True, sum_dzr=True)
     _check_all(got, (gy, gr, gt, gs, grs), dtype, ("grad_y", "grad_res", "sum_dz", "sum_dzy", "sum_dzr"))
 
