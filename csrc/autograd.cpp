@@ -7,10 +7,11 @@
 // record per argument, a node built even without grad; docs/design.md).
 //
 // What is saved is the memory story of the library: conv_stats (and conv_bn) keeps its raw input x,
-// the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised, ReLU'd
-// activation that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
+// the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised,
+// activated input that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
 // (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
-// applies a ReLU (the mask). Saved outputs are saved after their history is set, as outputs (no
+// applies ReLU or ReLU6 (the mask); with SiLU it keeps its bias and residual to recompute the
+// pre-activation. Saved outputs are saved after their history is set, as outputs (no
 // reference cycle through the node), so a later in-place change of any saved tensor is caught.
 //
 // Not supported, as with torch::autograd::Function: forward-mode AD and functorch transforms (a
@@ -20,6 +21,7 @@
 #include <torch/library.h>
 
 #include "autograd_node.h"
+#include "kernels.h"
 
 namespace fused_resnet_native::autograd {
 namespace {
@@ -28,28 +30,28 @@ using torch::autograd::collect_next_edges;
 using torch::autograd::compute_requires_grad;
 using torch::autograd::set_history;
 
-using ConvStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool,
+using ConvStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, int64_t,
                                                         const Tensor&, IntList, IntList, IntList, int64_t);
 using ConvStatsBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
     const Tensor&, const Tensor&, const Tensor&, IntList, IntList, IntList, int64_t, std::array<bool, 3>,
     c10::string_view);
 using BnAddReluSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, bool, const OptTensor&);
+                            const OptTensor&, int64_t, const OptTensor&);
 using BnAddReluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, std::array<bool, 4>, c10::string_view, const OptTensor&);
+    const OptTensor&, int64_t, std::array<bool, 4>, c10::string_view, const OptTensor&);
 using ConvBiasActSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, IntList, IntList,
-                              IntList, int64_t, bool);
+                              IntList, int64_t, int64_t);
 using ConvBiasActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, IntList, IntList, IntList, int64_t,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, IntList, IntList, IntList, int64_t,
     std::array<bool, 4>, c10::string_view);
 using ConvBnSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const OptTensor&, const OptTensor&,
+    const Tensor&, const OptTensor&, const OptTensor&, int64_t, const Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, const OptTensor&, std::optional<double>, double, IntList, IntList, IntList,
     int64_t);
 using ConvBnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
     const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, double, IntList, IntList, IntList,
     int64_t, std::array<bool, 4>, c10::string_view);
 using BnFinalizeSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
@@ -61,7 +63,7 @@ using BnFinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const T
 // Edges (x, in_scale, in_shift, weight); inputs the gradients of (y, mean, var).
 struct ConvStatsBackward : Node {
   SavedVariable x_, in_scale_, in_shift_, weight_, y_, mean_;
-  bool in_relu = false;
+  int64_t in_act = kActNone;
   ConvArgs conv;
   std::string name() const override { return "ConvStatsBackward"; }
   void release_variables() override {
@@ -75,7 +77,7 @@ struct ConvStatsBackward : Node {
                need_shift = task_should_compute_output(2), need_w = task_should_compute_output(3);
     auto [gx, gs, gb, gw] = backward.call(
         or_zeros(*this, grads[0], 0), or_zeros(*this, grads[1], 1), or_zeros(*this, grads[2], 2), x_.unpack(),
-        optional(in_scale_.unpack()), optional(in_shift_.unpack()), in_relu, weight_.unpack(),
+        optional(in_scale_.unpack()), optional(in_shift_.unpack()), in_act, weight_.unpack(),
         y_.unpack(getptr()), mean_.unpack(getptr()), conv.stride, conv.padding, conv.dilation, conv.groups,
         {need_x, need_scale || need_shift, need_w}, router::name(conv.backend));
     return {if_needed(gx, need_x), if_needed(gs, need_scale), if_needed(gb, need_shift), if_needed(gw, need_w)};
@@ -88,7 +90,7 @@ struct ConvStatsBackward : Node {
 // shift). The running statistics the forward updated in place are buffers: no edge, nothing saved.
 struct ConvBnBackward : Node {
   SavedVariable x_, in_scale_, in_shift_, weight_, bn_weight_, y_, mean_, var_;
-  bool in_relu = false;
+  int64_t in_act = kActNone;
   double eps = 0.0;
   c10::ScalarType bn_bias_dtype = at::kFloat;
   ConvArgs conv;
@@ -104,7 +106,7 @@ struct ConvBnBackward : Node {
     for (size_t i = 0; i < 6; ++i) need[i] = task_should_compute_output(i);
     auto [gx, gis, gib, gw, gbw, gbb] = backward.call(
         or_zeros(*this, grads[0], 0), or_zeros(*this, grads[1], 1), or_zeros(*this, grads[2], 2), x_.unpack(),
-        optional(in_scale_.unpack()), optional(in_shift_.unpack()), in_relu, weight_.unpack(),
+        optional(in_scale_.unpack()), optional(in_shift_.unpack()), in_act, weight_.unpack(),
         optional(bn_weight_.unpack()), y_.unpack(getptr()), mean_.unpack(getptr()), var_.unpack(getptr()), eps,
         conv.stride, conv.padding, conv.dilation, conv.groups, {need[0], need[1] || need[2], need[3], need[4] || need[5]},
         router::name(conv.backend));
@@ -117,7 +119,7 @@ struct ConvBnBackward : Node {
 // Edges (y, scale, shift, residual, res_scale, res_shift, gate); one output.
 struct BnAddReluBackward : Node {
   SavedVariable y_, scale_, shift_, residual_, res_scale_, res_shift_, gate_;
-  bool relu = false;
+  int64_t act = kActNone;
   int backend = router::kAuto;
   std::string name() const override { return "BnAddReluBackward"; }
   void release_variables() override {
@@ -132,7 +134,7 @@ struct BnAddReluBackward : Node {
     // The gate's gradient comes with the BN's affine ones (output_mask[1]).
     auto [gy, gs, gb, gr, grs, grb, gg] = backward.call(
         or_zeros(*this, grads[0], 0), y_.unpack(), optional(scale_.unpack()), optional(shift_.unpack()),
-        optional(residual_.unpack()), optional(res_scale_.unpack()), optional(res_shift_.unpack()), relu,
+        optional(residual_.unpack()), optional(res_scale_.unpack()), optional(res_shift_.unpack()), act,
         {need[0], need[1] || need[2] || need[6], need[3], need[4] || need[5]}, router::name(backend),
         optional(gate_.unpack()));
     return {if_needed(gy, need[0]), if_needed(gs, need[1]), if_needed(gb, need[2]), if_needed(gr, need[3]),
@@ -140,15 +142,18 @@ struct BnAddReluBackward : Node {
   }
 };
 
-// Edges (x, weight, bias, residual): the bias and residual are not saved, an absent one has no edge.
+// Edges (x, weight, bias, residual); an absent bias or residual has no edge. The bias and residual
+// are saved only with SiLU, whose derivative needs the pre-activation, recomputed from them (an
+// inference op's backward: nothing the size of the output is kept for it); ReLU/ReLU6 keep the output
+// for their mask.
 struct ConvBiasActBackward : Node {
-  SavedVariable x_, weight_, out_;
-  bool relu = false;
+  SavedVariable x_, weight_, out_, bias_, residual_;
+  int64_t act = kActNone;
   ConvArgs conv;
   std::string name() const override { return "ConvBiasActBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* s : {&x_, &weight_, &out_}) s->reset_data();
+    for (auto* s : {&x_, &weight_, &out_, &bias_, &residual_}) s->reset_data();
   }
   variable_list apply(variable_list&& grads) override {
     static auto backward = op<ConvBiasActBackwardSig>("fused_resnet::conv_bias_act_backward");
@@ -156,9 +161,17 @@ struct ConvBiasActBackward : Node {
     bool need[4];
     for (size_t i = 0; i < 4; ++i) need[i] = task_should_compute_output(i);
     const Tensor grad = or_zeros(*this, grads[0], 0);
-    const Tensor out = out_.unpack(getptr());
-    auto [gx, gw, gbias, gres] = backward.call(grad, x_.unpack(), weight_.unpack(), out.defined() ? out : grad, relu,
-                                               conv.stride, conv.padding, conv.dilation, conv.groups,
+    const Tensor x = x_.unpack(), weight = weight_.unpack();
+    Tensor out = out_.unpack(getptr());
+    if (act == kActSilu) {
+      static auto forward = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
+      at::AutoDispatchBelowADInplaceOrView below;
+      at::NoGradGuard no_grad;
+      out = forward.call(x, weight, optional(bias_.unpack()), optional(residual_.unpack()), conv.stride,
+                         conv.padding, conv.dilation, conv.groups, kActNone);
+    }
+    auto [gx, gw, gbias, gres] = backward.call(grad, x, weight, out.defined() ? out : grad, act, conv.stride,
+                                               conv.padding, conv.dilation, conv.groups,
                                                {need[0], need[1], need[2], need[3]}, router::name(conv.backend));
     return {if_needed(gx, need[0]), if_needed(gw, need[1]), if_needed(gbias, need[2]), if_needed(gres, need[3])};
   }
@@ -194,7 +207,7 @@ struct BnFinalizeBackward : Node {
 // backends' kernels see what they saw), then the differentiable outputs' history, then the saved
 // outputs.
 
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, bool r,
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t a,
                                               const Tensor& w, IntList st, IntList p, IntList d, int64_t g) {
   static auto forward = op<ConvStatsSig>("fused_resnet::conv_stats");
   check_supported("conv_stats", x, s, b, w);
@@ -206,13 +219,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& 
     node->in_scale_ = SavedVariable(s, false);
     node->in_shift_ = SavedVariable(b, false);
     node->weight_ = SavedVariable(w, false);
-    node->in_relu = r;
+    node->in_act = a;
     node->conv.set(st, p, d, g);
   }
   auto out = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     at::NoGradGuard no_grad;
-    return forward.call(x, s, b, r, w, st, p, d, g);
+    return forward.call(x, s, b, a, w, st, p, d, g);
   }();
   if (node) {
     set_history(std::get<0>(out), node);
@@ -225,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& 
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
-    const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+    const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t a, const Tensor& w, const OptTensor& bw,
     const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
     double eps, IntList st, IntList p, IntList d, int64_t g) {
   static auto forward = op<ConvBnSig>("fused_resnet::conv_bn");
@@ -240,14 +253,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
     node->weight_ = SavedVariable(w, false);
     node->bn_weight_ = SavedVariable(bw, false);
     if (bb.has_value() && bb->defined()) node->bn_bias_dtype = bb->scalar_type();
-    node->in_relu = r;
+    node->in_act = a;
     node->eps = eps;
     node->conv.set(st, p, d, g);
   }
   auto out = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     at::NoGradGuard no_grad;
-    return forward.call(x, s, b, r, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
+    return forward.call(x, s, b, a, w, bw, bb, rm, rv, nbt, mom, eps, st, p, d, g);
   }();
   if (node) {
     // (y, scale, shift) only: mean and var get no history, so they do not require grad.
@@ -262,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
 }
 
 Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res, const OptTensor& rs,
-                   const OptTensor& rb, bool relu, const OptTensor& gate) {
+                   const OptTensor& rb, int64_t act, const OptTensor& gate) {
   static auto forward = op<BnAddReluSig>("fused_resnet::bn_add_relu");
   check_supported("bn_add_relu", y, s, b, res, rs, rb, gate);
   NodePtr<BnAddReluBackward> node;
@@ -276,20 +289,20 @@ Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, cons
     node->res_scale_ = SavedVariable(rs, false);
     node->res_shift_ = SavedVariable(rb, false);
     node->gate_ = SavedVariable(gate, false);
-    node->relu = relu;
+    node->act = act;
     node->backend = router::requested();
   }
   Tensor out = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     at::NoGradGuard no_grad;
-    return forward.call(y, s, b, res, rs, rb, relu, gate);
+    return forward.call(y, s, b, res, rs, rb, act, gate);
   }();
   if (node) set_history(out, node);
   return out;
 }
 
 Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res, IntList st,
-                     IntList p, IntList d, int64_t g, bool relu) {
+                     IntList p, IntList d, int64_t g, int64_t act) {
   static auto forward = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
   check_supported("conv_bias_act", x, w, bias, res);
   NodePtr<ConvBiasActBackward> node;
@@ -298,18 +311,22 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, co
     node->set_next_edges(collect_next_edges(x, w, bias, res));
     node->x_ = SavedVariable(x, false);
     node->weight_ = SavedVariable(w, false);
-    node->relu = relu;
+    node->act = act;
+    if (act == kActSilu) {
+      node->bias_ = SavedVariable(bias, false);
+      node->residual_ = SavedVariable(res, false);
+    }
     node->conv.set(st, p, d, g);
   }
   Tensor out = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     at::NoGradGuard no_grad;
-    return forward.call(x, w, bias, res, st, p, d, g, relu);
+    return forward.call(x, w, bias, res, st, p, d, g, act);
   }();
   if (node) {
     set_history(out, node);
-    // The output is kept only for the ReLU mask: without ReLU, a caller may modify it in place.
-    if (relu) node->out_ = SavedVariable(out, true);
+    // The output is kept only for the ReLU/ReLU6 mask: without them, a caller may modify it in place.
+    if (act == kActRelu || act == kActRelu6) node->out_ = SavedVariable(out, true);
   }
   return out;
 }

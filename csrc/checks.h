@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "kernels.h"
+
 namespace fused_resnet_native::checks {
 
 using at::Tensor;
@@ -53,6 +55,12 @@ inline void per_channel(const char* name, const OptTensor& t, int64_t channels, 
   TORCH_CHECK(t->scalar_type() == expected && t->device() == act.device(), "fused_resnet: ", name, " must be ",
               dtype_name(expected), " on ", act.device(), " for ", dtype_name(act.scalar_type()),
               " activations, got ", dtype_name(t->scalar_type()), " on ", t->device());
+}
+
+// An activation code (kernels.h: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU).
+inline void act(const char* name, int64_t code) {
+  TORCH_CHECK_VALUE(code >= 0 && code < kActCount, "fused_resnet: ", name,
+                    " must be an activation code (0 none, 1 relu, 2 relu6, 3 silu), got ", code);
 }
 
 inline std::vector<int64_t> conv_output_size(const Tensor& x, const Tensor& w, c10::IntArrayRef stride,

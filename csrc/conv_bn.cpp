@@ -16,11 +16,11 @@ bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
-    const Kernels& k, const Tensor& x, const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
+    const Kernels& k, const Tensor& x, const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act,
     const Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,
     IntList stride, IntList padding, IntList dilation, int64_t groups) {
-  auto [y, mean, var] = conv_stats(k, x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups);
+  auto [y, mean, var] = conv_stats(k, x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups);
   if (has(running_mean) && has(running_var)) {
     TORCH_CHECK(has(num_batches_tracked), "fused_resnet: conv_bn updates running statistics with num_batches_tracked");
     update_running_stats_(*running_mean, *running_var, *num_batches_tracked, mean, var, y.numel() / y.size(1),
@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
     const Kernels& k, const Tensor& grad_y, const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& x,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight,
     const OptTensor& bn_weight, const Tensor& y, const Tensor& mean, const Tensor& var, double eps, IntList stride,
     IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask) {
   const auto [need_x, need_affine, need_w, need_bn] = output_mask;
@@ -43,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
       bn_backward_terms(stat(grad_scale), stat(grad_shift), mean, var, bn_weight, eps, count, need_bn);
   if (grad_bn_weight.numel() > 0) grad_bn_weight = grad_bn_weight.to(bn_weight->scalar_type());
   auto [grad_x, grad_in_scale, grad_in_shift, grad_w] =
-      conv_stats_backward_folded(k, grad_y, g_shift, g_scale, x, in_scale, in_shift, in_relu, weight, y, mean, stride,
+      conv_stats_backward_folded(k, grad_y, g_shift, g_scale, x, in_scale, in_shift, in_act, weight, y, mean, stride,
                                  padding, dilation, groups, {need_x, need_affine, need_w});
   return {grad_x, grad_in_scale, grad_in_shift, grad_w, grad_bn_weight, grad_bn_bias};
 }

@@ -111,13 +111,13 @@ Tensor workspace(const Kernels& k, const Shape& s, const Tensor& like) {
   return at::empty({std::max<int64_t>(k.workspace_floats(s), 1)}, like.options().dtype(at::kFloat));
 }
 
-bool identity_prologue(const OptTensor& s, const OptTensor& b, bool relu) { return !has(s) && !has(b) && !relu; }
+bool identity_prologue(const OptTensor& s, const OptTensor& b, int64_t act) { return !has(s) && !has(b) && act == kActNone; }
 
-// relu?(x * s + b) in the convolution's dtype: a transient, freed once the conv has read it.
+// act(x * s + b) in the convolution's dtype: a transient, freed once the conv has read it.
 // `x_batch_stride` as prologue_input returns it.
 Tensor prologue(const Kernels& k, const Tensor& x, int64_t x_batch_stride, const OptTensor& s, const OptTensor& b,
-                bool relu, at::ScalarType cdt, bool nhwc) {
-  if (identity_prologue(s, b, relu)) return dense(x, nhwc).to(cdt);
+                int64_t act, at::ScalarType cdt, bool nhwc) {
+  if (identity_prologue(s, b, act)) return dense(x, nhwc).to(cdt);
   Tensor a = empty_act(x, cdt, nhwc);
   PerChannel pc;
   ApplyArgs args;
@@ -129,7 +129,7 @@ Tensor prologue(const Kernels& k, const Tensor& x, int64_t x_batch_stride, const
   args.shift = pc(b);
   args.out = mptr(a);
   args.out_dtype = tag(a);
-  args.relu = relu;
+  args.act = static_cast<int>(act);
   if (args.shape.numel() > 0) k.apply(args);
   return a;
 }
@@ -167,12 +167,12 @@ Tensor zeros_if_empty(const Tensor& t, const Tensor& like, int64_t c) {
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x_, const OptTensor& in_scale,
-                                              const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+                                              const OptTensor& in_shift, int64_t in_act, const Tensor& weight,
                                               IntList stride, IntList padding, IntList dilation, int64_t groups) {
   const bool nhwc = is_nhwc(x_);
   const auto [x, x_stride] = prologue_input(k, x_, nhwc);
   tag(x);
-  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_relu, conv_dtype(k, x.scalar_type()), nhwc);
+  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_act, conv_dtype(k, x.scalar_type()), nhwc);
   Tensor y = dense(convolution(a, weight, stride, padding, dilation, groups).to(x.scalar_type()), nhwc);
   auto [mean, var] = batch_stats(k, y, nhwc);
   return {y, mean, var};
@@ -180,19 +180,19 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x_
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
     const Kernels& k, const Tensor& grad_y, const Tensor& grad_mean, const Tensor& grad_var, const Tensor& x,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight, const Tensor& y,
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
   const int64_t c = y.size(1);
   const double count = static_cast<double>(std::max<int64_t>(y.numel() / std::max<int64_t>(c, 1), 1));
   return conv_stats_backward_folded(k, grad_y, zeros_if_empty(grad_mean, y, c) / count,
-                                    zeros_if_empty(grad_var, y, c) * (2.0 / count), x, in_scale, in_shift, in_relu,
+                                    zeros_if_empty(grad_var, y, c) * (2.0 / count), x, in_scale, in_shift, in_act,
                                     weight, y, mean, stride, padding, dilation, groups, output_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
     const Kernels& k, const Tensor& grad_y, const Tensor& g_shift, const Tensor& g_scale, const Tensor& x_,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y_,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight, const Tensor& y_,
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
   const auto [need_x, need_affine, need_w] = output_mask;
@@ -219,17 +219,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
   args.out_dtype = tag(g);
   if (ys.numel() > 0) k.apply(args);
 
-  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_relu, cdt, nhwc);
+  Tensor a = prologue(k, x, x_stride, in_scale, in_shift, in_act, cdt, nhwc);
   const bool need_input = need_x || need_affine;
   auto [grad_a, grad_w] = conv_backward(g, a, weight.to(cdt), stride, padding, dilation, groups, need_input, need_w);
   a.reset();
   g.reset();
   Tensor grad_x, grad_scale, grad_shift;
-  if (need_input && identity_prologue(in_scale, in_shift, in_relu)) {
+  if (need_input && identity_prologue(in_scale, in_shift, in_act)) {
     if (need_x) grad_x = dense(grad_a.to(x.scalar_type()), nhwc);
   } else if (need_input) {
-    // The prologue's backward: ReLU mask recomputed from x, grad_x = dz * in_scale, and the
-    // per-channel sums for in_scale / in_shift, in one pass over grad_a and x.
+    // The prologue's backward: the activation's derivative at the recomputed x * in_scale + in_shift,
+    // grad_x = dz * in_scale, and the per-channel sums for in_scale / in_shift, in one pass over grad_a and x.
     Tensor ga = dense(grad_a, nhwc);
     Shape xs = shape_of(x, nhwc);
     if (need_x) grad_x = empty_act(x, x.scalar_type(), nhwc);
@@ -245,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
     b.y_batch_stride = x_stride;
     b.scale = pc(in_scale);
     b.shift = pc(in_shift);
-    b.relu = in_relu;
+    b.act = static_cast<int>(in_act);
     if (grad_x.defined()) {
       b.grad_y = mptr(grad_x);
       b.grad_y_dtype = tag(grad_x);
@@ -266,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
 }
 
 Tensor bn_add_relu(const Kernels& k, const Tensor& y_, const OptTensor& scale, const OptTensor& shift,
-                   const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu) {
+                   const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act) {
   const bool nhwc = is_nhwc(y_);
   const Tensor y = dense(y_, nhwc);
   Tensor res = has(residual) ? dense(residual->to(y.scalar_type()), nhwc) : Tensor();
@@ -286,14 +286,14 @@ Tensor bn_add_relu(const Kernels& k, const Tensor& y_, const OptTensor& scale, c
   }
   args.out = mptr(out);
   args.out_dtype = tag(out);
-  args.relu = relu;
+  args.act = static_cast<int>(act);
   if (args.shape.numel() > 0) k.apply(args);
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
     const Kernels& k, const Tensor& grad_out, const Tensor& y_, const OptTensor& scale, const OptTensor& shift,
-    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
     std::array<bool, 4> output_mask) {
   const auto [need_y, need_affine, need_res, need_res_affine] = output_mask;
   const bool nhwc = is_nhwc(y_);
@@ -326,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
     b.res_scale = pc(res_scale);
     b.res_shift = pc(res_shift);
   }
-  b.relu = relu;
+  b.act = static_cast<int>(act);
   if (gy.defined()) {
     b.grad_y = mptr(gy);
     b.grad_y_dtype = tag(gy);
@@ -350,14 +350,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
 
 Tensor conv_bias_act(const Kernels& k, const Tensor& x_, const Tensor& weight, const OptTensor& bias,
                      const OptTensor& residual, IntList stride, IntList padding, IntList dilation, int64_t groups,
-                     bool relu) {
+                     int64_t act) {
   const bool nhwc = is_nhwc(x_);
   const Tensor x = dense(x_, nhwc);
   tag(x);
   const at::ScalarType cdt = conv_dtype(k, x.scalar_type());
   Tensor y = dense(convolution(x.to(cdt), weight, stride, padding, dilation, groups), nhwc);
-  if (!has(bias) && !has(residual) && !relu) return y.to(x.scalar_type());
-  // The epilogue: bias, residual and ReLU in one pass, in place when the conv ran in x's dtype.
+  if (!has(bias) && !has(residual) && act == kActNone) return y.to(x.scalar_type());
+  // The epilogue: bias, residual and activation in one pass, in place when the conv ran in x's dtype.
   Tensor out = y.scalar_type() == x.scalar_type() ? y : empty_act(y, x.scalar_type(), nhwc);
   Tensor res = has(residual) ? dense(residual->to(x.scalar_type()), nhwc) : Tensor();
   PerChannel pc;
@@ -372,13 +372,13 @@ Tensor conv_bias_act(const Kernels& k, const Tensor& x_, const Tensor& weight, c
   }
   args.out = mptr(out);
   args.out_dtype = tag(out);
-  args.relu = relu;
+  args.act = static_cast<int>(act);
   if (args.shape.numel() > 0) k.apply(args);
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
-    const Kernels& k, const Tensor& grad_out, const Tensor& x_, const Tensor& weight, const Tensor& out_, bool relu,
+    const Kernels& k, const Tensor& grad_out, const Tensor& x_, const Tensor& weight, const Tensor& out_, int64_t act,
     IntList stride, IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask) {
   const auto [need_x, need_w, need_bias, need_res] = output_mask;
   const bool nhwc = is_nhwc(x_);
@@ -392,10 +392,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
   if (need_bias) grad_bias = empty_channels(out, s.c);
   if (need_res) grad_res = empty_act(out, out.scalar_type(), nhwc_out);
   const bool need_conv = need_x || need_w;
-  if (!relu && !need_bias && !need_res) {
+  if (act == kActNone && !need_bias && !need_res) {
     dz = go.to(cdt);
   } else {
-    // dz = grad_out * (out > 0), written once in the conv's dtype (and once as the residual's
+    // dz = act_bwd(grad_out, out) (`out`: the output for ReLU/ReLU6, the pre-activation for SiLU; see
+    // csrc/autograd.cpp), written once in the conv's dtype (and once as the residual's
     // gradient), with sum(dz) for the bias, in one pass.
     if (need_conv) dz = empty_act(out, cdt, nhwc_out);
     PerChannel pc;
@@ -405,7 +406,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
     b.grad_dtype = tag(go);
     b.y = cptr(out);
     b.y_dtype = tag(out);
-    b.relu = relu;
+    b.act = static_cast<int>(act);
     if (dz.defined()) {
       b.grad_y = mptr(dz);
       b.grad_y_dtype = tag(dz);

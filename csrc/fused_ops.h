@@ -19,12 +19,12 @@ using OptTensor = std::optional<Tensor>;
 using IntList = c10::IntArrayRef;
 
 std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x, const OptTensor& in_scale,
-                                              const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+                                              const OptTensor& in_shift, int64_t in_act, const Tensor& weight,
                                               IntList stride, IntList padding, IntList dilation, int64_t groups);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
     const Kernels& k, const Tensor& grad_y, const Tensor& grad_mean, const Tensor& grad_var, const Tensor& x,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight, const Tensor& y,
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask);
 
@@ -32,20 +32,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
 // the conv output's gradient is grad_y + g_shift + g_scale * (y - mean) (conv_bn's backward forms them).
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_folded(
     const Kernels& k, const Tensor& grad_y, const Tensor& g_shift, const Tensor& g_scale, const Tensor& x,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight, const Tensor& y,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight, const Tensor& y,
     const Tensor& mean, IntList stride, IntList padding, IntList dilation, int64_t groups,
     std::array<bool, 3> output_mask);
 
 // conv_bn (conv_bn.cpp): conv_stats, the running-statistics update, the BN finalize; and its backward.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
-    const Kernels& k, const Tensor& x, const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
+    const Kernels& k, const Tensor& x, const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act,
     const Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,
     IntList stride, IntList padding, IntList dilation, int64_t groups);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
     const Kernels& k, const Tensor& grad_y, const Tensor& grad_scale, const Tensor& grad_shift, const Tensor& x,
-    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu, const Tensor& weight,
+    const OptTensor& in_scale, const OptTensor& in_shift, int64_t in_act, const Tensor& weight,
     const OptTensor& bn_weight, const Tensor& y, const Tensor& mean, const Tensor& var, double eps, IntList stride,
     IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask);
 
@@ -64,30 +64,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_terms(const Tensor& grad_
                                                              bool need_affine);
 
 Tensor bn_add_relu(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-                   const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu);
+                   const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
     const Kernels& k, const Tensor& grad_out, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
     std::array<bool, 4> output_mask);
 
 // bn_add_relu with a per-(sample, channel) gate ((N, C) or (N, C, 1, 1)) multiplying the BN's output
 // (csrc/gate.cpp, on the kernels above); the backward's last output is the gate's gradient.
 Tensor bn_add_relu_gated(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-                         const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+                         const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
                          const Tensor& gate);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_gated_backward(
     const Kernels& k, const Tensor& grad_out, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
     std::array<bool, 4> output_mask, const Tensor& gate);
 
 Tensor conv_bias_act(const Kernels& k, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                      const OptTensor& residual, IntList stride, IntList padding, IntList dilation, int64_t groups,
-                     bool relu);
+                     int64_t act);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
-    const Kernels& k, const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& out, bool relu,
+    const Kernels& k, const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& out, int64_t act,
     IntList stride, IntList padding, IntList dilation, int64_t groups, std::array<bool, 4> output_mask);
 
 void update_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
@@ -97,20 +97,20 @@ void update_running_stats_(const Tensor& running_mean, const Tensor& running_var
 template <class Device>
 struct Impls {
   static std::tuple<Tensor, Tensor, Tensor> conv_stats_(const Tensor& x, const OptTensor& s, const OptTensor& b,
-                                                         bool r, const Tensor& w, IntList st, IntList p, IntList d,
+                                                         int64_t r, const Tensor& w, IntList st, IntList p, IntList d,
                                                          int64_t g) {
     typename Device::Guard guard(x);
     return conv_stats(Device::kernels(), x, s, b, r, w, st, p, d, g);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward_(
       const Tensor& gy, const Tensor& gm, const Tensor& gv, const Tensor& x, const OptTensor& s, const OptTensor& b,
-      bool r, const Tensor& w, const Tensor& y, const Tensor& mean, IntList st, IntList p, IntList d, int64_t g,
+      int64_t r, const Tensor& w, const Tensor& y, const Tensor& mean, IntList st, IntList p, IntList d, int64_t g,
       std::array<bool, 3> mask) {
     typename Device::Guard guard(x);
     return conv_stats_backward(Device::kernels(), gy, gm, gv, x, s, b, r, w, y, mean, st, p, d, g, mask);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_(
-      const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+      const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t r, const Tensor& w, const OptTensor& bw,
       const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
       double eps, IntList st, IntList p, IntList d, int64_t g) {
     typename Device::Guard guard(x);
@@ -118,43 +118,43 @@ struct Impls {
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward_(
       const Tensor& gy, const Tensor& gs, const Tensor& gb, const Tensor& x, const OptTensor& s, const OptTensor& b,
-      bool r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
+      int64_t r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
       IntList st, IntList p, IntList d, int64_t g, std::array<bool, 4> mask) {
     typename Device::Guard guard(x);
     return conv_bn_backward(Device::kernels(), gy, gs, gb, x, s, b, r, w, bw, y, mean, var, eps, st, p, d, g, mask);
   }
   static Tensor bn_add_relu_(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-                             const OptTensor& rs, const OptTensor& rb, bool relu) {
+                             const OptTensor& rs, const OptTensor& rb, int64_t act) {
     typename Device::Guard guard(y);
-    return bn_add_relu(Device::kernels(), y, s, b, res, rs, rb, relu);
+    return bn_add_relu(Device::kernels(), y, s, b, res, rs, rb, act);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward_(
       const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-      const OptTensor& rs, const OptTensor& rb, bool relu, std::array<bool, 4> mask) {
+      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask) {
     typename Device::Guard guard(y);
-    return bn_add_relu_backward(Device::kernels(), go, y, s, b, res, rs, rb, relu, mask);
+    return bn_add_relu_backward(Device::kernels(), go, y, s, b, res, rs, rb, act, mask);
   }
   static Tensor bn_add_relu_gated_(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-                                   const OptTensor& rs, const OptTensor& rb, bool relu, const Tensor& gate) {
+                                   const OptTensor& rs, const OptTensor& rb, int64_t act, const Tensor& gate) {
     typename Device::Guard guard(y);
-    return bn_add_relu_gated(Device::kernels(), y, s, b, res, rs, rb, relu, gate);
+    return bn_add_relu_gated(Device::kernels(), y, s, b, res, rs, rb, act, gate);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_gated_backward_(
       const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-      const OptTensor& rs, const OptTensor& rb, bool relu, std::array<bool, 4> mask, const Tensor& gate) {
+      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask, const Tensor& gate) {
     typename Device::Guard guard(y);
-    return bn_add_relu_gated_backward(Device::kernels(), go, y, s, b, res, rs, rb, relu, mask, gate);
+    return bn_add_relu_gated_backward(Device::kernels(), go, y, s, b, res, rs, rb, act, mask, gate);
   }
   static Tensor conv_bias_act_(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,
-                               IntList st, IntList p, IntList d, int64_t g, bool relu) {
+                               IntList st, IntList p, IntList d, int64_t g, int64_t act) {
     typename Device::Guard guard(x);
-    return conv_bias_act(Device::kernels(), x, w, bias, res, st, p, d, g, relu);
+    return conv_bias_act(Device::kernels(), x, w, bias, res, st, p, d, g, act);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward_(
-      const Tensor& go, const Tensor& x, const Tensor& w, const Tensor& out, bool relu, IntList st, IntList p,
+      const Tensor& go, const Tensor& x, const Tensor& w, const Tensor& out, int64_t act, IntList st, IntList p,
       IntList d, int64_t g, std::array<bool, 4> mask) {
     typename Device::Guard guard(x);
-    return conv_bias_act_backward(Device::kernels(), go, x, w, out, relu, st, p, d, g, mask);
+    return conv_bias_act_backward(Device::kernels(), go, x, w, out, act, st, p, d, g, mask);
   }
   static void update_running_stats(const Tensor& rm, const Tensor& rv, const Tensor& nbt, const Tensor& mean,
                                    const Tensor& var, int64_t count, std::optional<double> momentum) {

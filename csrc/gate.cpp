@@ -1,5 +1,5 @@
 // bn_add_relu with a per-(sample, channel) gate (timm's SE, DropPath's per-sample keep-scale):
-// out = relu?(gate * (y * scale + shift) + residual * res_scale + res_shift). The gate folds into
+// out = act(gate * (y * scale + shift) + residual * res_scale + res_shift). The gate folds into
 // per-(sample, channel) vectors gate*scale and gate*shift, and the device's per-channel kernels run
 // unchanged (fused_ops.cpp's bn_add_relu and its backward, called as they are): on an NCHW tensor
 // viewed as [1, N*C, H, W] (the same memory, one call; the residual's vectors tiled N times), and
@@ -55,13 +55,13 @@ Tensor cat_or_undefined(const std::vector<Tensor>& parts) {
 }  // namespace
 
 Tensor bn_add_relu_gated(const Kernels& k, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-                         const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+                         const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
                          const Tensor& gate) {
   const Folded f = fold(y, scale, shift, res_scale, res_shift, gate);
   const Tensor res = has(residual) ? residual->to(y.scalar_type()) : Tensor();
   if (!per_sample(y)) {
     return bn_add_relu(k, wide(y), f.scale, opt(f.shift), res.defined() ? OptTensor(wide(res)) : std::nullopt,
-                       opt(f.res_scale), opt(f.res_shift), relu)
+                       opt(f.res_scale), opt(f.res_shift), act)
         .view(y.sizes());
   }
   const int64_t c = y.size(1);
@@ -69,14 +69,14 @@ Tensor bn_add_relu_gated(const Kernels& k, const Tensor& y, const OptTensor& sca
   for (int64_t i = 0; i < y.size(0); ++i) {
     outs.push_back(bn_add_relu(k, y.narrow(0, i, 1), slice(f.scale, i, c), slice(f.shift, i, c),
                                res.defined() ? OptTensor(res.narrow(0, i, 1)) : std::nullopt,
-                               slice(f.res_scale, i, c), slice(f.res_shift, i, c), relu));
+                               slice(f.res_scale, i, c), slice(f.res_shift, i, c), act));
   }
   return at::cat(outs, 0);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_gated_backward(
     const Kernels& k, const Tensor& grad_out, const Tensor& y, const OptTensor& scale, const OptTensor& shift,
-    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, bool relu,
+    const OptTensor& residual, const OptTensor& res_scale, const OptTensor& res_shift, int64_t act,
     std::array<bool, 4> output_mask, const Tensor& gate) {
   const int64_t n = y.size(0), c = y.size(1);
   const Folded f = fold(y, scale, shift, res_scale, res_shift, gate);
@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_g
     const Tensor go = grad_out.to(y.scalar_type());
     std::tie(gy, gsy, gsz, gres, gsr, gsrz) = bn_add_relu_backward(
         k, wide(go), wide(y), f.scale, opt(f.shift), res.defined() ? OptTensor(wide(res)) : std::nullopt,
-        opt(f.res_scale), opt(f.res_shift), relu, output_mask);
+        opt(f.res_scale), opt(f.res_shift), act, output_mask);
     if (gy.defined()) gy = gy.view(y.sizes());
     if (gres.defined()) gres = gres.view(y.sizes());
   } else {
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_g
     for (int64_t i = 0; i < n; ++i) {
       auto g = bn_add_relu_backward(k, grad_out.narrow(0, i, 1), y.narrow(0, i, 1), slice(f.scale, i, c),
                                     slice(f.shift, i, c), res.defined() ? OptTensor(res.narrow(0, i, 1)) : std::nullopt,
-                                    slice(f.res_scale, i, c), slice(f.res_shift, i, c), relu, output_mask);
+                                    slice(f.res_scale, i, c), slice(f.res_shift, i, c), act, output_mask);
       parts[0].push_back(std::get<0>(g));
       parts[1].push_back(std::get<1>(g));
       parts[2].push_back(std::get<2>(g));

@@ -8,6 +8,7 @@
 // scale 1, shift/centre 0, no residual, output not wanted.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -20,6 +21,35 @@ namespace fused_resnet_native {
 
 enum class DType : int8_t { kFloat32, kBFloat16, kFloat16 };
 
+// The activation codes of every op's `act` / `in_act` argument, and their math: the one C++
+// definition (fused_resnet/_activation.py is the Python one, with the same codes). The CPU's
+// vector forms (cpu/bn_kernels.h) follow these scalar ones.
+enum Act : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActCount = 4 };
+
+// f(z); NaN propagates, as torch.relu / relu6 / silu.
+FR_HOST_DEVICE inline float act_fwd(float z, int act) {
+  switch (act) {
+    case kActRelu: return z < 0.f ? 0.f : z;
+    case kActRelu6: return z < 0.f ? 0.f : (z > 6.f ? 6.f : z);
+    case kActSilu: return z / (1.f + expf(-z));
+    default: return z;
+  }
+}
+
+// g * f'(z), z the pre-activation. For ReLU and ReLU6 the output gives the same mask (out > 0,
+// 0 < out < 6), so a backward may pass either; SiLU needs z itself.
+FR_HOST_DEVICE inline float act_bwd(float g, float z, int act) {
+  switch (act) {
+    case kActRelu: return z > 0.f ? g : 0.f;
+    case kActRelu6: return (z > 0.f && z < 6.f) ? g : 0.f;
+    case kActSilu: {
+      const float s = 1.f / (1.f + expf(-z));
+      return g * (s * (1.f + z * (1.f - s)));
+    }
+    default: return g;
+  }
+}
+
 struct Shape {
   int64_t n = 0, c = 0, hw = 0;
   bool nhwc = false;
@@ -27,7 +57,7 @@ struct Shape {
   FR_HOST_DEVICE int64_t per_channel() const { return n * hw; }  // elements reduced per channel
 };
 
-// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)), evaluated in fp32.
+// out = act((y - centre) * scale + shift + (res * res_scale + res_shift)), evaluated in fp32.
 // Residual and output may have dtypes other than y's (see fused_ops.cpp for the combinations);
 // out may alias y (in-place epilogue).
 struct ApplyArgs {
@@ -44,11 +74,10 @@ struct ApplyArgs {
   const float* res_shift = nullptr;
   void* out = nullptr;
   DType out_dtype = DType::kFloat32;
-  bool relu = false;
+  int act = kActNone;
 };
 
-// Backward of ApplyArgs without centre: dz = grad * [z > 0 if relu], z the recomputed
-// pre-activation; grad_y = dz * scale (in grad_y_dtype), grad_res = dz * res_scale (in y_dtype),
+// Backward of ApplyArgs without centre: dz = act_bwd(grad, z), z the recomputed pre-activation; grad_y = dz * scale (in grad_y_dtype), grad_res = dz * res_scale (in y_dtype),
 // and the per-channel sums sum(dz), sum(dz * y), sum(dz * res), each written only if its pointer
 // is set. One read of grad, y and res; one write of each gradient.
 struct ApplyBackwardArgs {
@@ -63,7 +92,7 @@ struct ApplyBackwardArgs {
   const void* res = nullptr;
   const float* res_scale = nullptr;
   const float* res_shift = nullptr;
-  bool relu = false;
+  int act = kActNone;
   void* grad_y = nullptr;
   DType grad_y_dtype = DType::kFloat32;
   void* grad_res = nullptr;

@@ -64,11 +64,12 @@ template <class Device>
 struct Routed {
   using I = Impls<Device>;
 
-  static std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, bool r,
+  static std::tuple<Tensor, Tensor, Tensor> conv_stats(const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t r,
                                                        const Tensor& w, IntList st, IntList p, IntList d, int64_t g) {
     checks::conv(x, w, st, p, d, g);
     checks::per_channel("in_scale", s, x.size(1), x);
     checks::per_channel("in_shift", b, x.size(1), x);
+    checks::act("in_act", r);
     const Choice c = choose(router::requested(), x, "conv_stats");
     if (!c.native) return router::call_python<std::tuple<Tensor, Tensor, Tensor>>("conv_stats", c.python.c_str(), x, s, b, r, w, st, p, d, g);
     router::NoAutocast no_autocast;
@@ -77,8 +78,9 @@ struct Routed {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_stats_backward(
       const Tensor& gy, const Tensor& gm, const Tensor& gv, const Tensor& x, const OptTensor& s, const OptTensor& b,
-      bool r, const Tensor& w, const Tensor& y, const Tensor& mean, IntList st, IntList p, IntList d, int64_t g,
+      int64_t r, const Tensor& w, const Tensor& y, const Tensor& mean, IntList st, IntList p, IntList d, int64_t g,
       std::array<bool, 3> mask, c10::string_view backend) {
+    checks::act("in_act", r);
     const Choice c = choose_recorded(backend, x, "conv_stats_backward");
     if (!c.native) {
       return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor>>(
@@ -91,12 +93,13 @@ struct Routed {
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn(
-      const Tensor& x, const OptTensor& s, const OptTensor& b, bool r, const Tensor& w, const OptTensor& bw,
+      const Tensor& x, const OptTensor& s, const OptTensor& b, int64_t r, const Tensor& w, const OptTensor& bw,
       const OptTensor& bb, const OptTensor& rm, const OptTensor& rv, const OptTensor& nbt, std::optional<double> mom,
       double eps, IntList st, IntList p, IntList d, int64_t g) {
     checks::conv(x, w, st, p, d, g);
     checks::per_channel("in_scale", s, x.size(1), x);
     checks::per_channel("in_shift", b, x.size(1), x);
+    checks::act("in_act", r);
     const std::pair<const char*, const OptTensor*> vectors[] = {
         {"BN weight", &bw}, {"BN bias", &bb}, {"running_mean", &rm}, {"running_var", &rv}};
     for (const auto& [name, t] : vectors) {
@@ -117,8 +120,9 @@ struct Routed {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_backward(
       const Tensor& gy, const Tensor& gs, const Tensor& gb, const Tensor& x, const OptTensor& s, const OptTensor& b,
-      bool r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
+      int64_t r, const Tensor& w, const OptTensor& bw, const Tensor& y, const Tensor& mean, const Tensor& var, double eps,
       IntList st, IntList p, IntList d, int64_t g, std::array<bool, 4> mask, c10::string_view backend) {
+    checks::act("in_act", r);
     const Choice c = choose_recorded(backend, x, "conv_bn_backward");
     if (!c.native) {
       return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
@@ -132,7 +136,7 @@ struct Routed {
   }
 
   static Tensor bn_add_relu(const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-                            const OptTensor& rs, const OptTensor& rb, bool relu, const OptTensor& gate) {
+                            const OptTensor& rs, const OptTensor& rb, int64_t act, const OptTensor& gate) {
     checks::activation("input", y);
     checks::per_channel("scale", s, y.size(1), y);
     checks::per_channel("shift", b, y.size(1), y);
@@ -141,33 +145,35 @@ struct Routed {
                 "fused_resnet: res_scale/res_shift given without a residual");
     checks::per_channel("res_scale", rs, y.size(1), y);
     checks::per_channel("res_shift", rb, y.size(1), y);
+    checks::act("act", act);
     checks::gate(gate, y);
     const Choice c = choose(router::requested(), y, "bn_add_relu");
     if (!c.native) {
-      return router::call_python<Tensor>("bn_add_relu", c.python.c_str(), y, s, b, res, rs, rb, relu, gate);
+      return router::call_python<Tensor>("bn_add_relu", c.python.c_str(), y, s, b, res, rs, rb, act, gate);
     }
     router::NoAutocast no_autocast;
     const Tensor* residual = checks::has(res) ? &*res : &y;
-    if (checks::has(gate)) return unaliased(I::bn_add_relu_gated_(y, s, b, res, rs, rb, relu, *gate), {&y, residual});
-    return unaliased(I::bn_add_relu_(y, s, b, res, rs, rb, relu), {&y, residual});
+    if (checks::has(gate)) return unaliased(I::bn_add_relu_gated_(y, s, b, res, rs, rb, act, *gate), {&y, residual});
+    return unaliased(I::bn_add_relu_(y, s, b, res, rs, rb, act), {&y, residual});
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_backward(
       const Tensor& go, const Tensor& y, const OptTensor& s, const OptTensor& b, const OptTensor& res,
-      const OptTensor& rs, const OptTensor& rb, bool relu, std::array<bool, 4> mask, c10::string_view backend,
+      const OptTensor& rs, const OptTensor& rb, int64_t act, std::array<bool, 4> mask, c10::string_view backend,
       const OptTensor& gate) {
+    checks::act("act", act);
     const Choice c = choose_recorded(backend, y, "bn_add_relu_backward");
     if (!c.native) {
       return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
-          "bn_add_relu_backward", c.python.c_str(), go, y, s, b, res, rs, rb, relu, mask, gate);
+          "bn_add_relu_backward", c.python.c_str(), go, y, s, b, res, rs, rb, act, mask, gate);
     }
     router::NoAutocast no_autocast;
     Tensor gy, gs, gb, gr, grs, grb, gg;
     if (checks::has(gate)) {
-      std::tie(gy, gs, gb, gr, grs, grb, gg) = I::bn_add_relu_gated_backward_(go, y, s, b, res, rs, rb, relu, mask,
+      std::tie(gy, gs, gb, gr, grs, grb, gg) = I::bn_add_relu_gated_backward_(go, y, s, b, res, rs, rb, act, mask,
                                                                                *gate);
     } else {
-      std::tie(gy, gs, gb, gr, grs, grb) = I::bn_add_relu_backward_(go, y, s, b, res, rs, rb, relu, mask);
+      std::tie(gy, gs, gb, gr, grs, grb) = I::bn_add_relu_backward_(go, y, s, b, res, rs, rb, act, mask);
     }
     const auto stat = y.options().dtype(checks::stat_dtype(y.scalar_type()));
     return {or_empty(unaliased(gy, {&go}), y.options()), or_empty(gs, stat), or_empty(gb, stat),
@@ -176,26 +182,28 @@ struct Routed {
   }
 
   static Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& res,
-                              IntList st, IntList p, IntList d, int64_t g, bool relu) {
+                              IntList st, IntList p, IntList d, int64_t g, int64_t act) {
     checks::conv(x, w, st, p, d, g);
     checks::per_channel("bias", bias, w.size(0), x);
     if (checks::has(res)) checks::residual(res, x, checks::conv_output_size(x, w, st, p, d));
+    checks::act("act", act);
     const Choice c = choose(router::requested(), x, "conv_bias_act");
-    if (!c.native) return router::call_python<Tensor>("conv_bias_act", c.python.c_str(), x, w, bias, res, st, p, d, g, relu);
+    if (!c.native) return router::call_python<Tensor>("conv_bias_act", c.python.c_str(), x, w, bias, res, st, p, d, g, act);
     router::NoAutocast no_autocast;
-    return I::conv_bias_act_(x, w, bias, res, st, p, d, g, relu);
+    return I::conv_bias_act_(x, w, bias, res, st, p, d, g, act);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
-      const Tensor& go, const Tensor& x, const Tensor& w, const Tensor& out, bool relu, IntList st, IntList p,
+      const Tensor& go, const Tensor& x, const Tensor& w, const Tensor& out, int64_t act, IntList st, IntList p,
       IntList d, int64_t g, std::array<bool, 4> mask, c10::string_view backend) {
+    checks::act("act", act);
     const Choice c = choose_recorded(backend, x, "conv_bias_act_backward");
     if (!c.native) {
       return router::call_python<std::tuple<Tensor, Tensor, Tensor, Tensor>>(
-          "conv_bias_act_backward", c.python.c_str(), go, x, w, out, relu, st, p, d, g, mask);
+          "conv_bias_act_backward", c.python.c_str(), go, x, w, out, act, st, p, d, g, mask);
     }
     router::NoAutocast no_autocast;
-    auto [gx, gw, gbias, gres] = I::conv_bias_act_backward_(go, x, w, out, relu, st, p, d, g, mask);
+    auto [gx, gw, gbias, gres] = I::conv_bias_act_backward_(go, x, w, out, act, st, p, d, g, mask);
     const auto stat = x.options().dtype(checks::stat_dtype(x.scalar_type()));
     return {or_empty(gx, x.options()), or_empty(gw, w.options()), or_empty(gbias, stat),
             or_empty(unaliased(gres, {&go, &out}), out.options())};

@@ -15,7 +15,7 @@ import importlib
 import torch
 from torch import nn
 
-from . import _gates, _patterns
+from . import _activation, _gates, _patterns
 from .modules import FusedConvBN2d, _FusedBlockMixin, downsample_pair
 
 _MIXINS: dict[str, type] = {}
@@ -100,6 +100,10 @@ class FusedResidualBlock(_FusedBlockMixin):
 
     def _chain(self):
         return [(getattr(self, c), getattr(self, b)) for c, b in self.fused_names]
+
+    def _act_code(self) -> int:
+        # One kind for all of the block's activations (_patterns.why_not_residual checks it).
+        return _activation.module_code(self._modules[self.fused_acts[0]])
 
     def _fused_pairs(self):
         # The block's structure as fuse checked it, checked again now (a module may have been replaced);

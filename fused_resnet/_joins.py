@@ -1,4 +1,4 @@
-"""Residual joins outside ResNet blocks: ``act?(bn(conv(body(x))) + shortcut(x))`` where the last BN,
+"""Residual joins outside ResNet blocks: ``act(bn(conv(body(x))) + shortcut(x))`` where the last BN,
 the add and the activation run as one pass.
 
 Recognised by the identity of the block's ``forward`` (never by name), as ``_patterns`` does:
@@ -11,13 +11,14 @@ Recognised by the identity of the block's ``forward`` (never by name), as ``_pat
 
 Fused, the block runs its body's modules as they are (their own conv -> BN chains are fused by
 ``fuse``'s chain rule), then the last conv's BN is *deferred*: in training ``bn_add_relu`` applies it,
-the shortcut's BN (when the shortcut is a conv -> BN) and the add (and ReLU) in one pass, so the
+the shortcut's BN (when the shortcut is a conv -> BN) and the add (and activation) in one pass, so the
 normalised output is neither written nor saved; in eval both BNs are folded and the conv's epilogue
-adds the shortcut. An activation other than ReLU runs as its own module after the add. While a
-timm DropPath drops (training, drop rate > 0) its per-sample keep-scale, drawn by the module itself
-(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the
-modules are still where ``fuse`` found them and have no hooks; if not, the block runs its own forward
-(``fuse`` called again fuses a join whose module was replaced anew, with the modules it holds then).
+adds the shortcut. An activation the kernels do not apply (``_activation.module_code``: ReLU, ReLU6,
+Hardtanh(0, 6), SiLU) runs as its own module after the add. While a timm DropPath drops (training,
+drop rate > 0) its per-sample keep-scale, drawn by the module itself (the same random numbers as
+unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
+``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
+fuses a join whose module was replaced anew, with the modules it holds then).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _foreign, _gates, _patterns, distributed, inference, ops
+from . import _activation, _foreign, _gates, _patterns, distributed, inference, ops
 from .modules import Slot, _uses_batch_stats, conv_bn, eval_conv, gated_join, has_hooks, is_fusable_conv, \
     slots_intact, warn_if_global_hooks
 
@@ -163,31 +164,34 @@ def fuse_join(block: nn.Module, join: Join) -> None:
              join.body + join.last + (join.shortcut or []) + join.guards
              + [s for s in (join.act, join.drop) if s is not None]]
     act = _get(join.act)
+    code = _activation.module_code(act)
     block.__class__ = _foreign.subclass(FusedResidualJoin, type(block))
     block.__dict__.update(fused_join=join, join_slots=tuple(slots), join_body=tuple(_get(s) for s in join.body),
                           join_last=_pair(join.last), join_shortcut=_pair(join.shortcut) if join.shortcut else None,
-                          join_relu=type(act) is nn.ReLU, join_act=None if act is None or type(act) in (
-                              nn.ReLU, nn.Identity) else act, join_drop=_get(join.drop),
+                          join_code=code or _activation.NONE,
+                          join_act=None if code is not None or act is None or type(act) is nn.Identity else act,
+                          join_drop=_get(join.drop),
                           join_hooked=tuple(m for m in _modules(join) if m is not None))
 
 
-def join_forward(x: torch.Tensor, h: torch.Tensor, last, shortcut, relu: bool,
+def join_forward(x: torch.Tensor, h: torch.Tensor, last, shortcut, act: int,
                  prepared: list[inference.PreparedConv] | None, drop: nn.Module | None = None) -> torch.Tensor:
-    """``relu?(drop(bn(conv(h))) + shortcut(x))``, ``shortcut`` a (conv, BN) pair or None (the
-    identity), ``drop`` an active DropPath or None: its per-sample keep-scale is the join's gate
-    (``_gates``), drawn before the shortcut runs, as unfused."""
+    """``act(drop(bn(conv(h))) + shortcut(x))`` (``act``: an ``_activation`` code), ``shortcut`` a
+    (conv, BN) pair or None (the identity), ``drop`` an active DropPath or None: its per-sample
+    keep-scale is the join's gate (``_gates``), drawn before the shortcut runs, as unfused."""
     conv, bn = last
     gate = None if drop is None else (lambda d: _gates.join_gate(d, None, drop))
     if not _uses_batch_stats(bn) and (shortcut is None or not _uses_batch_stats(shortcut[1])):
         prepared = iter(prepared or ())
-        residual = x if shortcut is None else eval_conv(x, *shortcut, None, False, next(prepared, None))
+        residual = x if shortcut is None else eval_conv(x, *shortcut, None, _activation.NONE, next(prepared, None))
         if gate is not None:
-            return gated_join(eval_conv(h, conv, bn, None, False, next(prepared, None)), residual, relu, gate)
-        return eval_conv(h, conv, bn, residual, relu, next(prepared, None))
+            return gated_join(eval_conv(h, conv, bn, None, _activation.NONE, next(prepared, None)), residual, act,
+                              gate)
+        return eval_conv(h, conv, bn, residual, act, next(prepared, None))
     main = conv_bn(h, conv, bn)
     g = None if gate is None else gate(main)
     residual = x if shortcut is None else conv_bn(x, *shortcut)
-    return ops.bn_add_relu(main, residual, relu=relu, gate=g)
+    return ops.bn_add_relu(main, residual, activation=act, gate=g)
 
 
 @_foreign.register_mixin
@@ -200,8 +204,8 @@ class FusedResidualJoin(inference.Preparable):
     join_body: tuple[nn.Module, ...]
     join_last: tuple[nn.Module, nn.Module]
     join_shortcut: tuple[nn.Module, nn.Module] | None
-    join_relu: bool
-    join_act: nn.Module | None  # an activation other than ReLU, run after the add
+    join_code: int  # the activation applied with the add (_activation code)
+    join_act: nn.Module | None  # an activation the kernels do not apply, run after the add
     join_drop: nn.Module | None
     join_hooked: tuple[nn.Module, ...]
 
@@ -227,5 +231,5 @@ class FusedResidualJoin(inference.Preparable):
         if "_prepared" in self.__dict__:
             prepared = self.prepared_convs(([self.join_shortcut] if self.join_shortcut else []) + [self.join_last])
         drop = None if _foreign.inactive(self.join_drop) else self.join_drop
-        out = join_forward(x, h, self.join_last, self.join_shortcut, self.join_relu, prepared, drop)
+        out = join_forward(x, h, self.join_last, self.join_shortcut, self.join_code, prepared, drop)
         return out if self.join_act is None else self.join_act(out)

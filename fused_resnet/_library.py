@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _extension, reference
+from . import _activation, _backend, _checks, _extension, reference
 from ._layout import conv_output_size, empty_activation, stat_dtype
 
 NAMESPACE = "fused_resnet"
@@ -30,25 +30,28 @@ _CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 _BACKEND = 'str backend=""'
 
 SCHEMAS = {
-    # y = conv(relu?(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y.
-    "conv_stats": f"(Tensor x, Tensor? in_scale, Tensor? in_shift, bool in_relu, Tensor weight, {_CONV})"
+    # y = conv(act(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y. Activation
+    # codes (act, in_act; _activation.py): 0 none, 1 ReLU, 2 ReLU6, 3 SiLU.
+    "conv_stats": f"(Tensor x, Tensor? in_scale, Tensor? in_shift, int in_act, Tensor weight, {_CONV})"
     " -> (Tensor y, Tensor mean, Tensor var)",
     "conv_stats_backward": "(Tensor grad_y, Tensor grad_mean, Tensor grad_var, Tensor x, Tensor? in_scale,"
-    f" Tensor? in_shift, bool in_relu, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask,"
+    f" Tensor? in_shift, int in_act, Tensor weight, Tensor y, Tensor mean, {_CONV}, bool[3] output_mask,"
     f" {_BACKEND})"
     " -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_weight)",
-    # out = relu?(gate * (y * scale + shift) + residual * res_scale + res_shift); gate: per (sample,
-    # channel), shape (N, C) or (N, C, 1, 1) (SE, DropPath), trailing with a default so that calls
-    # without it stay valid; its gradient comes with scale/shift's (output_mask[1]), last, in its dtype.
+    # out = act(gate * (y * scale + shift) + residual * res_scale + res_shift); act: an activation code
+    # (0 none, 1 ReLU, 2 ReLU6, 3 SiLU); gate: per (sample, channel), shape (N, C) or (N, C, 1, 1) (SE,
+    # DropPath), trailing with a default so that calls without it stay valid; its gradient comes with
+    # scale/shift's (output_mask[1]), last, in its dtype.
     "bn_add_relu": "(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale,"
-    " Tensor? res_shift, bool relu, Tensor? gate=None) -> Tensor",
+    " Tensor? res_shift, int act, Tensor? gate=None) -> Tensor",
     "bn_add_relu_backward": "(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual,"
-    f" Tensor? res_scale, Tensor? res_shift, bool relu, bool[4] output_mask, {_BACKEND}, Tensor? gate=None)"
+    f" Tensor? res_scale, Tensor? res_shift, int act, bool[4] output_mask, {_BACKEND}, Tensor? gate=None)"
     " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual, Tensor grad_res_scale,"
     " Tensor grad_res_shift, Tensor grad_gate)",
-    # out = relu?(conv(x, weight) + bias + residual): inference with BN folded into weight/bias.
-    "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, bool relu) -> Tensor",
-    "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool relu, {_CONV},"
+    # out = act(conv(x, weight) + bias + residual): inference with BN folded into weight/bias. Its
+    # backward's `out`: the output (ReLU, ReLU6) or the pre-activation (any act; SiLU needs it).
+    "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, int act) -> Tensor",
+    "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int act, {_CONV},"
     f" bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias,"
     " Tensor grad_residual)",
     # A BN's scale = weight / sqrt(var + eps) and shift = bias - mean * scale (per channel, in mean's
@@ -59,12 +62,12 @@ SCHEMAS = {
     # A training conv+BN in one op (cuDNN frontend's conv -> stats -> BN-finalize graph): y = conv_stats' y,
     # the running statistics updated in place when given (as update_running_stats_), and the deferred BN's
     # scale/shift (as bn_finalize); mean/var: the batch statistics, not differentiable, kept for backward.
-    "conv_bn": "(Tensor x, Tensor? in_scale, Tensor? in_shift, bool in_relu, Tensor weight, Tensor? bn_weight,"
+    "conv_bn": "(Tensor x, Tensor? in_scale, Tensor? in_shift, int in_act, Tensor weight, Tensor? bn_weight,"
     " Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked,"
     f" float? momentum, float eps, {_CONV}) -> (Tensor y, Tensor scale, Tensor shift, Tensor mean, Tensor var)",
     # One backward for all of it; output_mask: (x, in_scale/in_shift, weight, bn_weight/bn_bias).
     "conv_bn_backward": "(Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor x, Tensor? in_scale,"
-    " Tensor? in_shift, bool in_relu, Tensor weight, Tensor? bn_weight, Tensor y, Tensor mean, Tensor var, float eps,"
+    " Tensor? in_shift, int in_act, Tensor weight, Tensor? bn_weight, Tensor y, Tensor mean, Tensor var, float eps,"
     f" {_CONV}, bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift,"
     " Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)",
     # nn.BatchNorm2d's running-statistics update, in place; momentum None = cumulative average.
@@ -140,14 +143,16 @@ def _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, 
 
 
 @_impl("conv_stats")
-def _conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
+def _conv_stats(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups):
+    _activation.check("in_act", in_act)
     _extension.require()
     _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
-    return _run("conv_stats", x.device, x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
+    return _run("conv_stats", x.device, x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups)
 
 
 @_fake("conv_stats")
-def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
+def _conv_stats_fake(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups):
+    _activation.check("in_act", in_act)
     _check_conv_stats(x, in_scale, in_shift, weight, stride, padding, dilation, groups)
     y = empty_activation(x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
     stats = x.new_empty(weight.shape[0], dtype=stat_dtype(x.dtype))
@@ -155,15 +160,15 @@ def _conv_stats_fake(x, in_scale, in_shift, in_relu, weight, stride, padding, di
 
 
 @_impl("conv_stats_backward")
-def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+def _conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean,
                          stride, padding, dilation, groups, output_mask, backend=""):
-    grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu,
+    grads = _run("conv_stats_backward", x.device, grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act,
                  weight, y, mean, stride, padding, dilation, groups, output_mask, backend=backend)
     return _fill(grads, (x, mean, mean, weight))
 
 
 @_fake("conv_stats_backward")
-def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+def _conv_stats_backward_fake(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean,
                               stride, padding, dilation, groups, output_mask, backend=""):
     need_x, need_affine, need_w = output_mask
     return (
@@ -190,29 +195,31 @@ def _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate=Non
 
 
 @_impl("bn_add_relu")
-def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, gate=None):
+def _bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
+    _activation.check("act", act)
     _extension.require()
     _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate)
-    return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, relu, gate)
+    return _run("bn_add_relu", y.device, y, scale, shift, residual, res_scale, res_shift, act, gate)
 
 
 @_fake("bn_add_relu")
-def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, relu, gate=None):
+def _bn_add_relu_fake(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
+    _activation.check("act", act)
     _check_bn_add_relu(y, scale, shift, residual, res_scale, res_shift, gate)
     return empty_activation(y, y.shape)
 
 
 @_impl("bn_add_relu_backward")
-def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
+def _bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
                           backend="", gate=None):
-    grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, relu,
+    grads = _run("bn_add_relu_backward", y.device, grad_out, y, scale, shift, residual, res_scale, res_shift, act,
                  output_mask, gate, backend=backend)
     per_channel = grad_out.new_empty(0, dtype=stat_dtype(y.dtype))
     return _fill(grads, (y, per_channel, per_channel, y, per_channel, per_channel, per_channel))
 
 
 @_fake("bn_add_relu_backward")
-def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
+def _bn_add_relu_backward_fake(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
                                backend="", gate=None):
     need_y, need_affine, need_res, need_res_affine = output_mask
     def like(t, needed):
@@ -240,28 +247,30 @@ def _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, g
 
 
 @_impl("conv_bias_act")
-def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, act):
+    _activation.check("act", act)
     _extension.require()
     _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
-    return _run("conv_bias_act", x.device, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return _run("conv_bias_act", x.device, x, weight, bias, residual, stride, padding, dilation, groups, act)
 
 
 @_fake("conv_bias_act")
-def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups, act):
+    _activation.check("act", act)
     _check_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
     return empty_activation(x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
 
 
 @_impl("conv_bias_act_backward")
-def _conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
+def _conv_bias_act_backward(grad_out, x, weight, out, act, stride, padding, dilation, groups, output_mask,
                             backend=""):
-    grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, relu, stride, padding, dilation,
+    grads = _run("conv_bias_act_backward", x.device, grad_out, x, weight, out, act, stride, padding, dilation,
                  groups, output_mask, backend=backend)
     return _fill(grads, (x, weight, grad_out.new_empty(0, dtype=stat_dtype(x.dtype)), out))
 
 
 @_fake("conv_bias_act_backward")
-def _conv_bias_act_backward_fake(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask,
+def _conv_bias_act_backward_fake(grad_out, x, weight, out, act, stride, padding, dilation, groups, output_mask,
                                  backend=""):
     need_x, need_w, need_bias, need_res = output_mask
     return (
@@ -330,12 +339,13 @@ def _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_me
 
 
 @_impl("conv_bn")
-def _conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+def _conv_bn(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean, running_var,
              num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    _activation.check("in_act", in_act)
     _extension.require()
     _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                    dilation, groups)
-    return _conv_bn_kernel(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+    return _conv_bn_kernel(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean, running_var,
                            num_batches_tracked, momentum, eps, stride, padding, dilation, groups, backend=None)
 
 
@@ -351,8 +361,9 @@ def _conv_bn_kernel(*args, backend):
 
 
 @_fake("conv_bn")
-def _conv_bn_fake(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+def _conv_bn_fake(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean, running_var,
                   num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
+    _activation.check("in_act", in_act)
     out_shape = _check_conv_bn(x, in_scale, in_shift, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                padding, dilation, groups)
     stats = x.new_empty(weight.shape[0], dtype=stat_dtype(x.dtype))
@@ -360,24 +371,24 @@ def _conv_bn_fake(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, ru
 
 
 @_impl("conv_bn_backward")
-def _conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean,
+def _conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_act, weight, bn_weight, y, mean,
                       var, eps, stride, padding, dilation, groups, output_mask, backend=""):
     def conv_stats_backward(*a):
         grads = _run("conv_stats_backward", x.device, *a, backend=backend or None, record_as="conv_bn_backward")
         return _fill(grads, (x, mean, mean, weight))
 
     grads = reference.conv_bn_backward_from(conv_stats_backward, grad_y, grad_scale, grad_shift, x, in_scale,
-                                            in_shift, in_relu, weight, bn_weight, y, mean, var, eps, stride, padding,
+                                            in_shift, in_act, weight, bn_weight, y, mean, var, eps, stride, padding,
                                             dilation, groups, output_mask)
     return _unaliased(_fill(grads, (x, mean, mean, weight, mean, mean)), (grad_y, grad_scale, grad_shift))
 
 
 @_fake("conv_bn_backward")
-def _conv_bn_backward_fake(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean,
+def _conv_bn_backward_fake(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_act, weight, bn_weight, y, mean,
                            var, eps, stride, padding, dilation, groups, output_mask, backend=""):
     need_x, need_affine, need_w, need_bn = output_mask
     grad_x, grad_in_scale, grad_in_shift, grad_w = _conv_stats_backward_fake(
-        grad_y, mean, mean, x, in_scale, in_shift, in_relu, weight, y, mean, stride, padding, dilation, groups,
+        grad_y, mean, mean, x, in_scale, in_shift, in_act, weight, y, mean, stride, padding, dilation, groups,
         [need_x, need_affine, need_w])
     return (grad_x, grad_in_scale, grad_in_shift, grad_w,
             torch.empty_like(bn_weight) if need_bn and bn_weight is not None else mean.new_empty(0),

@@ -1,14 +1,16 @@
-"""What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> ReLU)
-chains and residual blocks in them.
+"""What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> activation:
+ReLU, ReLU6, Hardtanh(0, 6), SiLU) chains and residual blocks in them.
 
 A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
 read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
 MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
-timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``. For each such class a
-*run* lists children the forward calls one after the other, each on the previous one's output and
-nothing else reading it in between: a conv followed by a BN in a run can be fused, and the ReLU
-after them too (nn.Identity between them is skipped). Other libraries are looked up in
-``sys.modules`` only: fused_resnet imports neither, and a model built from them has imported them.
+timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet``
+(stem and head) and its ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such
+class a *run* lists children the forward calls one after the other, each on the previous one's
+output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
+the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
+its own). Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
+a model built from them has imported them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import resnet_arch
+from . import _activation, resnet_arch
 from .modules import FusedConvBN2d, Slot, _FusedBlockMixin, downsample_pair, fusable_pair, has_hooks, is_fusable_bn, \
     is_fusable_conv, slots_intact
 
@@ -40,8 +42,9 @@ class Chain:
     conv: nn.Conv2d
     bn: nn.Module
     fused_slots: list[Slot]
-    relu_slots: list[Slot]  # empty when the activation is not a ReLU the conv can apply
-    relu: nn.Module | None  # a plain nn.ReLU module that becomes a pass-through one
+    relu_slots: list[Slot]  # empty when the activation is not one the conv can apply
+    relu: nn.Module | None  # the activation module (_activation.module_code) that becomes a pass-through one
+    act: int = _activation.NONE  # its code (NONE: no activation fused)
 
 
 def loaded_module(name: str):
@@ -96,9 +99,27 @@ def known_runs(m: nn.Module) -> list[Run] | None:
             return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "drop_block", "act2"), ("conv3", "bn3"))(m)
     if tml is not None and is_own(m, tml.ConvNormAct, "forward"):
         return _named(("conv", "bn"))(m)
+    runs = _efficientnet_runs(m)
+    if runs is not None:
+        return runs
     if not isinstance(m, FusedConvBN2d) and isinstance(m._modules.get("conv1"), nn.Conv2d) and hasattr(m, "layer1"):
         # fuse's first rule, kept: a ResNet-like model (conv1, bn1, layer1) calls bn1 on conv1's output.
         return [Run([(m, "conv1"), (m, "bn1")])]
+    return None
+
+
+def _efficientnet_runs(m: nn.Module) -> list[Run] | None:
+    """timm's EfficientNet family: the stem and head (conv -> BatchNormAct2d) and the blocks' conv -> BN
+    pairs (their SE, anti-aliasing and skip add run as they are)."""
+    tme, tmb = loaded_module("timm.models.efficientnet"), loaded_module("timm.models._efficientnet_blocks")
+    if tme is not None and is_own(m, tme.EfficientNet, "forward", "forward_features"):
+        return _named(("conv_stem", "bn1"), ("conv_head", "bn2"))(m)
+    if tmb is None:
+        return None
+    if is_own(m, tmb.DepthwiseSeparableConv, "forward"):
+        return _named(("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2"))(m)
+    if is_own(m, tmb.InvertedResidual, "forward"):
+        return _named(("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))(m)
     return None
 
 
@@ -148,8 +169,9 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     if not all(fusable_pair(c, b) for c, b in pairs):
         return "a conv or BN of the block is not a plain Conv2d(bias=False) / BatchNorm2d"
     activations = [m._modules.get(a) for a in acts]
-    if any(type(a) is not nn.ReLU for a in activations) or len({id(a) for a in activations}) != len(acts):
-        return "its activations are not distinct nn.ReLU modules"
+    codes = {_activation.module_code(a) for a in activations}
+    if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
+        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU)"
     if m.__dict__.get("se") is not None and m._modules.get("se") is None:
         return "its se is not a module"
     if not se_gate_module(m._modules.get("se")):
@@ -264,16 +286,18 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
             out.notes.setdefault(id(bn), reason)
             k += 1
             continue
-        relu_slots, relu, j = [], None, k + 1
+        relu_slots, relu, code, j = [], None, None, k + 1
         if norm_act(bn):  # its own drop and act run after the BN
-            if type(bn.act) is nn.ReLU and type(bn.drop) is nn.Identity and not has_hooks(bn.act):
+            code = _activation.module_code(bn.act)
+            if code is not None and type(bn.drop) is nn.Identity and not has_hooks(bn.act):
                 relu_slots = [(bn, "drop", bn.drop), (bn, "act", bn.act)]
         else:
             while j < len(mods) and type(mods[j]) is nn.Identity:
                 j += 1
             act = mods[j] if j < len(mods) else None
-            if type(act) is nn.ReLU and uses[id(act)] == 1 and not has_hooks(act):
+            code = _activation.module_code(act)
+            if code is not None and uses[id(act)] == 1 and not has_hooks(act):
                 relu_slots, relu, j = slots[k + 1:j + 1], act, j + 1
         out.chains.append(Chain(names[id(conv)], container, conv, bn, run.guards + slots[k - 1:k + 1], relu_slots,
-                                relu))
+                                relu, code if relu_slots else _activation.NONE))
         k = j

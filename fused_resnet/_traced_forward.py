@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.fx import _symbolic_trace
 
-from . import _foreign, _joins, distributed, inference, ops
+from . import _activation, _foreign, _joins, distributed, inference, ops
 from .modules import _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
     warn_if_global_hooks
 
@@ -109,17 +109,18 @@ def _conv_out(h: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:
 
 def _join(join: TracedJoin, h, short, prepared):
     conv, bn = join.main[0][2], join.main[1][2]
+    act = _activation.RELU if join.relu else _activation.NONE  # the traced joins recognise ReLU only
     if not join.add:  # as FusedConvBN2d does
         if not _uses_batch_stats(bn):
-            return eval_conv(h, conv, bn, None, join.relu, prepared[0] if prepared else None)
-        return ops.bn_add_relu(conv_bn(h, conv, bn), relu=join.relu)
+            return eval_conv(h, conv, bn, None, act, prepared[0] if prepared else None)
+        return ops.bn_add_relu(conv_bn(h, conv, bn), activation=act)
     pair = (join.short[0][2], join.short[1][2]) if join.short else None
     if not isinstance(h, torch.Tensor) or h.dim() != 4 or pair is None and not (
             isinstance(short, torch.Tensor) and short.dtype == h.dtype and tuple(short.shape) == _conv_out(h, conv)):
         # A residual the one-pass join cannot take as it is (broadcast, another dtype): the add as written.
         out = bn(conv(h)) + (short if pair is None else pair[1](pair[0](short)))
         return torch.relu(out) if join.relu else out
-    return _joins.join_forward(short, h, (conv, bn), pair, join.relu, prepared)
+    return _joins.join_forward(short, h, (conv, bn), pair, act, prepared)
 
 
 def run(module: nn.Module, plan: Plan, args, prepared) -> object:

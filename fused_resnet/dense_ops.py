@@ -58,10 +58,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops, reference
+from . import _activation, ops, reference
 from ._checks import check_batch_statistics
 from ._layout import channel_view, output_memory_format, stat_dtype
 from ._library import NAMESPACE
+
+_RELU = _activation.RELU  # a DenseNet layer's activation (the ops' in_act code)
 
 _ops = getattr(torch.ops, NAMESPACE)
 _DIMS = (0, 2, 3)
@@ -138,9 +140,9 @@ class _DenseBlockFunction(torch.autograd.Function):
         channels = c0
         for spec, p in zip(specs, layers):
             scale1, shift1 = _ops.bn_finalize(torch.cat(means), torch.cat(variances), p.gamma1, p.beta1, spec.eps1)
-            hidden, mean_h, var_h = _ops.conv_stats(buf[:, :channels], scale1, shift1, True, p.weight1, *spec.conv1)
+            hidden, mean_h, var_h = _ops.conv_stats(buf[:, :channels], scale1, shift1, _RELU, p.weight1, *spec.conv1)
             scale2, shift2 = _ops.bn_finalize(mean_h, var_h, p.gamma2, p.beta2, spec.eps2)
-            new, mean_new, var_new = _ops.conv_stats(hidden, scale2, shift2, True, p.weight2, *spec.conv2)
+            new, mean_new, var_new = _ops.conv_stats(hidden, scale2, shift2, _RELU, p.weight2, *spec.conv2)
             buf[:, channels:channels + new.shape[1]].copy_(new)
             channels += new.shape[1]
             means.append(mean_new)
@@ -181,13 +183,13 @@ class _DenseBlockFunction(torch.autograd.Function):
             # conv2_l produced x_{l+1}: every consumer has added its terms by now (module docstring).
             scale2, shift2 = _ops.bn_finalize(mean_h, var_h, p.gamma2, p.beta2, spec.eps2)
             g_hidden, g_scale2, g_shift2, g_w2 = _ops.conv_stats_backward(
-                gbuf[:, new], gmean[new], gvar[new], hidden, scale2, shift2, True, p.weight2, buf[:, new], mean[new],
+                gbuf[:, new], gmean[new], gvar[new], hidden, scale2, shift2, _RELU, p.weight2, buf[:, new], mean[new],
                 *spec.conv2, [True, True, need[5]])
             g_mean_h, g_var_h, g_gamma2, g_beta2 = _ops.bn_finalize_backward(
                 g_scale2, g_shift2, mean_h, var_h, p.gamma2, spec.eps2, [True, True, need[3], need[4]])
             scale1, shift1 = _ops.bn_finalize(mean[:start], var[:start], p.gamma1, p.beta1, spec.eps1)
             g_x, g_scale1, g_shift1, g_w1 = _ops.conv_stats_backward(
-                g_hidden, g_mean_h, g_var_h, buf[:, :start], scale1, shift1, True, p.weight1, hidden, mean_h,
+                g_hidden, g_mean_h, g_var_h, buf[:, :start], scale1, shift1, _RELU, p.weight1, hidden, mean_h,
                 *spec.conv1, [True, True, need[2]])
             gbuf[:, :start].add_(g_x)
             g_mean1, g_var1, g_gamma1, g_beta1 = _ops.bn_finalize_backward(
@@ -244,4 +246,4 @@ def bn_relu_conv(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, gamma, 
     applied in the conv's prologue: the normalised input is never written (a DenseNet transition)."""
     x, weight = ops._autocast(x, weight)
     scale, shift = _ops.bn_finalize(mean, var, gamma, beta, eps)
-    return _ops.conv_stats(x, scale, shift, True, weight, *conv)[0]
+    return _ops.conv_stats(x, scale, shift, _RELU, weight, *conv)[0]

@@ -1,4 +1,4 @@
-"""``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> ReLU) and residual
+"""``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> activation) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
 Five rules, in this order:
@@ -14,14 +14,16 @@ Five rules, in this order:
 - **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
-  BN, add and ReLU run as one pass; their other convs are left to the next rule.
+  BN, add and activation run as one pass; their other convs are left to the next rule.
 - **adds in a user's own forward** (``_traced_joins``): a module whose ``forward`` is the user's own
-  has that forward traced with torch.fx (submodules as leaves); its ``act?(conv->BN branch + shortcut)``
+  has that forward traced with torch.fx (submodules as leaves); its ``relu?(conv->BN branch + shortcut)``
   adds (and ``bn(conv(h))`` chains written out there) run fused from the traced plan, in this instance
   only (``_traced_forward.FusedTracedForward``); untraceable forwards are left as they are, with a reason.
-- **conv -> BN (-> ReLU) chains** in every container whose forward is known (``_patterns.py``):
-  the conv becomes a ``FusedConvBN2d``, the BN and ReLU pass-through modules that check on every
-  call that they are still where ``fuse`` found them. Another activation (ReLU6, SiLU) runs as it is.
+- **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
+  the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
+  every call that they are still where ``fuse`` found them. The activations the kernels apply:
+  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU`` (``_activation.module_code``); any
+  other runs as its own module.
 
 Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
 and if not, why.
@@ -34,12 +36,12 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, distributed
+from . import _activation, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
     FusedAwayBatchNorm2d,
-    FusedAwayReLU,
+    FUSED_AWAY_ACT,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBN2d,
@@ -96,16 +98,16 @@ def _fuse_chain(chain: _patterns.Chain) -> None:
     conv.__class__ = FusedConvBN2d
     # Unregistered references: the state_dict keys stay where they were, and no module cycle is
     # registered. The chain's modules check them on every call (FusedConvBN2d.fused_state).
-    conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_relu_module=relu,
-                         stem_owner=chain.container, stem_modules=modules, fused_slots=tuple(chain.fused_slots),
-                         relu_slots=tuple(chain.relu_slots))
+    conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_act=chain.act,
+                         fused_relu_module=relu, stem_owner=chain.container, stem_modules=modules,
+                         fused_slots=tuple(chain.fused_slots), relu_slots=tuple(chain.relu_slots))
     if _patterns.norm_act(bn):
         bn.__class__ = _foreign.subclass(FusedAwayNormAct, type(bn))
     else:
         bn.__class__ = FusedAwaySyncBatchNorm2d if distributed.is_sync_batch_norm(bn) else FusedAwayBatchNorm2d
     bn.__dict__["fused_into"] = conv
     if relu is not None:
-        relu.__class__ = FusedAwayReLU
+        relu.__class__ = FUSED_AWAY_ACT[type(relu)]
         relu.__dict__["fused_into"] = conv
 
 
@@ -113,7 +115,8 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
     """Give each module of a fused chain back the class it had before ``fuse``."""
     for module in conv.stem_modules:
         module.__class__ = module.__dict__.pop("class_before_fuse")
-        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_relu_module", "stem_owner", "stem_modules",
+        for attr in ("fused_into", "fused_bn", "fused_relu", "fused_act", "fused_relu_module", "stem_owner",
+                     "stem_modules",
                      "fused_slots", "relu_slots"):
             module.__dict__.pop(attr, None)
 
@@ -172,7 +175,8 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     found.notes.update(join_notes)
     for key, note in traced_notes.items():  # an add in a user's forward that is not fused, and why
         found.notes.setdefault(key, note)
-    chained = {id(c.bn): f"fusable: into {c.name}" + (" with its ReLU" if c.relu_slots else "") for c in found.chains}
+    chained = {id(c.bn): f"fusable: into {c.name}" + (f" with its {_activation.NAMES[c.act]}" if c.relu_slots else "")
+               for c in found.chains}
     in_block = _join_states(model, joins)
     in_block.update(_traced_joins.states(model, traced))
     for name, m in model.named_modules():
@@ -211,7 +215,7 @@ def _bns(model: nn.Module) -> list[nn.Module]:
 def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """Fuse, in place, the torchvision-structured ``BasicBlock``/``Bottleneck`` blocks of ``model``
     (swapped for ``FusedBasicBlock``/``FusedBottleneck``), timm's ResNet blocks and every conv ->
-    BN (-> ReLU) chain of a container whose forward is known (see the module docstring);
+    BN (-> activation) chain of a container whose forward is known (see the module docstring);
     parameters, buffers and ``state_dict`` keys are unchanged. Returns ``model``. What was swapped
     is logged on the ``fused_resnet`` logger (INFO), and printed when ``verbose``; unrecognised
     modules are left as they are. A block passed as ``model`` itself cannot be swapped in place:

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from . import _foreign, _traced_forward, dense, distributed, inference, modules
 
-_FUSED = (inference.Preparable, modules.FusedAwayBatchNorm2d, modules.FusedAwayReLU, _foreign.FusedAwayNormAct,
+_FUSED = (inference.Preparable, modules.FusedAwayBatchNorm2d, modules.FusedAwayActivation, _foreign.FusedAwayNormAct,
           distributed.FusedAwaySyncBatchNorm2d, dense.FusedDenseBlock, dense.FusedDenseTransition)
 
 

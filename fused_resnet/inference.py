@@ -48,7 +48,7 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
 
 
 class PreparedConv:
-    """One conv + eval-mode BN of a fused module, folded once: ``relu?(conv(x) + bias + residual)``."""
+    """One conv + eval-mode BN of a fused module, folded once: ``act(conv(x) + bias + residual)``."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         self.sources = _sources(conv, bn)
@@ -75,21 +75,22 @@ class PreparedConv:
                 return False
         return True
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-        """``relu?(conv(x) + bias + residual)``; called without autograd (``Preparable.prepared_convs``)."""
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        """``act(conv(x) + bias + residual)`` (``act``: an ``_activation`` code); called without autograd
+        (``Preparable.prepared_convs``)."""
         if (self.packed is not None and _backend.get_backend() in ("auto", self.backend)
                 and self._fits_once(x, residual)):
-            out = self.packed(x, residual, relu)
+            out = self.packed(x, residual, act)
             if out is not None:
                 _backend.record("conv_bias_act", self.backend)
                 return out
         if torch.is_autocast_enabled(x.device.type) or (residual is not None and residual.dtype != x.dtype):
             stride, padding, dilation, groups = self.conv_args
             return ops.conv_bias_act(x, self.weight, self.bias, residual, stride=stride, padding=padding,
-                                     dilation=dilation, groups=groups, relu=relu)
+                                     dilation=dilation, groups=groups, activation=act)
         # The op itself (argument checks and backend choice in C++), not the functional layer: the
         # prepared weight and bias are already in the dtypes it takes.
-        return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, relu)
+        return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, act)
 
     def _fits_once(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         key = (x.shape, x.dtype, x.device)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed, inference, ops, resnet_arch
+from . import _activation, distributed, inference, ops, resnet_arch
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -101,30 +101,33 @@ def _momentum(bn: nn.BatchNorm2d) -> float | None:
     return bn.momentum if bn.momentum is not None or bn.num_batches_tracked is not None else 0.0
 
 
-def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ops.DeferredBN:
-    """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn``."""
+def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+            in_act: int = _activation.RELU) -> ops.DeferredBN:
+    """``ops.conv_bn`` with the parameters and settings of the modules ``conv`` and ``bn`` (``in_act``:
+    the activation a deferred ``x`` gets in the prologue)."""
     group = distributed.sync_group(bn, x.y if isinstance(x, ops.DeferredBN) else x)
     return ops.conv_bn(
         x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
         training=bn.training, momentum=_momentum(bn), eps=bn.eps, process_group=group,
-        **_conv_kwargs(conv),
+        in_activation=in_act, **_conv_kwargs(conv),
     )
 
 
-def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.Tensor | None, relu: bool,
+def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.Tensor | None, act: int,
               prepared: inference.PreparedConv | None = None) -> torch.Tensor:
-    """``relu?(bn(conv(x)) + residual)`` with the eval-mode ``bn`` folded into the conv: by the
-    prepared conv when given (``inference.prepare_for_inference``), else folded now; as plain ATen
-    ops under ``torch.compile``/export/tracing (``inference.emits_aten``), else by ``conv_bias_act``."""
+    """``act(bn(conv(x)) + residual)`` (``act``: an ``_activation`` code) with the eval-mode ``bn``
+    folded into the conv: by the prepared conv when given (``inference.prepare_for_inference``), else
+    folded now; as plain ATen ops under ``torch.compile``/export/tracing (``inference.emits_aten``),
+    else by ``conv_bias_act``."""
     if prepared is not None:
-        return prepared(x, residual, relu)
+        return prepared(x, residual, act)
     weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     if not inference.emits_aten():
-        return ops.conv_bias_act(x, weight, bias, residual, relu=relu, **_conv_kwargs(conv))
+        return ops.conv_bias_act(x, weight, bias, residual, activation=act, **_conv_kwargs(conv))
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         out = out + residual
-    return torch.relu(out) if relu else out
+    return _activation.apply(out, act)
 
 
 def _eval_pairs(chain, ds) -> list[tuple[nn.Conv2d, nn.Module]]:
@@ -138,12 +141,13 @@ _UNSET = object()
 
 def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
                      downsample: nn.Module | None, prepared: list[inference.PreparedConv] | None = None,
-                     ds=_UNSET, gate=None) -> torch.Tensor:
-    """``relu(bn_k(conv_k(...relu(bn_1(conv_1(x)))...)) + shortcut(x))``, fused; ``shortcut`` is
-    the identity, a fusable ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the
-    block's prepared convs (eval only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)``
-    when the caller has it already; ``gate``: None, or a function of the last BN as a
-    ``DeferredBN`` giving a per-(sample, channel) factor of its output (``_gates.join_gate``), or None."""
+                     ds=_UNSET, act: int = _activation.RELU, gate=None) -> torch.Tensor:
+    """``act(bn_k(conv_k(...act(bn_1(conv_1(x)))...)) + shortcut(x))``, fused (``act``: an
+    ``_activation`` code, ReLU for torchvision's blocks); ``shortcut`` is the identity, a fusable
+    ``downsample`` (conv1x1 + BN) or any other module. ``prepared``: the block's prepared convs (eval
+    only, in ``_eval_pairs`` order); ``ds``: ``downsample_pair(downsample)`` when the caller has it
+    already; ``gate``: None, or a function of the last BN as a ``DeferredBN`` giving a per-(sample,
+    channel) factor of its output (``_gates.join_gate``)."""
     if ds is _UNSET:
         ds = downsample_pair(downsample)
     # A loop with early exit, not a list and a generator: this runs on every forward.
@@ -151,45 +155,46 @@ def residual_forward(x: torch.Tensor, chain: list[tuple[nn.Conv2d, nn.BatchNorm2
     for _, bn in chain:
         batch_stats = batch_stats or _uses_batch_stats(bn)
     if not batch_stats:
-        return _folded_residual_forward(x, chain, downsample, ds, prepared, gate)
+        return _folded_residual_forward(x, chain, downsample, ds, prepared, act, gate)
     h: torch.Tensor | ops.DeferredBN = x
     for conv, bn in chain:
-        h = conv_bn(h, conv, bn)
+        h = conv_bn(h, conv, bn, act)
     g = gate(h) if gate is not None else None  # before the shortcut: the unfused order of random draws
     if ds is not None:
         shortcut = conv_bn(x, *ds)
     else:
         shortcut = x if downsample is None else downsample(x)
-    return ops.bn_add_relu(h, shortcut, relu=True, gate=g)
+    return ops.bn_add_relu(h, shortcut, activation=act, gate=g)
 
 
-def gated_join(z: torch.Tensor, residual: torch.Tensor | None, relu: bool, gate) -> torch.Tensor:
-    """``relu?(gate(z) * z + residual)`` for a folded (eval) join whose BN output ``z`` a gate scales
-    per sample and channel (the conv's epilogue cannot): one ``bn_add_relu`` pass, or ATen ops where
-    the fused ops would not be (``inference.emits_aten``)."""
+def gated_join(z: torch.Tensor, residual: torch.Tensor | None, act: int, gate) -> torch.Tensor:
+    """``act(gate(z) * z + residual)`` for a folded (eval) join whose BN output ``z`` a gate scales
+    per sample and channel (the conv's epilogue cannot); ``act``: an ``_activation`` code. One
+    ``bn_add_relu`` pass, or ATen ops where the fused ops would not be (``inference.emits_aten``)."""
     g = gate(ops.DeferredBN(z, None, None))
     if g is None:
         out = z if residual is None else z + residual
-        return torch.relu(out) if relu else out
+        return _activation.apply(out, act)
     if not inference.emits_aten():
-        return ops.bn_add_relu(z, residual, relu=relu, gate=g)
+        return ops.bn_add_relu(z, residual, activation=act, gate=g)
     out = z * g.reshape(z.shape[0], z.shape[1], 1, 1)
     out = out if residual is None else out + residual
-    return torch.relu(out) if relu else out
+    return _activation.apply(out, act)
 
 
-def _folded_residual_forward(x, chain, downsample, ds, prepared, gate=None):
+def _folded_residual_forward(x, chain, downsample, ds, prepared, act, gate=None):
     prepared = iter(prepared or ())
     if ds is not None:
-        shortcut = eval_conv(x, *ds, None, False, next(prepared, None))
+        shortcut = eval_conv(x, *ds, None, _activation.NONE, next(prepared, None))
     else:
         shortcut = x if downsample is None else downsample(x)
     h = x
     for i, (conv, bn) in enumerate(chain):
         last = i == len(chain) - 1
         if last and gate is not None:  # the gate scales the BN's output before the add
-            return gated_join(eval_conv(h, conv, bn, None, False, next(prepared, None)), shortcut, True, gate)
-        h = eval_conv(h, conv, bn, shortcut if last else None, True, next(prepared, None))
+            return gated_join(eval_conv(h, conv, bn, None, _activation.NONE, next(prepared, None)), shortcut, act,
+                              gate)
+        h = eval_conv(h, conv, bn, shortcut if last else None, act, next(prepared, None))
     return h
 
 
@@ -243,7 +248,11 @@ class _FusedBlockMixin(inference.Preparable):
         prepared = None
         if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
             prepared = self.prepared_convs(_eval_pairs(chain, ds))
-        return residual_forward(x, chain, self.downsample, prepared, ds, self._join_gate())
+        return residual_forward(x, chain, self.downsample, prepared, ds, self._act_code(), self._join_gate())
+
+    def _act_code(self) -> int:
+        """The block's activation (torchvision's blocks: ReLU, checked by ``_fused_pairs``)."""
+        return _activation.RELU
 
     def _join_gate(self):
         """None, or ``residual_forward``'s ``gate``: what scales the last BN's output per sample and
@@ -275,7 +284,8 @@ def slots_intact(slots) -> bool:
 
 
 class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """An ``nn.Conv2d`` that also applies the BN (and ReLU) its container calls right after it:
+    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6) or
+    SiLU, ``_activation.module_code``) its container calls right after it:
     ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
     the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
     :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not
@@ -290,8 +300,9 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
     a step. ``fuse`` called again re-fuses such a chain."""
 
     fused_bn: nn.BatchNorm2d
-    fused_relu: bool
-    fused_relu_module: nn.Module | None
+    fused_relu: bool  # whether an activation is fused (its slots: relu_slots)
+    fused_act: int  # its code (_activation)
+    fused_relu_module: nn.Module | None  # the activation module, when a separate one
     stem_owner: nn.Module  # the container whose forward calls conv, BN (and ReLU) in a row
     fused_slots: tuple[Slot, ...]  # where the container (and its parents) held the conv and the BN
     relu_slots: tuple[Slot, ...]  # where the modules between the BN and the ReLU, and the ReLU, were
@@ -314,15 +325,16 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
             return nn.Conv2d.forward(self, x)
         warn_if_global_hooks()
         bn = self.fused_bn
+        act = self.__dict__.get("fused_act", _activation.RELU) if relu else _activation.NONE
         if not _uses_batch_stats(bn):
             prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
-            return eval_conv(x, self, bn, None, relu, prepared[0] if prepared else None)
-        return ops.bn_add_relu(conv_bn(x, self, bn), relu=relu)
+            return eval_conv(x, self, bn, None, act, prepared[0] if prepared else None)
+        return ops.bn_add_relu(conv_bn(x, self, bn), activation=act)
 
 
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
     """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
-    0 for its BN, 1 for its ReLU), else ``own_forward(module, x)``: the work of the class it was."""
+    0 for its BN, 1 for its activation), else ``own_forward(module, x)``: the work of the class it was."""
     return x if module.fused_into.fused_state()[which] else own_forward(module, x)
 
 
@@ -338,10 +350,31 @@ class FusedAwayBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + ", fused into the preceding conv"
 
 
-class FusedAwayReLU(nn.ReLU):
-    """A ReLU whose work a preceding :class:`FusedConvBN2d` does: it passes its input through."""
+class FusedAwayActivation:
+    """An activation module whose work a preceding :class:`FusedConvBN2d` does: it passes its input
+    through (mixed into the activation's own class, whose forward runs when the chain is broken)."""
 
     fused_into: FusedConvBN2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_away_forward(self, nn.ReLU.forward, x, 1)
+        return fused_away_forward(self, self.__dict__["class_before_fuse"].forward, x, 1)
+
+
+class FusedAwayReLU(FusedAwayActivation, nn.ReLU):
+    """A ReLU whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwayReLU6(FusedAwayActivation, nn.ReLU6):
+    """A ReLU6 whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwayHardtanh(FusedAwayActivation, nn.Hardtanh):
+    """An ``nn.Hardtanh(0, 6)`` whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+class FusedAwaySiLU(FusedAwayActivation, nn.SiLU):
+    """A SiLU whose work a preceding :class:`FusedConvBN2d` does."""
+
+
+FUSED_AWAY_ACT = {nn.ReLU: FusedAwayReLU, nn.ReLU6: FusedAwayReLU6, nn.Hardtanh: FusedAwayHardtanh,
+                  nn.SiLU: FusedAwaySiLU}  # by the activation's own class (_activation.module_code's)

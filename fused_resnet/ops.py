@@ -1,4 +1,6 @@
-"""Functional API of the fused ops, with ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` semantics.
+"""Functional API of the fused ops, with ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` (``ReLU6``,
+``SiLU``) semantics. Activations are named by ``activation="relu" | "relu6" | "silu" | None``; the
+older boolean ``relu=`` / ``in_relu=`` arguments still work (True: ReLU, False: none).
 
 Each function calls the registered ops (``torch.ops.fused_resnet.*``) and little around them (the
 eval weight folding), so autograd, ``torch.compile`` and autocast see through every step. A
@@ -8,7 +10,7 @@ fp32 or fp64; BN parameters may be of any float dtype (they are used in fp32, fp
 
 The central object is a *deferred* BN: ``conv_bn`` returns the raw conv output ``y`` with the
 BN's per-channel ``scale``/``shift`` instead of the normalised activation, so that the next op
-applies ``relu(y * scale + shift)`` while it reads ``y`` (the next conv's prologue, or the block
+applies ``act(y * scale + shift)`` while it reads ``y`` (the next conv's prologue, or the block
 tail). The normalised activation is then neither written in forward nor saved for backward.
 """
 
@@ -19,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _sync_stats, reference
+from . import _activation, _sync_stats, reference
 from ._layout import channel_view, stat_dtype
 from ._library import NAMESPACE
 
@@ -83,14 +85,16 @@ def conv_bn(
     training: bool = True,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    in_relu: bool = True,
+    in_relu: bool | None = None,
     process_group=None,
+    in_activation: str | None = "relu",
 ) -> DeferredBN:
     """``conv2d`` then ``batch_norm`` with the BN left deferred (see :class:`DeferredBN`).
 
-    ``x`` is an activation, or a :class:`DeferredBN` whose ``relu?(y * scale + shift)`` the conv
-    applies while loading its input (``in_relu``). In training the batch statistics are computed
-    in the conv's epilogue and the running statistics updated in place exactly as
+    ``x`` is an activation, or a :class:`DeferredBN` whose ``act(y * scale + shift)`` the conv
+    applies while loading its input (``in_activation``: ``"relu"``, ``"relu6"``, ``"silu"`` or None;
+    ``in_relu``, when given, overrides it: True ReLU, False none). In training the batch statistics
+    are computed in the conv's epilogue and the running statistics updated in place exactly as
     ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
     statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
     those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
@@ -100,13 +104,14 @@ def conv_bn(
     in_scale = in_shift = None
     if isinstance(x, DeferredBN):
         x, in_scale, in_shift = x
+        in_act = _activation.from_flag(in_activation, in_relu)
     else:
-        in_relu = False  # a plain activation is fed to the conv as it is
+        in_act = _activation.NONE  # a plain activation is fed to the conv as it is
     x, weight = _autocast(x, weight)
     conv = _conv_args(stride, padding, dilation, groups)
     sdt = stat_dtype(x.dtype)
     if not uses_batch_stats(training, running_mean, running_var):
-        y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
+        y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_act, weight, *conv)
         return DeferredBN(y, *_ops.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps))
     update = training and running_mean is not None and running_var is not None
     if update and num_batches_tracked is None:
@@ -117,11 +122,11 @@ def conv_bn(
         # One op forward and one backward: conv, statistics, running-statistics update, finalize.
         if not update:
             running_mean = running_var = num_batches_tracked = None
-        y, scale, shift, _, _ = _ops.conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean,
+        y, scale, shift, _, _ = _ops.conv_bn(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean,
                                              running_var, num_batches_tracked, momentum, eps, *conv)
         return DeferredBN(y, scale, shift)
     # Synchronised BN: local statistics, their merge across ranks (an all-gather), then the finalize.
-    y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_relu, weight, *conv)
+    y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_act, weight, *conv)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
     if update:
@@ -134,14 +139,16 @@ def bn_add_relu(
     y: torch.Tensor | DeferredBN,
     residual: torch.Tensor | DeferredBN | None = None,
     *,
-    relu: bool = True,
+    relu: bool | None = None,
+    activation: str | None = "relu",
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``relu?(gate * bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
-    :class:`DeferredBN` (the downsample branch's BN is then applied in the same pass). ``gate``
-    (optional) multiplies the main branch per sample and channel: shape (N, C) or (N, C, 1, 1), as
-    timm's SE gate or DropPath's per-sample keep-scale; a gate in neither the activation's dtype nor
-    its statistics dtype is cast to the latter. NCHW or channels_last."""
+    """``act(gate * bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
+    :class:`DeferredBN` (the downsample branch's BN is then applied in the same pass);
+    ``activation``: ``"relu"``, ``"relu6"``, ``"silu"`` or None (``relu``, when given, overrides it).
+    ``gate`` (optional) multiplies the main branch per sample and channel: shape (N, C) or
+    (N, C, 1, 1), as timm's SE gate or DropPath's per-sample keep-scale; a gate in neither the
+    activation's dtype nor its statistics dtype is cast to the latter. NCHW or channels_last."""
     y, scale, shift = y if isinstance(y, DeferredBN) else (y, None, None)
     res_scale = res_shift = None
     if isinstance(residual, DeferredBN):
@@ -149,12 +156,13 @@ def bn_add_relu(
     y, residual = _promote(y, residual)
     if gate is not None and gate.dtype not in (y.dtype, stat_dtype(y.dtype)):
         gate = gate.to(stat_dtype(y.dtype))
-    return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, gate)
+    return _ops.bn_add_relu(y, scale, shift, residual, res_scale, res_shift,
+                            _activation.from_flag(activation, relu), gate)
 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``relu(x + residual)`` in one pass (one read of each, one write)."""
-    return bn_add_relu(x, residual, relu=True)
+    return bn_add_relu(x, residual, activation="relu")
 
 
 def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
@@ -176,20 +184,23 @@ def conv_bias_act(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
-    relu: bool = True,
+    relu: bool | None = None,
+    activation: str | None = "relu",
 ) -> torch.Tensor:
-    """``relu?(conv2d(x, weight) + bias + residual)`` with the bias, residual and ReLU applied in
-    the conv's epilogue (the inference form of a block, BN folded by :func:`fold_bn`)."""
+    """``act(conv2d(x, weight) + bias + residual)`` with the bias, residual and activation applied
+    in the conv's epilogue (the inference form of a block, BN folded by :func:`fold_bn`);
+    ``activation`` as in :func:`bn_add_relu`."""
+    act = _activation.from_flag(activation, relu)
     x, weight = _autocast(x, weight)
     if bias is not None:
         bias = bias.to(stat_dtype(x.dtype))
     if residual is not None and residual.dtype != x.dtype:
         if torch.promote_types(x.dtype, residual.dtype) != x.dtype:
             out = conv_bias_act(x, weight, bias, None, stride=stride, padding=padding, dilation=dilation,
-                                groups=groups, relu=False)
-            return bn_add_relu(out, residual, relu=relu)
+                                groups=groups, activation=None)
+            return bn_add_relu(out, residual, activation=act)
         residual = residual.to(x.dtype)
-    return _ops.conv_bias_act(x, weight, bias, residual, *_conv_args(stride, padding, dilation, groups), relu)
+    return _ops.conv_bias_act(x, weight, bias, residual, *_conv_args(stride, padding, dilation, groups), act)
 
 
 def conv_bn_relu(
@@ -208,17 +219,20 @@ def conv_bn_relu(
     training: bool = True,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    relu: bool = True,
+    relu: bool | None = None,
     process_group=None,
+    activation: str | None = "relu",
 ) -> torch.Tensor:
-    """``relu?(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
-    ``nn.BatchNorm2d`` + ``nn.ReLU`` semantics, running statistics updated in place in training.
-    In eval (running statistics) the BN is folded into the conv: one conv with a bias+ReLU
-    epilogue. ``process_group``: synchronised statistics, as in :func:`conv_bn`."""
+    """``act(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
+    ``nn.BatchNorm2d`` + ``nn.ReLU`` (``ReLU6``, ``SiLU``: ``activation`` as in :func:`bn_add_relu`)
+    semantics, running statistics updated in place in training. In eval (running statistics) the BN
+    is folded into the conv: one conv with a bias+activation epilogue. ``process_group``:
+    synchronised statistics, as in :func:`conv_bn`."""
+    act = _activation.from_flag(activation, relu)
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if not uses_batch_stats(training, running_mean, running_var):
         folded_weight, bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        return conv_bias_act(x, folded_weight, bias, relu=relu, **conv)
+        return conv_bias_act(x, folded_weight, bias, activation=act, **conv)
     deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                        training=training, momentum=momentum, eps=eps, process_group=process_group, **conv)
-    return bn_add_relu(deferred, relu=relu)
+    return bn_add_relu(deferred, activation=act)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _activation
 from ._conv_backward import convolution_backward
 from ._layout import channel_view, output_memory_format, stat_dtype
 
@@ -35,14 +36,11 @@ def _affine(t: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | N
     return out
 
 
-def _prologue(x, in_scale, in_shift, in_relu):
-    """The conv input the kernel sees: ``relu?(x * in_scale + in_shift)``, in the conv dtype."""
-    if in_scale is None and in_shift is None and not in_relu:
+def _prologue(x, in_scale, in_shift, in_act):
+    """The conv input the kernel sees: ``act(x * in_scale + in_shift)``, in the conv dtype."""
+    if in_scale is None and in_shift is None and not in_act:
         return x.to(_conv_dtype(x))
-    a = _affine(x, in_scale, in_shift)
-    if in_relu:
-        a = torch.relu(a)
-    return a.to(_conv_dtype(x))
+    return _activation.apply(_affine(x, in_scale, in_shift), in_act).to(_conv_dtype(x))
 
 
 def _finish(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -53,16 +51,17 @@ def conv_stats(
     x: torch.Tensor,
     in_scale: torch.Tensor | None,
     in_shift: torch.Tensor | None,
-    in_relu: bool,
+    in_act: int,
     weight: torch.Tensor,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``y = conv(relu?(x * in_scale + in_shift), weight)`` and the batch mean and biased variance
-    of ``y`` per output channel (computed from ``y`` as stored, in fp32/fp64)."""
-    a = _prologue(x, in_scale, in_shift, in_relu)
+    """``y = conv(act(x * in_scale + in_shift), weight)`` (``in_act``: an activation code of ``_activation``)
+    and the batch mean and biased variance of ``y`` per output channel (computed from ``y`` as stored, in
+    fp32/fp64)."""
+    a = _prologue(x, in_scale, in_shift, in_act)
     y = F.conv2d(a, weight.to(a.dtype), None, stride, padding, dilation, groups)
     y = _finish(y, x)
     var, mean = torch.var_mean(y.to(stat_dtype(y.dtype)), dim=_REDUCE_DIMS, correction=0)
@@ -70,29 +69,30 @@ def conv_stats(
 
 
 def conv_stats_backward(
-    grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+    grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean,
     stride, padding, dilation, groups, output_mask,
 ):
     """Gradients of ``conv_stats`` w.r.t. ``(x, in_scale, in_shift, weight)``.
 
     The statistics' gradients fold into the conv output's: ``g = grad_y + grad_mean / M +
     2 * grad_var * (y - mean) / M`` with ``M = N * H_out * W_out``; then the conv backward, and
-    the prologue's ReLU mask and affine chain rule. ``output_mask`` selects ``(x, scale/shift,
-    weight)``; gradients not asked for (or of absent inputs) are None.
+    the prologue's activation derivative (at the recomputed pre-activation) and affine chain rule.
+    ``output_mask`` selects ``(x, scale/shift, weight)``; gradients not asked for (or of absent
+    inputs) are None.
     """
     need_x, need_affine, need_w = output_mask
     sdt = stat_dtype(y.dtype)
     count = y.numel() // y.shape[1]
     centred = y.to(sdt) - channel_view(mean)
     g = grad_y.to(sdt) + channel_view(grad_mean / count) + channel_view(2.0 * grad_var / count) * centred
-    a = _prologue(x, in_scale, in_shift, in_relu)
+    a = _prologue(x, in_scale, in_shift, in_act)
     grad_a, grad_w = convolution_backward(g.to(a.dtype), a, weight.to(a.dtype), stride, padding, dilation, groups,
                                           need_x or need_affine, need_w)
     grad_x = grad_scale = grad_shift = None
     if need_x or need_affine:
         dz = grad_a.to(sdt)
-        if in_relu:
-            dz = dz * (_affine(x, in_scale, in_shift) > 0)
+        if in_act:
+            dz = _activation.grad(dz, _affine(x, in_scale, in_shift), in_act)
         if need_x:
             grad_x = _finish(dz * channel_view(in_scale) if in_scale is not None else dz, x)
         if need_affine:
@@ -118,23 +118,25 @@ def _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate=No
     return z
 
 
-def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, gate=None):
-    """``relu?(gate * (y * scale + shift) + (residual * res_scale + res_shift))`` in ``y``'s dtype and
-    layout; every scale/shift/residual/gate term is optional (absent means 1, 0, no residual and 1).
-    ``gate`` is a per-(sample, channel) factor of shape (N, C) or (N, C, 1, 1) (SE, DropPath)."""
+def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
+    """``act(gate * (y * scale + shift) + (residual * res_scale + res_shift))`` in ``y``'s dtype and
+    layout (``act``: an activation code of ``_activation``); every scale/shift/residual/gate term is
+    optional (absent means 1, 0, no residual and 1). ``gate`` is a per-(sample, channel) factor of
+    shape (N, C) or (N, C, 1, 1) (SE, DropPath)."""
     z = _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate)
-    return _finish(torch.relu(z) if relu else z, y)
+    return _finish(_activation.apply(z, act), y)
 
 
-def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask, gate=None):
+def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask, gate=None):
     """Gradients of ``bn_add_relu`` w.r.t. ``(y, scale, shift, residual, res_scale, res_shift, gate)``;
-    ``output_mask`` selects ``(y, scale/shift/gate, residual, res_scale/res_shift)``; the ReLU mask is
-    recomputed from the inputs. The gate's gradient has the gate's shape and dtype."""
+    ``output_mask`` selects ``(y, scale/shift/gate, residual, res_scale/res_shift)``; the activation's
+    derivative is taken at the pre-activation recomputed from the inputs. The gate's gradient has the
+    gate's shape and dtype."""
     need_y, need_affine, need_res, need_res_affine = output_mask
     sdt = stat_dtype(y.dtype)
     dz = grad_out.to(sdt)
-    if relu:
-        dz = dz * (_tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate) > 0)
+    if act:
+        dz = _activation.grad(dz, _tail_preactivation(y, scale, shift, residual, res_scale, res_shift, gate), act)
     out = [None] * 7
     if residual is not None:
         if need_res:
@@ -158,8 +160,8 @@ def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shi
     return tuple(out)
 
 
-def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    """``relu?(conv(x, weight) + bias + residual)``: the inference block with BN folded into
+def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, act):
+    """``act(conv(x, weight) + bias + residual)``: the inference block with BN folded into
     ``weight`` and ``bias``; ``bias`` (fp32/fp64) and ``residual`` are optional."""
     a = x.to(_conv_dtype(x))
     z = F.conv2d(a, weight.to(a.dtype), None, stride, padding, dilation, groups).to(stat_dtype(x.dtype))
@@ -167,17 +169,19 @@ def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, 
         z = z + channel_view(bias)
     if residual is not None:
         z = z + residual.to(z.dtype)
-    return _finish(torch.relu(z) if relu else z, x)
+    return _finish(_activation.apply(z, act), x)
 
 
-def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
-    """Gradients of ``conv_bias_act`` w.r.t. ``(x, weight, bias, residual)``, the ReLU mask read
-    from the saved output; ``output_mask`` selects them."""
+def conv_bias_act_backward(grad_out, x, weight, out, act, stride, padding, dilation, groups, output_mask):
+    """Gradients of ``conv_bias_act`` w.r.t. ``(x, weight, bias, residual)``, the activation's
+    derivative taken at ``out``: the saved output (ReLU, ReLU6: the same mask as the
+    pre-activation's) or the pre-activation (any activation; SiLU needs it, recomputed by the
+    op's autograd); ``output_mask`` selects them."""
     need_x, need_w, need_bias, need_res = output_mask
     sdt = stat_dtype(x.dtype)
     dz = grad_out.to(sdt)
-    if relu:
-        dz = dz * (out > 0)
+    if act:
+        dz = _activation.grad(dz, out.to(sdt), act)
     a = x.to(_conv_dtype(x))
     grad_x, grad_w = convolution_backward(dz.to(a.dtype), a, weight.to(a.dtype), stride, padding, dilation, groups,
                                           need_x, need_w)
@@ -216,47 +220,47 @@ def bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps, output_
     )
 
 
-def conv_bn_from(conv_stats_fn, update_fn, x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias,
+def conv_bn_from(conv_stats_fn, update_fn, x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias,
                  running_mean, running_var, num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
     """:func:`conv_bn` built from a backend's ``conv_stats`` and ``update_running_stats_`` kernels (the
     Python backends compose theirs this way; the per-channel finalize is the same everywhere)."""
-    y, mean, var = conv_stats_fn(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups)
+    y, mean, var = conv_stats_fn(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups)
     if running_mean is not None and running_var is not None:
         update_fn(running_mean, running_var, num_batches_tracked, mean, var, y.numel() // y.shape[1], momentum)
     return (y, *bn_finalize(mean, var, bn_weight, bn_bias, eps), mean, var)
 
 
-def conv_bn(x, in_scale, in_shift, in_relu, weight, bn_weight, bn_bias, running_mean, running_var,
+def conv_bn(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean, running_var,
             num_batches_tracked, momentum, eps, stride, padding, dilation, groups):
     """A training conv+BN in one op: ``y, mean, var = conv_stats(...)``, the running statistics
     updated in place (when given), and the BN's ``scale, shift = bn_finalize(mean, var, bn_weight,
     bn_bias, eps)``; returns ``(y, scale, shift, mean, var)``: the deferred BN ``y * scale + shift``
     and the batch statistics its backward needs."""
-    return conv_bn_from(conv_stats, update_running_stats_, x, in_scale, in_shift, in_relu, weight, bn_weight,
+    return conv_bn_from(conv_stats, update_running_stats_, x, in_scale, in_shift, in_act, weight, bn_weight,
                         bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, stride, padding,
                         dilation, groups)
 
 
-def conv_bn_backward_from(conv_stats_backward_fn, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu,
+def conv_bn_backward_from(conv_stats_backward_fn, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_act,
                           weight, bn_weight, y, mean, var, eps, stride, padding, dilation, groups, output_mask):
     """:func:`conv_bn_backward` built from a backend's ``conv_stats_backward``."""
     need_x, need_affine, need_w, need_bn = output_mask
     grad_mean, grad_var, grad_bn_weight, grad_bn_bias = bn_finalize_backward(
         grad_scale, grad_shift, mean, var, bn_weight, eps, [True, True, need_bn, need_bn])
     grad_x, grad_in_scale, grad_in_shift, grad_w = conv_stats_backward_fn(
-        grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean, stride, padding, dilation,
+        grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean, stride, padding, dilation,
         groups, [need_x, need_affine, need_w])
     return grad_x, grad_in_scale, grad_in_shift, grad_w, grad_bn_weight, grad_bn_bias
 
 
-def conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu, weight, bn_weight, y, mean, var,
+def conv_bn_backward(grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_act, weight, bn_weight, y, mean, var,
                      eps, stride, padding, dilation, groups, output_mask):
     """Gradients of :func:`conv_bn` w.r.t. ``(x, in_scale, in_shift, weight, bn_weight, bn_bias)`` from
     those of ``(y, scale, shift)``: :func:`bn_finalize_backward` gives the statistics' gradients, which
     :func:`conv_stats_backward` folds into the conv output's. ``output_mask`` selects ``(x,
     in_scale/in_shift, weight, bn_weight/bn_bias)``; ``grad_bn_weight`` comes in ``bn_weight``'s
     dtype, ``grad_bn_bias`` in the statistics dtype."""
-    return conv_bn_backward_from(conv_stats_backward, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_relu,
+    return conv_bn_backward_from(conv_stats_backward, grad_y, grad_scale, grad_shift, x, in_scale, in_shift, in_act,
                                  weight, bn_weight, y, mean, var, eps, stride, padding, dilation, groups, output_mask)
 
 
@@ -274,6 +278,6 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, 
 
 def prepack_conv(weight, bias, stride, padding, dilation, groups):
     """A serving form of a folded conv (``inference.prepare_for_inference``): a callable
-    ``(x, residual, relu) -> Tensor | None`` that a backend may offer (the native one reorders
+    ``(x, residual, act) -> Tensor | None`` that a backend may offer (the native one reorders
     the weight for oneDNN once). The reference has none: its folded convs run ``conv_bias_act``."""
     return None

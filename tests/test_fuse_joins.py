@@ -84,9 +84,10 @@ def test_join_applies_the_last_bn_with_the_add():
     calls = []
     original = fused_resnet.ops.bn_add_relu
 
-    def spy(y, residual=None, *, relu=True, gate=None):
-        calls.append((isinstance(y, fused_resnet.ops.DeferredBN), residual is not None, relu))
-        return original(y, residual, relu=relu, gate=gate)
+    def spy(y, residual=None, *, relu=None, activation="relu", gate=None):
+        act = fused_resnet._activation.from_flag(activation, relu)
+        calls.append((isinstance(y, fused_resnet.ops.DeferredBN), residual is not None, bool(act)))
+        return original(y, residual, relu=relu, activation=activation, gate=gate)
 
     fused_resnet._joins.ops.bn_add_relu = spy
     try:

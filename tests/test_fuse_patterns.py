@@ -11,7 +11,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet.distributed import FusedAwaySyncBatchNorm2d
-from fused_resnet.modules import FusedAwayBatchNorm2d, FusedAwayReLU, FusedConvBN2d
+from fused_resnet.modules import FusedAwayActivation, FusedAwayBatchNorm2d, FusedAwayReLU, FusedConvBN2d
 
 from _parity import FP64_MODEL_TOL, assert_step_matches, randomize_bns
 
@@ -80,7 +80,19 @@ def test_find_fusable_names_the_convs_and_fuse_is_idempotent():
     assert [type(m) for m in model.modules()] == kinds
 
 
-@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Identity])
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])
+def test_relu6_and_silu_fused_like_relu(act):
+    """ReLU6 and SiLU after a fused BN are applied by the conv (issue #13), as ReLU is."""
+    plain, fused = _pair(SimpleResNet(act=act))
+    assert _fused_bns(fused) == 7
+    acts = [m for m in fused.modules() if isinstance(m, act)]
+    assert acts and all(isinstance(m, FusedAwayActivation) for m in acts)
+    assert any(m.fused_relu for m in fused.modules() if isinstance(m, FusedConvBN2d))
+    for train in (True, False):
+        assert_step_matches(plain, fused, _x(), train)
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Identity])
 def test_other_activations_run_as_they_are(act):
     plain, fused = _pair(SimpleResNet(act=act))
     assert _fused_bns(fused) == 7
@@ -133,7 +145,7 @@ def test_a_replaced_chain_module_is_obeyed_and_fuse_again_refuses():
     for model in (plain, fused):
         torch.manual_seed(3)
         model.blocks[0][1] = nn.Identity()  # a fused-away BN replaced
-        model.blocks[1][2] = nn.SiLU()  # a fused-away ReLU replaced
+        model.blocks[1][2] = nn.Hardswish()  # a fused-away ReLU replaced (by one the kernels do not apply)
         model.stem[1] = nn.BatchNorm2d(8, eps=1e-3).to(F64)  # the conv's own BN replaced
     for train in (True, False):
         assert_step_matches(plain, fused, _x(), train)
@@ -143,7 +155,7 @@ def test_a_replaced_chain_module_is_obeyed_and_fuse_again_refuses():
     assert {"stem.0", "blocks.1.0"} <= set(fused_resnet.find_fusable(fused))
     fused_resnet.fuse(fused)
     assert fused.stem[0].fused_state() == (True, True) and fused.stem[0].fused_bn is fused.stem[1]
-    assert fused.blocks[1][0].fused_state() == (True, False)  # SiLU: BN fused, activation on its own
+    assert fused.blocks[1][0].fused_state() == (True, False)  # Hardswish: BN fused, activation on its own
     for train in (True, False):
         assert_step_matches(plain, fused, _x(), train)
 

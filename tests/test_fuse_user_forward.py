@@ -191,9 +191,10 @@ def test_the_join_applies_the_bns_the_add_and_the_relu_in_one_pass(monkeypatch):
     calls = []
     real = fused_resnet.ops.bn_add_relu
 
-    def spy(y, residual=None, *, relu=True, gate=None):
-        calls.append((type(y).__name__, type(residual).__name__, relu))
-        return real(y, residual, relu=relu, gate=gate)
+    def spy(y, residual=None, *, relu=None, activation="relu", gate=None):
+        act = fused_resnet._activation.from_flag(activation, relu)
+        calls.append((type(y).__name__, type(residual).__name__, act == fused_resnet._activation.RELU))
+        return real(y, residual, relu=relu, activation=activation, gate=gate)
 
     monkeypatch.setattr(fused_resnet.ops, "bn_add_relu", spy)
     fused.train()(_x())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import ops
+from fused_resnet import _activation, ops
 from fused_resnet._tolerances import assert_close
 
 from _cases import LAYOUTS, activation, per_channel
@@ -17,14 +17,14 @@ BACKENDS = [b for b in ("reference", "native") if b in fused_resnet.backends()]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-def _oracle(y, s, t, r, rs, rt, gate, relu):
-    """The unfused computation in fp64: relu?(gate * bn(y) + bn_r(r))."""
+def _oracle(y, s, t, r, rs, rt, gate, act):
+    """The unfused computation in fp64: act(gate * bn(y) + bn_r(r)) (act: an activation code)."""
     def v(a, default):
         return a.double().view(1, -1, 1, 1) if a is not None else default
     z = gate.double().reshape(y.shape[0], y.shape[1], 1, 1) * (y.double() * v(s, 1.0) + v(t, 0.0))
     if r is not None:
         z = z + r.double() * v(rs, 1.0) + v(rt, 0.0)
-    return torch.relu(z) if relu else z
+    return _activation.apply(z, act)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,8 +32,23 @@ def _oracle(y, s, t, r, rs, rt, gate, relu):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["downsample", "identity", "gate_only"])
 def test_gate_forward_backward(case, dtype, layout, backend):
+    _check_gated(case, dtype, layout, backend, "relu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_gate_other_activations(act, dtype, layout, backend):
+    """The gate with ReLU6 / SiLU (codes 2, 3): the activation applies to the gated sum."""
+    _check_gated("downsample", dtype, layout, backend, act)
+
+
+def _check_gated(case, dtype, layout, backend, act):
     n, c = 3, 10
     y, r = activation((n, c, 5, 7), dtype, layout), activation((n, c, 5, 7), dtype, layout)
+    if act == "relu6":  # values on both sides of 6 too
+        y, r = y * 4, r * 4
     s, t, rs, rt = (per_channel(c, dtype) for _ in range(4))
     # (N, C, 1, 1) in the activation dtype, as SE gives it; (N, C) in the statistics dtype
     gate = (torch.rand(n, c, 1, 1, dtype=dtype) + 0.5) if case != "identity" else torch.rand(n, c, dtype=s.dtype)
@@ -45,10 +60,10 @@ def test_gate_forward_backward(case, dtype, layout, backend):
     with fused_resnet.use_backend(backend):
         y_, s_, t_, r_, rs_, rt_, g_ = leaves
         out = ops.bn_add_relu(ops.DeferredBN(y_, s_, t_), r_ if rs_ is None else ops.DeferredBN(r_, rs_, rt_),
-                              gate=g_)
+                              activation=act, gate=g_)
     assert out.dtype == dtype and out.is_contiguous(memory_format=LAYOUTS[layout])
     gold = [a.detach().double().requires_grad_() if a is not None else None for a in inputs]
-    want = _oracle(*gold[:6], gold[6], True)
+    want = _oracle(*gold[:6], gold[6], _activation.code(act))
     assert_close(out, want, dtype, name="out")
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -60,8 +75,9 @@ def test_gate_forward_backward(case, dtype, layout, backend):
         assert_close(got.grad, ref.grad, dtype, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("act", [1, 2, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gate_masks_native_matches_reference(layout):
+def test_gate_masks_native_matches_reference(layout, act):
     """The backward op with each output_mask: native (csrc/gate.cpp) against the reference."""
     if "native" not in fused_resnet.backends():
         pytest.skip("the native extension is not built for this torch")
@@ -73,7 +89,7 @@ def test_gate_masks_native_matches_reference(layout):
         got = {}
         for backend in ("native", "reference"):
             with fused_resnet.use_backend(backend):
-                got[backend] = torch.ops.fused_resnet.bn_add_relu_backward(go, y, s, t, r, rs, rt, True, mask, "",
+                got[backend] = torch.ops.fused_resnet.bn_add_relu_backward(go, y, s, t, r, rs, rt, act, mask, "",
                                                                            gate)
         for i, (a, b) in enumerate(zip(got["native"], got["reference"])):
             assert a.shape == b.shape, (mask, i)

@@ -41,7 +41,9 @@ def _op_samples(dtype=torch.float64, layout="nchw"):
     # The per-(sample, channel) gate: (N, C, 1, 1) in the activation dtype, (N, C) in the statistics dtype.
     gate4 = torch.rand(2, 6, 1, 1, dtype=dtype) + 0.5
     gate2 = torch.rand(2, 6, dtype=s.dtype) + 0.5
-    for tail in ((y, s, t, r, rs, rt, True, gate4), (y, None, t, None, None, None, False, gate2)):
+    # ... with ReLU6 / SiLU (activation codes 2, 3) too.
+    for tail in ((y, s, t, r, rs, rt, True, gate4), (y, None, t, None, None, None, False, gate2),
+                 (y, s, t, r, None, None, 2, gate4), (y, s, t, r, rs, rt, 3, gate2)):
         samples.append(("bn_add_relu", tail))
         samples.append(("bn_add_relu_backward", (torch.randn_like(y), *tail[:7], [True, True, True, True], "",
                                                  tail[7])))

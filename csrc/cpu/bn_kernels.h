@@ -1,4 +1,4 @@
-// CPU kernels of the fused BN / residual / ReLU passes (the interface is ../kernels.h).
+// CPU kernels of the fused BN / residual / activation passes (the interface is ../kernels.h).
 //
 // This header is compiled once per instruction set (bn_kernels_default.cpp, bn_kernels_avx2.cpp)
 // inside the namespace `CPU_CAPABILITY`, as ATen's own kernels are; register_cpu.cpp picks one
@@ -54,7 +54,7 @@ inline void store2(T* p, const fVec& a, const fVec& b) {
   }
 }
 
-inline float relu_s(float z) { return z < 0.f ? 0.f : z; }  // NaN stays NaN, as torch.relu
+#include "act_vec.h"  // inside CPU_CAPABILITY too: at::vec code is per instruction set
 
 // Per-channel parameters as seen by a span: NHWC spans walk channels (vectors from arrays),
 // NCHW spans stay in one channel (broadcast scalars).
@@ -183,21 +183,19 @@ inline int64_t y_offset(const Shape& s, int64_t batch_stride, int64_t off) {
   return off + (off / per_sample) * (batch_stride - per_sample);
 }
 
-// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)), layout-agnostic
-// (rows or planes). Moves 2 tensors (3 with a residual); unfused, BN + add + ReLU move 6 (BN
-// read/write, add read 2/write, ReLU read/write), and the downsample BN 2 more.
-template <typename Y, typename R, typename O>
+// out = act((y - centre) * scale + shift + (res * res_scale + res_shift)), layout-agnostic
+// (rows or planes). Moves 2 tensors (3 with a residual); unfused, BN + add + activation move 6
+// (BN read/write, add read 2/write, activation read/write), and the downsample BN 2 more.
+template <typename Y, typename R, typename O, int A>
 void bn_apply_fwd_cpu_kernel(const ApplyArgs& a) {
   const ChannelArrays arr(a.shape.c, a.centre, a.scale, a.shift, a.res_scale, a.res_shift);
   const Y* y = static_cast<const Y*>(a.y);
   const R* res = static_cast<const R*>(a.res);
   O* out = static_cast<O*>(a.out);
-  const bool relu = a.relu;
   for_each_span(a.shape, arr, [&](int64_t off, int64_t len, const auto& p) {
     const Y* yp = y + y_offset(a.shape, a.y_batch_stride, off);
     const R* rp = res ? res + off : nullptr;
     O* op = out + off;
-    const fVec zero(0.f);
     int64_t i = 0;
     for (; i + kStep <= len; i += kStep) {
       fVec y0, y1;
@@ -210,16 +208,12 @@ void bn_apply_fwd_cpu_kernel(const ApplyArgs& a) {
         z0 = z0 + (r0 * p.v(kResScale, i) + p.v(kResShift, i));
         z1 = z1 + (r1 * p.v(kResScale, i + kW) + p.v(kResShift, i + kW));
       }
-      if (relu) {
-        z0 = at::vec::maximum(z0, zero);
-        z1 = at::vec::maximum(z1, zero);
-      }
-      store2(op + i, z0, z1);
+      store2(op + i, act_fwd_v<A>(z0), act_fwd_v<A>(z1));
     }
     for (; i < len; ++i) {
       float z = (static_cast<float>(yp[i]) - p.s(kCentre, i)) * p.s(kScale, i) + p.s(kShift, i);
       if (rp) z += static_cast<float>(rp[i]) * p.s(kResScale, i) + p.s(kResShift, i);
-      op[i] = static_cast<O>(relu ? relu_s(z) : z);
+      op[i] = static_cast<O>(act_fwd(z, A));
     }
   });
 }
@@ -262,12 +256,12 @@ void bn_stats_cpu_kernel(const StatsArgs& a) {
   }
 }
 
-// dz = grad * [z > 0] (z the recomputed pre-activation); grad_y = dz * scale, grad_res =
+// dz = act_bwd(grad, z) (z the recomputed pre-activation); grad_y = dz * scale, grad_res =
 // dz * res_scale, and sum(dz), sum(dz * y), sum(dz * res): reads grad, y (and res) once and
-// writes each gradient once, 5 tensors with a residual; unfused, ReLU backward (3), the add's
+// writes each gradient once, 5 tensors with a residual; unfused, activation backward (3), the add's
 // gradient fan-out and the BN backward(s) (about 5 each: two reductions, then the input gradient)
 // move about 13.
-template <typename G, typename Y, typename O>
+template <typename G, typename Y, typename O, int A>
 void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
   const ChannelArrays arr(a.shape.c, nullptr, a.scale, a.shift, a.res_scale, a.res_shift);
   const G* g = static_cast<const G*>(a.grad);
@@ -275,7 +269,7 @@ void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
   const Y* res = static_cast<const Y*>(a.res);
   O* gy = static_cast<O*>(a.grad_y);
   Y* gr = static_cast<Y*>(a.grad_res);
-  const bool relu = a.relu, want_dz = a.sum_dz, want_dzy = a.sum_dz_y, want_dzr = a.sum_dz_res && res;
+  const bool want_dz = a.sum_dz, want_dzy = a.sum_dz_y, want_dzr = a.sum_dz_res && res;
   std::vector<double> sums[3];
   reduce_channels<3>(a.shape, arr, sums, [&](int64_t off, int64_t len, const auto& p, auto& acc) {
     const G* gp = g + off;
@@ -283,7 +277,6 @@ void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
     const Y* rp = res ? res + off : nullptr;
     O* gyp = gy ? gy + off : nullptr;
     Y* grp = gr ? gr + off : nullptr;
-    const fVec zero(0.f);
     int64_t i = 0;
     for (; i + kStep <= len; i += kStep) {
       fVec g0, g1, y0, y1, r0(0.f), r1(0.f);
@@ -291,15 +284,15 @@ void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
       load2(yp + i, y0, y1);
       if (rp) load2(rp + i, r0, r1);
       fVec dz0 = g0, dz1 = g1;
-      if (relu) {
+      if constexpr (A != kActNone) {
         fVec z0 = y0 * p.v(kScale, i) + p.v(kShift, i);
         fVec z1 = y1 * p.v(kScale, i + kW) + p.v(kShift, i + kW);
         if (rp) {
           z0 = z0 + (r0 * p.v(kResScale, i) + p.v(kResShift, i));
           z1 = z1 + (r1 * p.v(kResScale, i + kW) + p.v(kResShift, i + kW));
         }
-        dz0 = fVec::blendv(zero, g0, z0 > zero);
-        dz1 = fVec::blendv(zero, g1, z1 > zero);
+        dz0 = act_bwd_v<A>(g0, z0);
+        dz1 = act_bwd_v<A>(g1, z1);
       }
       if (gyp) store2(gyp + i, dz0 * p.v(kScale, i), dz1 * p.v(kScale, i + kW));
       if (grp) store2(grp + i, dz0 * p.v(kResScale, i), dz1 * p.v(kResScale, i + kW));
@@ -319,10 +312,10 @@ void bn_apply_bwd_cpu_kernel(const ApplyBackwardArgs& a) {
     for (; i < len; ++i) {
       const float yv = static_cast<float>(yp[i]), rv = rp ? static_cast<float>(rp[i]) : 0.f;
       float dz = static_cast<float>(gp[i]);
-      if (relu) {
+      if constexpr (A != kActNone) {
         float z = yv * p.s(kScale, i) + p.s(kShift, i);
         if (rp) z += rv * p.s(kResScale, i) + p.s(kResShift, i);
-        dz = z > 0.f ? dz : 0.f;
+        dz = act_bwd(dz, z, A);
       }
       if (gyp) gyp[i] = static_cast<O>(dz * p.s(kScale, i));
       if (grp) grp[i] = static_cast<Y>(dz * p.s(kResScale, i));
@@ -364,14 +357,18 @@ void dispatch3(DType a, DType b, DType c, const F& f) {
 inline void apply(const ApplyArgs& a) {
   DType r = a.res ? a.res_dtype : (a.y_dtype == DType::kFloat32 ? a.out_dtype : a.y_dtype);
   dispatch3(a.y_dtype, r, a.out_dtype, [&](auto ty, auto tr, auto to) {
-    bn_apply_fwd_cpu_kernel<decltype(ty), decltype(tr), decltype(to)>(a);
+    with_act(a.act, [&](auto act) {
+      bn_apply_fwd_cpu_kernel<decltype(ty), decltype(tr), decltype(to), decltype(act)::value>(a);
+    });
   });
 }
 
 inline void apply_backward(const ApplyBackwardArgs& a) {
   DType o = a.grad_y ? a.grad_y_dtype : a.y_dtype;
   dispatch3(a.grad_dtype, a.y_dtype, o, [&](auto tg, auto ty, auto to) {
-    bn_apply_bwd_cpu_kernel<decltype(tg), decltype(ty), decltype(to)>(a);
+    with_act(a.act, [&](auto act) {
+      bn_apply_bwd_cpu_kernel<decltype(tg), decltype(ty), decltype(to), decltype(act)::value>(a);
+    });
   });
 }
 

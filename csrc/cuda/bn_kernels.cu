@@ -1,4 +1,4 @@
-// CUDA kernels of the fused BN / residual / ReLU passes (the interface is ../kernels.h).
+// CUDA kernels of the fused BN / residual / activation passes (the interface is ../kernels.h).
 //
 // Elementwise passes: one thread per 16-byte pack (4 fp32 or 8 bf16/fp16 values) when the
 // channel run allows it (NHWC: C % pack == 0; NCHW: H*W % pack == 0; 16-byte aligned pointers),
@@ -58,7 +58,7 @@ int64_t num_partials(const Shape& s) {
 bool aligned(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------
-// out = relu?((y - centre) * scale + shift + (res * res_scale + res_shift)): reads y (+res) once,
+// out = act((y - centre) * scale + shift + (res * res_scale + res_shift)): reads y (+res) once,
 // writes out once; the unfused sequence moves the tensor once per operator.
 template <typename T, int V, bool NHWC>
 __global__ void bn_apply_fwd_kernel(ApplyArgs a) {
@@ -78,7 +78,7 @@ __global__ void bn_apply_fwd_kernel(ApplyArgs a) {
       const int64_t c = NHWC ? c0 + k : c0;
       float v = (z[k] - param(a.centre, c, 0.f)) * param(a.scale, c, 1.f) + param(a.shift, c, 0.f);
       if (res) v += r[k] * param(a.res_scale, c, 1.f) + param(a.res_shift, c, 0.f);
-      z[k] = a.relu ? (v < 0.f ? 0.f : v) : v;  // NaN propagates, as torch.relu
+      z[k] = act_fwd(v, a.act);  // kernels.h: NaN propagates, as in torch
     }
     store<T, V>(out + e, z);
   }
@@ -192,7 +192,7 @@ __global__ void bn_stats_finalize_kernel(StatsArgs a, int64_t partials) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dz = grad * [z > 0]; grad_y = dz * scale; grad_res = dz * res_scale; partial sums of dz,
+// dz = act_bwd(grad, z); grad_y = dz * scale; grad_res = dz * res_scale; partial sums of dz,
 // dz * y and dz * res: one read of grad, y and res and one write per gradient, against a mask,
 // a product per gradient and one reduction per sum when unfused.
 template <typename T, int V, bool NHWC>
@@ -217,10 +217,10 @@ __global__ void bn_apply_bwd_partial_kernel(ApplyBackwardArgs a) {
       const int64_t c = NHWC ? c0 + k : c0;
       const float sc = param(a.scale, c, 1.f), rsc = param(a.res_scale, c, 1.f);
       float dz = gv[k];
-      if (a.relu) {
+      if (a.act != kActNone) {
         float z = yv[k] * sc + param(a.shift, c, 0.f);
         if (res) z += rv[k] * rsc + param(a.res_shift, c, 0.f);
-        dz = z > 0.f ? dz : 0.f;
+        dz = act_bwd(dz, z, a.act);
       }
       out_y[k] = dz * sc;
       out_r[k] = dz * rsc;

@@ -75,15 +75,15 @@ def prepare_kernel(kernel: str, shape: BlockShape, backend: str, sizes: Sizes, d
         if kernel == "conv_stats":
             def fn():
                 with use_backend(backend):
-                    return _ops.conv_stats(x, scale, shift, True, w, *conv)
+                    return _ops.conv_stats(x, scale, shift, 1, w, *conv)
         else:
             with use_backend(backend):
-                y, mean, _ = _ops.conv_stats(x, scale, shift, True, w, *conv)
+                y, mean, _ = _ops.conv_stats(x, scale, shift, 1, w, *conv)
             gy, gm, gv = act(c_out, h_out), per_channel(c_out), per_channel(c_out)
 
             def fn():
                 with use_backend(backend):
-                    return _ops.conv_stats_backward(gy, gm, gv, x, scale, shift, True, w, y, mean, *conv,
+                    return _ops.conv_stats_backward(gy, gm, gv, x, scale, shift, 1, w, y, mean, *conv,
                                                     [True, True, True])
     elif kernel == "conv_bias_act":
         x, res = act(c_out, h_out), act(c_out, h_out)
@@ -92,7 +92,7 @@ def prepare_kernel(kernel: str, shape: BlockShape, backend: str, sizes: Sizes, d
 
         def fn():
             with use_backend(backend):
-                return _ops.conv_bias_act(x, w, bias, res, [1, 1], [1, 1], [1, 1], 1, True)
+                return _ops.conv_bias_act(x, w, bias, res, [1, 1], [1, 1], [1, 1], 1, 1)
     else:
         y, res = act(c_out, h_out), act(c_out, h_out)
         scale, shift = per_channel(c_out, 0.5, 1.5), per_channel(c_out)
@@ -100,13 +100,13 @@ def prepare_kernel(kernel: str, shape: BlockShape, backend: str, sizes: Sizes, d
         if kernel == "bn_add_relu":
             def fn():
                 with use_backend(backend):
-                    return _ops.bn_add_relu(y, scale, shift, res, rs, rsh, True)
+                    return _ops.bn_add_relu(y, scale, shift, res, rs, rsh, 1)
         else:
             go = act(c_out, h_out)
 
             def fn():
                 with use_backend(backend):
-                    return _ops.bn_add_relu_backward(go, y, scale, shift, res, rs, rsh, True, [True] * 4)
+                    return _ops.bn_add_relu_backward(go, y, scale, shift, res, rs, rsh, 1, [True] * 4)
     return Prepared(fn, n)
 
 

@@ -3,12 +3,13 @@
 ``fused_resnet.prepare_for_inference`` (``inference.py``) asks the backend in force for a
 ``prepack_conv`` of each folded conv; this is the native backend's. It keeps the folded weight and
 reorders it into oneDNN's blocked layout once per input shape (oneDNN's choice of layout depends on
-it), on the first call with that shape, and then runs ``relu?(conv(x, w) + bias + residual)`` as
-one oneDNN primitive (bias, residual add and ReLU as post-ops): ATen's
+it), on the first call with that shape, and then runs ``act(conv(x, w) + bias + residual)`` as
+one oneDNN primitive (bias, residual add and activation as post-ops: ReLU, ReLU6 as ``hardtanh``,
+SiLU as ``swish``): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
 A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
-runs as ATen's conv with the folded bias inside and the ReLU in place, which beat the op's conv +
+runs as ATen's conv with the folded bias inside and the activation in place, which beat the op's conv +
 epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs.
 
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
@@ -24,11 +25,16 @@ import os
 
 import torch
 
+from ... import _activation
+
 # Below about 8 million multiply-adds (a conv of ~0.5 ms on one AVX2 core) oneDNN's per-call
 # setup (~0.1 ms) costs about what it saves (measured on whole CIFAR ResNets at batch 1). Read at
 # each preparation, not at each call.
 _DEFAULT_MIN_MACS = 1 << 23
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
+# oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
+_POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
+             _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", [])}
 
 
 def _pointwise_ops():
@@ -107,12 +113,12 @@ class PackedConv:
         if (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs:
             return "onednn"
         # Too small for the reorder to pay: ATen's conv with the bias inside (oneDNN's own bias
-        # post-op) and the ReLU in place beat the op's conv + epilogue pass on these (MobileNetV2 at
+        # post-op) and the activation in place beat the op's conv + epilogue pass on these (MobileNetV2 at
         # batch 1, 224px: depthwise 3x3 66 vs 85 us, 1x1 32->192 at 28x28 105 vs 118 us); with a
         # residual the op's single epilogue pass stays (ATen would need two).
         return "aten" if residual is None else None
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor | None:
         """The conv's output, or None where this path does not apply (autograd on, another dtype or
         layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
         caller then runs the generic ``conv_bias_act``."""
@@ -132,15 +138,17 @@ class PackedConv:
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         if route == "aten":
             out = torch.conv2d(x, self.dense, self.bias, *self.aten_conv)
-            return (out.relu_() if relu else out).contiguous(memory_format=fmt)
+            return _activation.apply(out, act, inplace=True).contiguous(memory_format=fmt)
         either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last if nhwc or (either and self.nhwc) else fmt)
         packed = self._packed_for(tuple(x.shape))
+        attr, scalars = _POST_OPS[act]
         if residual is None:
-            out = _OPS[0](x, packed, self.bias, *self.conv, "relu" if relu else "none", [], None)
+            out = _OPS[0](x, packed, self.bias, *self.conv, attr, scalars, None)
         else:
             residual = residual.contiguous(memory_format=fmt)
-            out = _OPS[1](x, residual, packed, self.bias, *self.conv, "add", None, "relu" if relu else None, [], None)
+            out = _OPS[1](x, residual, packed, self.bias, *self.conv, "add", None, None if attr == "none" else attr,
+                          scalars, None)
         return out.contiguous(memory_format=fmt)
 
 

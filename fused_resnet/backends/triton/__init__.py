@@ -2,7 +2,7 @@
 
 Convolutions run on torch's convolution (cuDNN on a GPU) or, where measured faster, on the
 implicit-GEMM Triton kernels of ``_conv_gemm`` (``_choice``). Around the conv, Triton does the
-rest, fused: the prologue ``relu?(x * scale + shift)``, the BN statistics (``_stats``: two-level,
+rest, fused: the prologue ``act(x * scale + shift)``, the BN statistics (``_stats``: two-level,
 shifted Chan merge, deterministic), their backward (``_stats_backward``), BN apply + residual +
 ReLU and its backward (``_elementwise``), the running-statistics update (``_running_stats``).
 
@@ -85,12 +85,12 @@ if _IMPORT_ERROR is None:
     _conv_kernel("conv_bias_act_backward", _x_ok)
 
     @register_kernel(NAME, "bn_add_relu", supports=_first_ok)
-    def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, gate=None):
+    def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, gate=None):
         """``reference.bn_add_relu`` in one pass (``_elementwise``; a gate through ``_gate``)."""
         if gate is not None:
-            return _gate.forward(bn_add_relu, y, scale, shift, residual, res_scale, res_shift, relu, gate)
+            return _gate.forward(bn_add_relu, y, scale, shift, residual, res_scale, res_shift, act, gate)
         residual = as_mergeable(residual) if residual is not None else None
-        return _elementwise.bn_add_relu(as_mergeable(y), scale, shift, residual, res_scale, res_shift, relu)
+        return _elementwise.bn_add_relu(as_mergeable(y), scale, shift, residual, res_scale, res_shift, act)
 
     def _res_shift_grad(sum_dz, shared: bool, needed: bool):
         # The same sum as grad_shift's: a copy when both are returned, so no two outputs share memory.
@@ -99,19 +99,19 @@ if _IMPORT_ERROR is None:
         return sum_dz.clone() if shared else sum_dz
 
     @register_kernel(NAME, "bn_add_relu_backward", supports=lambda grad_out, y, *rest: _activation_ok(y))
-    def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask,
+    def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask,
                              gate=None):
         """``reference.bn_add_relu_backward`` in one pass plus a tiny ``[T, C]`` sum (``_elementwise``;
         a gate through ``_gate``)."""
         if gate is not None:
             return _gate.backward(bn_add_relu_backward, grad_out, y, scale, shift, residual, res_scale, res_shift,
-                                  relu, output_mask, gate)
+                                  act, output_mask, gate)
         need_y, need_affine, need_res, need_res_affine = output_mask
         has_res = residual is not None
         need_res_affine = need_res_affine and has_res
         grad_y, grad_res, sum_dz, sum_dzy, sum_dzr = _elementwise.bn_add_relu_backward(
             as_mergeable(grad_out), as_mergeable(y), scale, shift, as_mergeable(residual) if has_res else None,
-            res_scale, res_shift, relu,
+            res_scale, res_shift, act,
             need_dy=need_y, need_dres=need_res and has_res,
             sum_dz=(need_affine and shift is not None) or (need_res_affine and res_shift is not None),
             sum_dzy=need_affine and scale is not None,

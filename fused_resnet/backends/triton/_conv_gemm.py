@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..._layout import conv_output_size, empty_activation
+from ._act import act_fwd
 from ._conv_gemm_common import (
     dot_precision,
     flat_k,
@@ -71,19 +72,19 @@ def _conv_gemm_fwd_kernel(
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow, srn, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, STATS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_ACT: tl.constexpr, STATS: tl.constexpr,
     STATS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = epilogue(conv(prologue(x), w))``; one program per ``BLOCK_M x BLOCK_N`` output tile.
 
-    prologue: ``relu?(x * scale + shift)`` per input channel, applied to each loaded tile.
+    prologue: ``act(x * scale + shift)`` per input channel, applied to each loaded tile.
     epilogue, ``STATS``: store ``y`` and per-``STATS_ROWS`` partial (count, mean, M2) of ``y`` as
-    stored (rounded to its dtype) per output channel; else ``relu?(acc + bias + residual)``.
+    stored (rounded to its dtype) per output channel; else ``act(acc + bias + residual)``.
     FLOPs: ``2 * M * C_out * KH * KW * C_in``. Bytes: ``x`` (read ``ceil(C_out / BLOCK_N)`` times,
     mostly from L2), ``w``, ``out`` once, ``residual`` once, partials ``2 * 4 * C_out * M / STATS_ROWS``.
-    Saved versus eager training (BN apply + ReLU, conv, BN statistics): the normalised activation is
+    Saved versus eager training (BN apply + activation, conv, BN statistics): the normalised activation is
     never written nor read back (``2 * |x|``), and the statistics pass over ``y`` (``|y|``) is gone.
     Saved versus eager inference (conv, + bias, + residual, ReLU): ``4 * |out|`` of round trips.
     """
@@ -126,7 +127,7 @@ def _conv_gemm_fwd_kernel(
             ok = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             a_offs = x_img[:, None] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + chan.to(tl.int64)[None, :] * sxc
             a = load_activation(x_ptr, a_offs, ok, chan[None, :], k_ok[None, :],
-                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_ACT)
             b_offs = offs_n[None, :] * swo + (chan * swi + r * swh + s * sww)[:, None]
             b = tl.load(w_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
@@ -145,7 +146,7 @@ def _conv_gemm_fwd_kernel(
             x_row = x_img + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
             a_offs = x_row[:, None] + chan.to(tl.int64)[None, :] * sxc
             a = load_activation(x_ptr, a_offs, row_ok[:, None] & c_ok[None, :], chan[None, :], c_ok[None, :],
-                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+                                scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_ACT)
             # The weight has far fewer than 2**31 elements: int32 offsets.
             b_offs = offs_n[None, :] * swo + chan[:, None] * swi + r * swh + s * sww
             b = tl.load(w_ptr + b_offs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -183,8 +184,7 @@ def _conv_gemm_fwd_kernel(
             res_rows = img.to(tl.int64) * srn + ho.to(tl.int64) * srh + wo.to(tl.int64) * srw
             res_offs = res_rows[:, None] + offs_n.to(tl.int64)[None, :] * src
             z = z + tl.load(res_ptr + res_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        if OUT_RELU:
-            z = tl.maximum(z, 0.0)
+        z = act_fwd(z, OUT_ACT)
         tl.store(out_ptr + out_offs, z.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -216,15 +216,15 @@ def supports_conv(x, weight, stride, padding, dilation, groups) -> bool:
     return rows < 2**31 - 2**16 and max(x.shape[1], shape[1]) < 2**31 - 2**16
 
 
-def supports_conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups) -> bool:
+def supports_conv_stats(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups) -> bool:
     return supports_conv(x, weight, stride, padding, dilation, groups)
 
 
-def supports_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> bool:
+def supports_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, act) -> bool:
     return supports_conv(x, weight, stride, padding, dilation, groups)
 
 
-def _conv_fwd(x, weight, out, scale, shift, in_relu, bias, residual, relu, stats, stride, padding):
+def _conv_fwd(x, weight, out, scale, shift, in_act, bias, residual, act, stats, stride, padding):
     """Launch the forward kernel; ``stats`` is ``(counts, means, m2s)`` or None."""
     n, c_in, h, w = x.shape
     _, c_out, h_out, w_out = out.shape
@@ -245,14 +245,14 @@ def _conv_fwd(x, weight, out, scale, shift, in_relu, bias, residual, relu, stats
         *x.stride(), *weight.stride(), *out.stride(), *nchw_strides(residual),
         stride[0], stride[1], padding[0], padding[1],
         KH=weight.shape[2], KW=weight.shape[3], FLAT_K=flat_k(c_in, weight),
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_RELU=bool(in_relu),
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_RELU=bool(relu), STATS=stats is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_ACT=int(in_act),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_ACT=int(act), STATS=stats is not None,
         STATS_ROWS=stats_rows(), PRECISION=dot_precision(x),
     )
 
 
-def conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation, groups):
-    """``y = conv(relu?(x * in_scale + in_shift), weight)`` and the batch mean / biased variance of
+def conv_stats(x, in_scale, in_shift, in_act, weight, stride, padding, dilation, groups):
+    """``y = conv(act(x * in_scale + in_shift), weight)`` and the batch mean / biased variance of
     ``y`` per output channel (``reference.conv_stats``): one implicit-GEMM pass writes ``y`` and the
     per-tile partials, ``combine_partial_stats`` merges them (Chan) into fp32 ``mean``, ``var``."""
     from ._stats import combine_partial_stats
@@ -264,14 +264,14 @@ def conv_stats(x, in_scale, in_shift, in_relu, weight, stride, padding, dilation
     counts = torch.empty(blocks, dtype=torch.float32, device=x.device)
     means = torch.empty(blocks, shape[1], dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
-    _conv_fwd(x, weight, y, in_scale, in_shift, in_relu, None, None, False, (counts, means, m2s), stride, padding)
+    _conv_fwd(x, weight, y, in_scale, in_shift, in_act, None, None, 0, (counts, means, m2s), stride, padding)
     mean, var = combine_partial_stats(counts, means, m2s)
     return y, mean, var
 
 
-def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    """``relu?(conv(x, weight) + bias + residual)`` (``reference.conv_bias_act``) in one pass: the
+def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, act):
+    """``act(conv(x, weight) + bias + residual)`` (``reference.conv_bias_act``) in one pass: the
     epilogue adds the fp32 bias and the residual to the fp32 accumulator and rounds once."""
     out = empty_activation(x, conv_output_size(x.shape, weight.shape, stride, padding, dilation))
-    _conv_fwd(x, weight, out, None, None, False, bias, residual, relu, None, stride, padding)
+    _conv_fwd(x, weight, out, None, None, 0, bias, residual, act, None, stride, padding)
     return out

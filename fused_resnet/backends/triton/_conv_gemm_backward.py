@@ -19,7 +19,7 @@ Its epilogue applies the forward prologue's chain rule: ``dz = grad_a * (x * sca
 ``grad_x = dz * scale`` and per-channel partial sums of ``dz * x`` and ``dz`` (grad of scale, shift).
 
 wgrad, ``grad_w[k, c, r, s] = sum_{n, ho, wo} g[n, k, ho, wo] * a[n, c, ho * st - p + r, wo * st - p + s]``,
-is a GEMM ``C_out x C_in`` per tap with the pixels as its reduction; ``a = relu?(x * scale + shift)``
+is a GEMM ``C_out x C_in`` per tap with the pixels as its reduction; ``a = act(x * scale + shift)``
 is recomputed from ``x`` while loading (never materialised). The pixels are split over grid axis 2
 so that small weight gradients still fill the GPU; the split partials are summed by one reduction.
 For ``conv_bias_act`` the same loop also sums ``g`` per output channel: the bias gradient.
@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _activation
 from ..._layout import empty_activation
+from ._act import NONE, act_bwd
 from ._conv_gemm import supports_conv
 from ._conv_gemm_common import (
     dot_precision,
@@ -71,17 +73,17 @@ def _conv_gemm_dgrad_kernel(
     sgn, sgc, sgh, sgw, syn, syc, syh, syw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, blocks_per_phase,
     KH: tl.constexpr, KW: tl.constexpr, G_MODE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_ACT: tl.constexpr,
     WRITE_DX: tl.constexpr, AFFINE_SUMS: tl.constexpr, STATS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Data gradient of ``conv(relu?(x * scale + shift), w)`` for one phase's ``BLOCK_M`` pixels x
+    """Data gradient of ``conv(act(x * scale + shift), w)`` for one phase's ``BLOCK_M`` pixels x
     ``BLOCK_N`` input channels. FLOPs: ``2 * N * H_out * W_out * C_out * KH * KW * C_in`` (the useful ones
     only, thanks to the phases). Bytes: ``g``'s sources (``grad``, ``y`` or ``out``) read
     ``ceil(C_in / BLOCK_N)`` times (mostly L2), ``w``, ``x`` once, ``grad_x`` written once, partials
     ``2 * 4 * C_in * N * H * W / STATS_ROWS``. Saved versus eager (BN-stats backward, conv backward,
     ReLU backward, BN-affine backward): ``g`` is neither written nor read (``2 * |y|``), ``grad_a`` is not
-    written nor read twice (``3 * |x|``), and the activation ``relu(x * scale + shift)`` is not rebuilt.
+    written nor read twice (``3 * |x|``), and the activation ``act(x * scale + shift)`` is not rebuilt.
     """
     phase = tl.program_id(1)
     ph = phase // stride_w
@@ -143,17 +145,17 @@ def _conv_gemm_dgrad_kernel(
     w = pw + stride_w * j
     tile_ok = m_ok[:, None] & n_ok[None, :]
     dz = acc
-    if IN_RELU or AFFINE_SUMS:
+    if IN_ACT != NONE or AFFINE_SUMS:
         x_rows = img.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         x = tl.load(x_ptr + x_rows[:, None] + offs_n.to(tl.int64)[None, :] * sxc, mask=tile_ok, other=0.0)
         x = x.to(tl.float32)
-        if IN_RELU:
+        if IN_ACT != NONE:
             z = x
             if HAS_SCALE:
                 z = z * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
             if HAS_SHIFT:
                 z = z + tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-            dz = tl.where(z > 0, dz, 0.0)
+            dz = act_bwd(dz, z, IN_ACT)
         if AFFINE_SUMS:
             R: tl.constexpr = BLOCK_M // STATS_ROWS
             blk = pid_m * R + tl.arange(0, R)
@@ -178,7 +180,7 @@ _dgrad_tuned = triton.autotune(
 )(_conv_gemm_dgrad_kernel)
 
 
-def _dgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_relu, need_dx, affine_sums,
+def _dgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_act, need_dx, affine_sums,
            stride, padding):
     """Launch the dgrad kernel; returns ``(grad_x or None, sum(dz * x) or None, sum(dz) or None)``."""
     n, c_in, h, w = x.shape
@@ -205,25 +207,25 @@ def _dgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in
         *grad.stride(), *nchw_strides(y), *weight.stride(), *x.stride(), *nchw_strides(dx),
         stride[0], stride[1], padding[0], padding[1], blocks,
         KH=weight.shape[2], KW=weight.shape[3], G_MODE=mode,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_RELU=bool(in_relu),
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, IN_ACT=int(in_act),
         WRITE_DX=need_dx, AFFINE_SUMS=affine_sums, STATS_ROWS=rows, PRECISION=dot_precision(x),
     )
     return (dx, sum_dzx.sum(0) if sum_dzx is not None else None, sum_dz.sum(0) if sum_dz is not None else None)
 
 
-def supports_conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+def supports_conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean,
                                  stride, padding, dilation, groups, output_mask) -> bool:
 
     return supports_conv(x, weight, stride, padding, dilation, groups)
 
 
-def supports_conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups,
+def supports_conv_bias_act_backward(grad_out, x, weight, out, act, stride, padding, dilation, groups,
                                     output_mask) -> bool:
 
     return supports_conv(x, weight, stride, padding, dilation, groups)
 
 
-def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_relu, weight, y, mean,
+def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_act, weight, y, mean,
                         stride, padding, dilation, groups, output_mask):
     """Gradients of ``conv_stats`` (``reference.conv_stats_backward``): one dgrad launch (grad_x and the
     prologue's scale/shift gradients) and one wgrad launch, both rebuilding ``g`` from
@@ -233,35 +235,36 @@ def conv_stats_backward(grad_y, grad_mean, grad_var, x, in_scale, in_shift, in_r
     grad_x = grad_scale = grad_shift = grad_w = None
     sources = (2, grad_y, y, mean, grad_mean, grad_var)
     if need_x or affine:
-        grad_x, grad_scale, grad_shift = _dgrad(*sources, weight, x, in_scale, in_shift, in_relu, need_x, affine,
+        grad_x, grad_scale, grad_shift = _dgrad(*sources, weight, x, in_scale, in_shift, in_act, need_x, affine,
                                                 stride, padding)
         grad_shift = grad_shift if in_shift is not None else None
     if need_w:
-        grad_w, _ = wgrad(*sources, weight, x, in_scale, in_shift, in_relu, False, stride, padding)
+        grad_w, _ = wgrad(*sources, weight, x, in_scale, in_shift, in_act, False, stride, padding)
     return grad_x, grad_scale, grad_shift, grad_w
 
 
-def conv_bias_act_backward(grad_out, x, weight, out, relu, stride, padding, dilation, groups, output_mask):
-    """Gradients of ``conv_bias_act`` (``reference.conv_bias_act_backward``). ``dz = grad_out * (out > 0)``
-    is written only when the residual's gradient (which is ``dz``) is asked for; otherwise the ReLU mask is
-    applied as the GEMMs load ``grad_out``. The bias gradient comes out of the wgrad loop when it runs."""
+def conv_bias_act_backward(grad_out, x, weight, out, act, stride, padding, dilation, groups, output_mask):
+    """Gradients of ``conv_bias_act`` (``reference.conv_bias_act_backward``; ``out``: the output, or the
+    pre-activation). With ReLU, ``dz = grad_out * (out > 0)`` is written only when the residual's gradient
+    (which is ``dz``) is asked for; otherwise the mask is applied as the GEMMs load ``grad_out``. Other
+    activations (an inference op's rare backward) write ``dz`` first. The bias gradient comes out of the
+    wgrad loop when it runs."""
     need_x, need_w, need_bias, need_res = output_mask
     grad_res = None
-    if need_res:
+    if need_res or act not in (_activation.NONE, _activation.RELU):
+        dz = _activation.grad(grad_out.float(), out.float(), act) if act else grad_out
         grad_res = empty_activation(out, out.shape)
-        if relu:
-            torch.where(out > 0, grad_out, grad_out.new_zeros(()), out=grad_res)
-        else:
-            grad_res.copy_(grad_out)
+        grad_res.copy_(dz)
         sources = (0, grad_res, None, None, None, None)
     else:
+        relu = act == _activation.RELU
         sources = (1 if relu else 0, grad_out, out if relu else None, None, None, None)
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x, _, _ = _dgrad(*sources, weight, x, None, None, False, True, False, stride, padding)
+        grad_x, _, _ = _dgrad(*sources, weight, x, None, None, 0, True, False, stride, padding)
     if need_w:
-        grad_w, grad_b = wgrad(*sources, weight, x, None, None, False, need_bias, stride, padding)
+        grad_w, grad_b = wgrad(*sources, weight, x, None, None, 0, need_bias, stride, padding)
     if need_bias and grad_b is None:
-        dz = grad_res if grad_res is not None else (torch.where(out > 0, grad_out, 0.0) if relu else grad_out)
+        dz = grad_res if grad_res is not None else _activation.grad(grad_out, out, act)
         grad_b = dz.sum((0, 2, 3), dtype=torch.float32)
-    return grad_x, grad_w, grad_b, grad_res
+    return grad_x, grad_w, grad_b, (grad_res if need_res else None)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act import NONE, RELU, act_fwd
+
 
 @triton.jit
 def _probe_kernel():
@@ -126,23 +128,21 @@ def nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 @triton.jit
 def load_activation(x_ptr, offs, mask, chan, chan_ok, scale_ptr, shift_ptr,
-                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
-    """The conv input ``relu?(x * scale[c] + shift[c])`` at int64 ``offs``, zero where ``mask`` is false:
-    in fp32 (as the reference computes it) with a prologue, else as stored, so that a plain tile can go
-    straight from global to shared memory. ``chan`` (channel of each element, broadcastable to ``offs``)
-    selects scale/shift. The mask is applied again after the affine map: ``relu(0 * scale + shift)``
-    is not 0, and the padding must be."""
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr):
+    """The conv input ``act(x * scale[c] + shift[c])`` at int64 ``offs``, zero where ``mask`` is false
+    (``ACT``: an ``_act`` code): in fp32 (as the reference computes it) with a prologue, else as stored,
+    so that a plain tile can go straight from global to shared memory. ``chan`` (channel of each element,
+    broadcastable to ``offs``) selects scale/shift. The mask is applied again after the affine map and
+    activation: ``act(0 * scale + shift)`` is not 0, and the padding must be."""
     a = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if HAS_SCALE or HAS_SHIFT:
+    if HAS_SCALE or HAS_SHIFT or (ACT != NONE and ACT != RELU):
         a = a.to(tl.float32)
         if HAS_SCALE:
             a = a * tl.load(scale_ptr + chan, mask=chan_ok, other=0.0)
         if HAS_SHIFT:
             a = a + tl.load(shift_ptr + chan, mask=chan_ok, other=0.0)
-        if RELU:
-            a = tl.maximum(a, 0.0)
-        a = tl.where(mask, a, 0.0)
-    elif RELU:
+        a = tl.where(mask, act_fwd(a, ACT), 0.0)
+    elif ACT == RELU:  # ReLU alone keeps the stored dtype (exact in it)
         a = tl.maximum(a, 0.0)
     return a
 

@@ -2,7 +2,7 @@
 
 ``grad_w[k, c, r, s] = sum_{n, ho, wo} g[n, k, ho, wo] * a[n, c, ho * st - p + r, wo * st - p + s]`` is a
 GEMM ``C_out x C_in`` per tap whose reduction runs over the output pixels; ``g`` comes from
-``load_grad`` and ``a = relu?(x * scale + shift)`` from ``load_activation``: neither is materialised.
+``load_grad`` and ``a = act(x * scale + shift)`` from ``load_activation``: neither is materialised.
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ def _conv_gemm_wgrad_kernel(
     sgn, sgc, sgh, sgw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sws, swo, swi, swh, sww,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, FLAT_N: tl.constexpr, G_MODE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Weight gradient ``g^T @ im2col(a)`` for one ``BLOCK_M`` (C_out) x ``BLOCK_N`` (C_in) tile of one tap
     (or of ``(tap, channel)`` pairs, ``FLAT_N``), over one split of the pixels. FLOPs: ``2 * M * C_out * KH * KW * C_in``. Bytes: ``g``'s sources read
     ``KH * KW * ceil(C_in / BLOCK_N)`` times and ``x`` ``ceil(C_out / BLOCK_M)`` times (mostly L2),
     partials ``4 * SPLIT * |w|``. Saved versus eager: neither ``g`` (``2 * |y|``) nor the activation
-    ``relu(x * scale + shift)`` (``2 * |x|``) is written and read back; the bias gradient costs no pass.
+    ``act(x * scale + shift)`` (``2 * |x|``) is written and read back; the bias gradient costs no pass.
     """
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -109,7 +109,7 @@ def _conv_gemm_wgrad_kernel(
         in_ok = m_ok[:, None] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         x_offs = img.to(tl.int64)[:, None] * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + ci64 * sxc
         a = load_activation(x_ptr, x_offs, in_ok & ci_ok[None, :], chan[None, :], ci_ok[None, :],
-                            scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_RELU)
+                            scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, IN_ACT)
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         if BIAS_GRAD:
             g_total += tl.sum(g.to(tl.float32), axis=1)
@@ -142,7 +142,7 @@ def _wgrad_split(rows: int, c_out: int, columns: int, taps: int, device: torch.d
     return triton.cdiv(triton.cdiv(rows, split), align) * align
 
 
-def wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_relu, bias_grad, stride, padding):
+def wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_act, bias_grad, stride, padding):
     """Launch the wgrad kernel; returns ``(grad_w, grad_bias or None)``."""
     n, c_in, h, w = x.shape
     c_out, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
@@ -170,7 +170,7 @@ def wgrad(mode, grad, y, mean, grad_mean, grad_var, weight, x, scale, shift, in_
         *grad.stride(), *nchw_strides(y), *x.stride(), *partial.stride(),
         stride[0], stride[1], padding[0], padding[1],
         KH=kh, KW=kw, FLAT_N=flat, G_MODE=mode, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        IN_RELU=bool(in_relu), BIAS_GRAD=bias_grad, PRECISION=dot_precision(x),
+        IN_ACT=int(in_act), BIAS_GRAD=bias_grad, PRECISION=dot_precision(x),
     )
     if splits > 1:
         grad_w.copy_(partial.sum(0))

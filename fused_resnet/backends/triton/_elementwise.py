@@ -1,11 +1,12 @@
-"""``relu?(y * scale + shift + residual * res_scale + res_shift)`` and its backward, one pass each.
+"""``act(y * scale + shift + residual * res_scale + res_shift)`` and its backward, one pass each.
 
 One forward kernel serves three ops, each term optional (constexpr flags, no dummy arithmetic):
-the block tail ``bn_add_relu`` (bn2 + identity or bn_ds shortcut + ReLU), a conv prologue
-``relu?(x * in_scale + in_shift)`` (the transient input of a cuDNN conv) and the epilogue of
-``conv_bias_act`` (``relu?(conv + bias + residual)``). One backward kernel serves their
-gradients: the ReLU mask is recomputed from the inputs (or read from a saved output: pass it as
-``y`` with no scale/shift), ``dz = grad_out * mask``, and in the same pass it writes
+the block tail ``bn_add_relu`` (bn2 + identity or bn_ds shortcut + activation), a conv prologue
+``act(x * in_scale + in_shift)`` (the transient input of a cuDNN conv) and the epilogue of
+``conv_bias_act`` (``act(conv + bias + residual)``); ``act`` one of ``_act``'s codes. One backward
+kernel serves their gradients: the pre-activation is recomputed from the inputs (or read as given:
+pass the saved output, for ReLU/ReLU6, or the pre-activation as ``y`` with no scale/shift),
+``dz = g * act'(z)``, and in the same pass it writes
 ``dz * scale`` and ``dz * res_scale`` and reduces ``sum(dz)``, ``sum(dz * y)``,
 ``sum(dz * residual)`` per channel (partials per row chunk, summed once; no atomics).
 
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..._layout import empty_activation
+from ._act import NONE, act_bwd, act_fwd
 from ._tiling import (
     INTERPRETER_TILE,
     channels_inner,
@@ -72,12 +74,12 @@ def _bn_add_relu_fwd_kernel(
     M, C, HW,
     y_sn, y_sc, y_shw, r_sn, r_sc, r_shw, o_sn, o_sc, o_shw,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RSCALE: tl.constexpr,
-    HAS_RSHIFT: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr,
+    HAS_RSHIFT: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out = relu?(y * scale + shift + res * res_scale + res_shift)``: one read of ``y`` (and of
+    """``out = act(y * scale + shift + res * res_scale + res_shift)``: one read of ``y`` (and of
     ``res``), one write of ``out``: ``(2 or 3) * M * C * elem`` bytes, ~5 FLOPs per element.
-    Eager PyTorch takes up to 5 passes over the activations (two BN applications, add, ReLU),
+    Eager PyTorch takes up to 5 passes over the activations (two BN applications, add, activation),
     each a read and a write: up to ``11 * M * C * elem`` bytes for the block tail."""
     n, hw, row_valid = rows_of(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -89,8 +91,7 @@ def _bn_add_relu_fwd_kernel(
         res = tl.load(res_ptr + tile_offsets(n, hw, c, r_sn, r_sc, r_shw, CL), mask=mask, other=0.0).to(tl.float32)
     z = _preactivation(y, res, scale_ptr, shift_ptr, rscale_ptr, rshift_ptr, c, c_valid,
                        HAS_SCALE, HAS_SHIFT, HAS_RES, HAS_RSCALE, HAS_RSHIFT, CL)
-    if RELU:
-        z = tl.where(z < 0.0, 0.0, z)  # not maximum(): a NaN stays NaN, as torch.relu keeps it
+    z = act_fwd(z, ACT)
     tl.store(out_ptr + tile_offsets(n, hw, c, o_sn, o_sc, o_shw, CL), z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -104,11 +105,11 @@ def _bn_add_relu_bwd_kernel(
     M, C, HW, ROWS,
     g_sn, g_sc, g_shw, y_sn, y_sc, y_shw, r_sn, r_sc, r_shw, dy_sn, dy_sc, dy_shw, dr_sn, dr_sc, dr_shw,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RSCALE: tl.constexpr,
-    HAS_RSHIFT: tl.constexpr, RELU: tl.constexpr, WRITE_DY: tl.constexpr, WRITE_DRES: tl.constexpr,
+    HAS_RSHIFT: tl.constexpr, ACT: tl.constexpr, WRITE_DY: tl.constexpr, WRITE_DRES: tl.constexpr,
     SUM_DZ: tl.constexpr, SUM_DZY: tl.constexpr, SUM_DZR: tl.constexpr, CL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Chunk ``t`` of rows x a channel block: ``dz = grad_out * (z > 0)`` with ``z`` recomputed,
+    """Chunk ``t`` of rows x a channel block: ``dz = grad_out * act'(z)`` with ``z`` recomputed,
     then every output above in the same pass. One read of ``grad_out``, ``y`` (and ``res`` when
     the mask or ``sum(dz*res)`` needs it), one write of each gradient asked for: at most
     ``5 * M * C * elem`` bytes plus ``3 * T * C`` fp32 partials; ~12 FLOPs per element. Eager
@@ -126,18 +127,18 @@ def _bn_add_relu_bwd_kernel(
         n, hw, row_valid = rows_of(row0, end, HW, BLOCK_M)
         mask = tile_mask(row_valid, c_valid, CL)
         dz = tl.load(dout_ptr + tile_offsets(n, hw, c, g_sn, g_sc, g_shw, CL), mask=mask, other=0.0).to(tl.float32)
-        if RELU or SUM_DZY:
+        if ACT != NONE or SUM_DZY:
             y = tl.load(y_ptr + tile_offsets(n, hw, c, y_sn, y_sc, y_shw, CL), mask=mask, other=0.0).to(tl.float32)
         else:
             y = dz
         res = y
-        if HAS_RES and (RELU or SUM_DZR):
+        if HAS_RES and (ACT != NONE or SUM_DZR):
             res = tl.load(res_ptr + tile_offsets(n, hw, c, r_sn, r_sc, r_shw, CL), mask=mask, other=0.0)
             res = res.to(tl.float32)
-        if RELU:
+        if ACT != NONE:
             z = _preactivation(y, res, scale_ptr, shift_ptr, rscale_ptr, rshift_ptr, c, c_valid,
                                HAS_SCALE, HAS_SHIFT, HAS_RES, HAS_RSCALE, HAS_RSHIFT, CL)
-            dz = dz * (z > 0.0).to(tl.float32)  # a product, not a select: NaN gradients propagate
+            dz = act_bwd(dz, z, ACT)
         if WRITE_DY:
             dy = dz
             if HAS_SCALE:
@@ -170,8 +171,8 @@ def _vec(v: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if v is None else v.contiguous()
 
 
-def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, out_dtype=None, out=None):
-    """``relu?(y * scale + shift + residual * res_scale + res_shift)`` into ``out`` (default: a new
+def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, act, out_dtype=None, out=None):
+    """``act(y * scale + shift + residual * res_scale + res_shift)`` into ``out`` (default: a new
     tensor in ``y``'s layout and ``out_dtype``, default ``y``'s). ``y``/``residual``: mergeable
     activations (see ``_tiling``); scale/shift terms fp32 ``[C]`` or None."""
     n, c, h, w = y.shape
@@ -182,15 +183,15 @@ def bn_add_relu(y, scale, shift, residual, res_scale, res_shift, relu, out_dtype
         y, _vec(scale, y), _vec(shift, y), res, _vec(res_scale, y), _vec(res_shift, y), out,
         n * h * w, c, h * w, *strides(y), *strides(res), *strides(out),
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-        HAS_RSCALE=res_scale is not None, HAS_RSHIFT=res_shift is not None, RELU=bool(relu),
+        HAS_RSCALE=res_scale is not None, HAS_RSHIFT=res_shift is not None, ACT=int(act),
         CL=channels_inner(out),
     )
     return out
 
 
-def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, relu, *,
+def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shift, act, *,
                          dy_dtype=None, need_dy=True, need_dres=False, sum_dz=False, sum_dzy=False, sum_dzr=False):
-    """One pass: ``dz = grad_out * (z > 0)`` (``z`` the forward pre-activation, recomputed), then
+    """One pass: ``dz = grad_out * act'(z)`` (``z`` the forward pre-activation, recomputed), then
     ``(dz * scale, dz * res_scale, sum(dz), sum(dz * y), sum(dz * residual))``, each only when
     asked for (else None). ``dz * scale`` is in ``dy_dtype`` (default ``y``'s) and ``y``'s
     layout, ``dz * res_scale`` in the residual's; sums are fp32 ``[C]``."""
@@ -211,7 +212,7 @@ def bn_add_relu_backward(grad_out, y, scale, shift, residual, res_scale, res_shi
         *strides(grad_out), *strides(y), *strides(res), *strides(dy if dy is not None else y),
         *strides(dres if dres is not None else y),
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-        HAS_RSCALE=res_scale is not None, HAS_RSHIFT=res_shift is not None, RELU=bool(relu),
+        HAS_RSCALE=res_scale is not None, HAS_RSHIFT=res_shift is not None, ACT=int(act),
         WRITE_DY=dy is not None, WRITE_DRES=dres is not None,
         SUM_DZ=wanted[0], SUM_DZY=wanted[1], SUM_DZR=wanted[2], CL=channels_inner(y),
     )

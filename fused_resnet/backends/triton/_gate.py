@@ -35,15 +35,15 @@ def _slices(y, residual, folded, i: int):
     return y[i:i + 1], vectors, residual[i:i + 1] if residual is not None else None
 
 
-def forward(kernel, y, scale, shift, residual, res_scale, res_shift, relu, gate):
+def forward(kernel, y, scale, shift, residual, res_scale, res_shift, act, gate):
     """``kernel`` (the per-channel ``bn_add_relu``) with ``gate`` applied to the BN's output."""
     _, (s, b, rs, rb) = _fold(y, scale, shift, res_scale, res_shift, gate)
     if not _per_sample(y):
-        return kernel(_wide(y), s, b, _wide(residual), rs, rb, relu).view(y.shape)
+        return kernel(_wide(y), s, b, _wide(residual), rs, rb, act).view(y.shape)
     outs = []
     for i in range(y.shape[0]):
         yi, (si, bi, rsi, rbi), ri = _slices(y, residual, (s, b, rs, rb), i)
-        outs.append(kernel(yi, si, bi, ri, rsi, rbi, relu))
+        outs.append(kernel(yi, si, bi, ri, rsi, rbi, act))
     return torch.cat(outs)
 
 
@@ -51,21 +51,21 @@ def _cat(parts):
     return None if parts[0] is None else torch.cat(parts)
 
 
-def backward(kernel, grad_out, y, scale, shift, residual, res_scale, res_shift, relu, output_mask, gate):
+def backward(kernel, grad_out, y, scale, shift, residual, res_scale, res_shift, act, output_mask, gate):
     """``kernel`` (the per-channel ``bn_add_relu_backward``) for the gated op: its per-(sample,
     channel) sums give the gradients of scale, shift and the gate, the residual's are summed over N."""
     n, c = y.shape[:2]
     g, folded = _fold(y, scale, shift, res_scale, res_shift, gate)
     if not _per_sample(y):
         gy, gsy, gsz, gres, gsr, gsrz = kernel(_wide(grad_out), _wide(y), *folded[:2], _wide(residual), *folded[2:],
-                                               relu, output_mask)[:6]
+                                               act, output_mask)[:6]
         gy = gy.view(y.shape) if gy is not None else None
         gres = gres.view(y.shape) if gres is not None else None
     else:
         parts = []
         for i in range(n):
             yi, (si, bi, rsi, rbi), ri = _slices(y, residual, folded, i)
-            parts.append(kernel(grad_out[i:i + 1], yi, si, bi, ri, rsi, rbi, relu, output_mask)[:6])
+            parts.append(kernel(grad_out[i:i + 1], yi, si, bi, ri, rsi, rbi, act, output_mask)[:6])
         gy, gsy, gsz, gres, gsr, gsrz = (_cat(list(p)) for p in zip(*parts))
     grad_scale = grad_shift = grad_gate = None
     if output_mask[1]:

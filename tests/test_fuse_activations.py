@@ -1,0 +1,146 @@
+"""fuse() with activations other than ReLU (issue #13): torchvision's MobileNetV2 (ReLU6) and timm's
+EfficientNet-B0 (SiLU, in its BatchNormAct2d) get their activations applied by the fused kernels;
+the fused models compute what the unfused ones do (fp64 on the reference backend: outputs, every
+gradient, running statistics, train and eval, prepared eval; fp32 on the native backend), and a
+chain whose activation module is replaced falls back to it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from fused_resnet import modules
+from fused_resnet._tolerances import relative_error, tolerance
+
+from _parity import assert_step_matches, grad_errors, randomize_bns
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+F64 = torch.float64
+MODELS = ["tv:mobilenet_v2", "timm:efficientnet_b0"]
+
+
+def build(spec: str) -> nn.Module:
+    lib, name = spec.split(":")
+    if lib == "tv":
+        return getattr(torchvision.models, name)()
+    return timm.create_model(name, pretrained=False)
+
+
+def _x(dtype=F64, n=2):
+    return torch.randn(n, 3, 64, 64, dtype=dtype)  # 32px leaves 1x1 maps: BN over 2 values, ill-conditioned
+
+
+def _pair(spec: str) -> tuple[nn.Module, nn.Module]:
+    plain = randomize_bns(build(spec).to(F64))
+    return plain, fused_resnet.fuse(copy.deepcopy(plain))
+
+
+def _fused_activations(model: nn.Module) -> tuple[int, int]:
+    """(activations a fused conv applies, activation modules of the kinds the kernels take)."""
+    kinds = (nn.ReLU, nn.ReLU6, nn.SiLU)
+    total = sum(isinstance(m, kinds) for m in model.modules())
+    fused = sum(isinstance(m, modules.FusedAwayActivation) for m in model.modules())
+    fused += sum(m.__dict__.get("fused_relu", False) and m.fused_relu_module is None
+                 for m in model.modules() if isinstance(m, modules.FusedConvBN2d))  # timm BatchNormAct2d's act
+    return fused, total
+
+
+@pytest.mark.parametrize("spec, bns, acts", [("tv:mobilenet_v2", 52, 35), ("timm:efficientnet_b0", 49, 33)])
+def test_activations_fused(spec, bns, acts):
+    """Every BN fused; every ReLU6 / SiLU after a fused BN applied by its conv (the SE modules' SiLU
+    follows a conv with a bias, no BN: it runs as it is)."""
+    model = fused_resnet.fuse(build(spec))
+    report = fused_resnet.fusion_report(model)
+    assert sum(v.startswith("fused") for v in report.values()) == len(report) == bns
+    fused, _ = _fused_activations(model)
+    assert fused == acts
+    codes = {m.fused_act for m in model.modules() if isinstance(m, modules.FusedConvBN2d) and m.fused_relu}
+    assert codes == ({2} if spec.startswith("tv") else {3})
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("spec", MODELS)
+def test_fp64_parity_reference_backend(spec, train):
+    plain, fused = _pair(spec)
+    with fused_resnet.use_backend("reference"):
+        for _ in range(2 if train else 1):
+            assert_step_matches(plain, fused, _x(), train)
+
+
+@pytest.mark.parametrize("spec", MODELS)
+def test_prepared_eval_fp64(spec):
+    plain = randomize_bns(build(spec).to(F64)).eval()
+    fused = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(plain)))
+    x = _x()
+    with fused_resnet.use_backend("reference"), torch.no_grad():
+        assert relative_error(fused(x), plain(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("spec", MODELS)
+def test_fp32_native_within_eager_error(spec):
+    """fp32 on the native backend, training step: output and gradients within 3x eager fp32's own
+    error vs fp64; eval and prepared eval (oneDNN post-ops: hardtanh, swish) within the same bound."""
+    if "native" not in fused_resnet.backends():
+        pytest.skip("the native extension is not built for this torch")
+    plain = randomize_bns(build(spec))
+    fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(F64)
+    x = _x(torch.float32)
+    with fused_resnet.use_backend("native"):
+        outs = [m(x.to(d)) for m, d in ((plain, torch.float32), (fused, torch.float32), (gold, F64))]
+    for out in outs:
+        out.square().sum().backward()
+    bound = 3 * relative_error(outs[0], outs[2]) + tolerance(torch.float32)
+    assert relative_error(outs[1], outs[2]) <= bound
+    eager, ours = grad_errors(gold, plain), grad_errors(gold, fused)
+    for name, err in ours.items():
+        assert err <= 3 * eager[name] + tolerance(torch.float32), name
+    for model in (plain, fused, gold):
+        model.eval()
+    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
+    with fused_resnet.use_backend("native"), torch.no_grad():
+        want, eager_out = gold(x.double()), plain(x)
+        bound = 3 * relative_error(eager_out, want) + tolerance(torch.float32)
+        for name, model in (("eval", fused), ("prepared", prepared)):
+            assert relative_error(model(x), want) <= bound, name
+
+
+def test_replaced_activation_falls_back():
+    """A fused ReLU6 replaced by another module after fuse: the conv stops applying it, the new one runs."""
+    plain, fused = _pair("tv:mobilenet_v2")
+    for model in (plain, fused):
+        model.features[1].conv[0][2] = nn.Hardswish()
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
+
+
+def test_hardtanh_0_6_fused_like_relu6():
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(0.0, 6.0),
+                        nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.Hardtanh(-1.0, 1.0))
+    plain = randomize_bns(seq.to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    assert type(fused[2]) is modules.FusedAwayHardtanh and type(fused[5]) is nn.Hardtanh
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(n=3) * 3, train)
+    fused_resnet.unfuse(fused)
+    assert type(fused[2]) is nn.Hardtanh and type(fused[0]) is nn.Conv2d
+
+
+@pytest.mark.parametrize("act_layer", ["silu", "relu6"])
+def test_timm_resnet_blocks_with_another_activation_fused_whole(act_layer):
+    """timm ResNet blocks built with ``act_layer``: fused whole as with ReLU, the activation in the
+    next conv's prologue and after the add (fp64 parity, train and eval)."""
+    plain = randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer=act_layer).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert report["layer2.0.bn2"].startswith("fused: in the residual block"), report["layer2.0.bn2"]
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
