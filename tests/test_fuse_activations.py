@@ -16,7 +16,7 @@ import fused_resnet
 from fused_resnet import modules
 from fused_resnet._tolerances import relative_error, tolerance
 
-from _parity import assert_step_matches, grad_errors, randomize_bns
+from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -92,14 +92,7 @@ def test_fp32_native_within_eager_error(spec):
     fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(F64)
     x = _x(torch.float32)
     with fused_resnet.use_backend("native"):
-        outs = [m(x.to(d)) for m, d in ((plain, torch.float32), (fused, torch.float32), (gold, F64))]
-    for out in outs:
-        out.square().sum().backward()
-    bound = 3 * relative_error(outs[0], outs[2]) + tolerance(torch.float32)
-    assert relative_error(outs[1], outs[2]) <= bound
-    eager, ours = grad_errors(gold, plain), grad_errors(gold, fused)
-    for name, err in ours.items():
-        assert err <= 3 * eager[name] + tolerance(torch.float32), name
+        assert_fp32_within_eager(plain, fused, gold, x)
     for model in (plain, fused, gold):
         model.eval()
     prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
