@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _activation, _gates, _patterns
-from .modules import FusedConvBN2d, _FusedBlockMixin, downsample_pair
+from .modules import FusedConvBN2d, _FusedBlockMixin, child, downsample_pair
 
 _MIXINS: dict[str, type] = {}
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -99,7 +99,7 @@ class FusedResidualBlock(_FusedBlockMixin):
     fused_acts: tuple[str, ...]  # the activations' names, the last one after the add
 
     def _chain(self):
-        return [(getattr(self, c), getattr(self, b)) for c, b in self.fused_names]
+        return [(child(self, c), child(self, b)) for c, b in self.fused_names]
 
     def _act_code(self) -> int:
         # One kind for all of the block's activations (_patterns.why_not_residual checks it).
@@ -110,7 +110,7 @@ class FusedResidualBlock(_FusedBlockMixin):
         # the mixin's fusable(), eval_pairs() and forward() all ask this.
         if not (_patterns.residual_block_intact(self) and inactive(getattr(self, "drop_block", None))):
             return None
-        return self._chain(), downsample_pair(self.downsample)
+        return self._chain(), downsample_pair(child(self, "downsample"))
 
     def _join_gate(self):
         se = self._modules.get("se")

@@ -53,6 +53,10 @@ class PreparedConv:
     def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         self.sources = _sources(conv, bn)
         self.versions = tuple(None if t is None else t._version for t in self.sources)
+        # (registry dict, name, tensor, version) of each source, for ``current``'s fast check.
+        stores = (conv._parameters, bn._parameters, bn._parameters, bn._buffers, bn._buffers)
+        names = ("weight", "weight", "bias", "running_mean", "running_var")
+        self.guard = tuple(zip(stores, names, self.sources, self.versions))
         self.eps = bn.eps
         # Made outside inference_mode: an inference tensor could not be used later with autograd on.
         with torch.inference_mode(False), torch.no_grad():
@@ -70,6 +74,17 @@ class PreparedConv:
         """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
         if bn.eps != self.eps:
             return False
+        # The registry dicts read directly (getattr costs ~0.5 us a tensor, five a conv, every call);
+        # where a module's dict is not the one prepared from, the general comparison. A source that
+        # is not a registered tensor (a parametrization's property) reads as None here: not current.
+        fast = conv._parameters is self.guard[0][0] and bn._parameters is self.guard[1][0] \
+            and bn._buffers is self.guard[3][0]
+        if fast:
+            for store, name, then, version in self.guard:
+                now = store.get(name)
+                if now is not then or (now is not None and now._version != version):
+                    return False
+            return True
         for now, then, version in zip(_sources(conv, bn), self.sources, self.versions):
             if now is not then or (now is not None and now._version != version):
                 return False

@@ -4,7 +4,8 @@ Tiny tensors on one CPU thread, so that kernel time is nearly nil and what is me
 of getting there (Python, dispatcher, autograd): the cost a GPU run pays on the host for every op.
 Each row times the fused call and the eager sequence interleaved, round after round, and reports
 the best round of each (the least disturbed by other load) and their ratio; then whole small models
-(CIFAR ResNet-20: eval at batch 1, a training step at batch 32) the same way; last, the parts of
+(CIFAR ResNet-20: eval at batch 1, a training step at batch 32; the default model of ``python -m
+fused_resnet train``: a step at its batch of 64 16-px images) the same way; last, the parts of
 ``conv_bn_relu`` (the forward alone, and ATen's conv forward and backward, which both sides pay).
 
     python benchmarks/scripts/host_cost.py [--rounds 7] [--calls 300] [--clock wall|cpu]
@@ -126,6 +127,10 @@ def model_cases():
     eager_eval, fused_eval = copy.deepcopy(eager).eval(), fused_resnet.prepare_for_inference(copy.deepcopy(fused))
     x1 = torch.randn(1, 3, 32, 32).to(memory_format=cl)
     x32, y32 = torch.randn(32, 3, 32, 32).to(memory_format=cl), torch.randint(0, 10, (32,))
+    # `python -m fused_resnet train`'s default: small_resnet(), batch 64 of 16 px digits, NCHW.
+    small_eager = small_resnet(fused=False)
+    small_fused = fused_resnet.fuse(copy.deepcopy(small_eager))
+    x64, y64 = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
 
     def serve(model):
         def run():
@@ -133,18 +138,19 @@ def model_cases():
                 model(x1)
         return run
 
-    def train(model):
+    def train(model, x, y):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def run():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x32), y32).backward()
+            F.cross_entropy(model(x), y).backward()
             opt.step()
         return run
 
     return [
         ("ResNet-20 eval, batch 1 (prepared)", serve(fused_eval), serve(eager_eval)),
-        ("ResNet-20 training step, batch 32", train(fused), train(eager)),
+        ("ResNet-20 training step, batch 32", train(fused, x32, y32), train(eager, x32, y32)),
+        ("train's model, training step, batch 64", train(small_fused, x64, y64), train(small_eager, x64, y64)),
     ]
 
 
