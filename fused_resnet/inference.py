@@ -50,7 +50,7 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
 class PreparedConv:
     """One conv + eval-mode BN of a fused module, folded once: ``act(conv(x) + bias + residual)``."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.Module):
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, autotune: bool = False):
         self.sources = _sources(conv, bn)
         self.versions = tuple(None if t is None else t._version for t in self.sources)
         # (registry dict, name, tensor, version) of each source, for ``current``'s fast check.
@@ -66,6 +66,8 @@ class PreparedConv:
             device = self.weight.device.type
             self.backend, prepack = _backend.select("prepack_conv", device, args)
             self.packed = prepack(*args)
+            if autotune and self.packed is not None and hasattr(self.packed, "enable_autotune"):
+                self.packed.enable_autotune(self._generic)
         self.fits: dict[tuple, bool] = {}  # input signature -> _fits, decided once per signature
         self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
                           [int(v) for v in conv.dilation], int(conv.groups))
@@ -99,6 +101,10 @@ class PreparedConv:
             if out is not None:
                 _backend.record("conv_bias_act", self.backend)
                 return out
+        return self._generic(x, residual, act)
+
+    def _generic(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        """The folded conv by the ``conv_bias_act`` op (what runs where the prepacked form does not)."""
         if torch.is_autocast_enabled(x.device.type) or (residual is not None and residual.dtype != x.dtype):
             stride, padding, dilation, groups = self.conv_args
             return ops.conv_bias_act(x, self.weight, self.bias, residual, stride=stride, padding=padding,
@@ -142,9 +148,9 @@ class Preparable(nn.Module):
         """The (conv, BN) pairs this module folds in eval, in the order it runs them."""
         raise NotImplementedError
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, autotune: bool = False) -> None:
         """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
-        self.__dict__["_prepared"] = [PreparedConv(conv, bn) for conv, bn in self.eval_pairs()]
+        self.__dict__["_prepared"] = [PreparedConv(conv, bn, autotune) for conv, bn in self.eval_pairs()]
 
     def prepared_convs(self, pairs: list | None = None) -> list[PreparedConv] | None:
         """The prepared convs if they may serve this call (eager, no autograd, nothing changed);
@@ -195,10 +201,16 @@ def emits_aten() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
+def prepare_for_inference(model: nn.Module, autotune: bool = False) -> nn.Module:
     """Put ``model`` in eval mode and fold every fused BN into its conv once (prepacking the
     weights where the backend in force can, e.g. for oneDNN on the CPU in float32), so that serving
     forwards (``no_grad`` / ``inference_mode``) cost only the convolutions. Returns ``model``.
+
+    ``autotune``: where a backend has several ways to run a folded conv (the native CPU backend:
+    oneDNN's prepacked conv, ATen's conv, the op), time them on the first call with each input size
+    and keep the fastest, instead of a fixed rule of thumb; as ``torch.backends.cudnn.benchmark``, the
+    first call of each size is slower and the choice (so the outputs' last bits) may vary from one
+    process to the next. Off by default.
 
     An explicit step: call it again after changing parameters or BN buffers yourself. What drops
     the preparation, and the guard against changes it cannot see, are in this module's docstring.
@@ -206,5 +218,5 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     model.eval()
     for module in model.modules():
         if isinstance(module, Preparable):
-            module.prepare_for_inference()
+            module.prepare_for_inference(autotune=autotune)
     return model

@@ -1,6 +1,6 @@
 """CPU eval of real torchvision / timm models: eager vs ``fuse`` (unprepared) vs ``fuse`` +
-``prepare_for_inference``, median and min ms per batch, the three interleaved round by round in one
-process, with the share of BatchNorms fused. Random init; all hold the same weights (the fused ones
+``prepare_for_inference`` (and with ``autotune=True``), median and min ms per batch, the four
+interleaved round by round in one process, with the share of BatchNorms fused. Random init; all hold the same weights (the fused ones
 are deep copies, fused in place).
 
     python benchmarks/scripts/fuse_models_eval.py [--models tv:resnet50 timm:resnet18 ...]
@@ -64,8 +64,8 @@ def main() -> None:
           f"{'channels_last' if args.channels_last else 'NCHW'}, 3x{args.image}x{args.image}")
     print("| model | BN fused | batch | eager ms (median / min) | fused ms, unprepared (median / min) "
           "| fused+prepared ms (median / min) | prepared speedup (median / min) | unprepared speedup (median / min) "
-          "| max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| autotuned ms (median / min) | autotuned speedup (median / min) | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in args.models:
         torch.manual_seed(0)
         eager = build(spec).eval().to(memory_format=fmt)
@@ -73,14 +73,17 @@ def main() -> None:
         report = fused_resnet.fusion_report(unprepared)
         share = f"{sum(v.startswith('fused') for v in report.values())}/{len(report)}"
         prepared = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(eager)))
+        tuned = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(eager)), autotune=True)
         for batch in args.batches:
             x = torch.randn(batch, 3, args.image, args.image).to(memory_format=fmt)
             with torch.inference_mode():
-                diff = (prepared(x) - eager(x)).abs().max().item()
-            (med_e, min_e), (med_u, min_u), (med_f, min_f) = timings_ms([eager, unprepared, prepared], x, args.rounds)
+                diff = max((m(x) - eager(x)).abs().max().item() for m in (prepared, tuned))
+            (med_e, min_e), (med_u, min_u), (med_f, min_f), (med_t, min_t) = timings_ms(
+                [eager, unprepared, prepared, tuned], x, args.rounds)
             print(f"| {spec} | {share} | {batch} | {med_e:.2f} / {min_e:.2f} | {med_u:.2f} / {min_u:.2f} "
                   f"| {med_f:.2f} / {min_f:.2f} | {med_e / med_f:.2f}x / {min_e / min_f:.2f}x "
-                  f"| {med_e / med_u:.2f}x / {min_e / min_u:.2f}x | {diff:.1e} |", flush=True)
+                  f"| {med_e / med_u:.2f}x / {min_e / min_u:.2f}x | {med_t:.2f} / {min_t:.2f} "
+                  f"| {med_e / med_t:.2f}x / {min_e / min_t:.2f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ SiLU as ``swish``): ATen's
 
 A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
 runs as ATen's conv with the folded bias inside and the activation in place, which beat the op's conv +
-epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs.
+epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs. That rule
+of thumb misjudges some shapes (oneDNN's per-call cost and ATen's im2col vary with the spatial size
+and channel counts, not with the multiply-adds alone): ``prepare_for_inference(model, autotune=True)``
+times the routes instead, on the first call of each input signature (``PackedConv.enable_autotune``).
 
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
 as the convolution in the deep stages. The reorders belong to the preparation and to nothing
@@ -22,6 +25,8 @@ which ``inference.py`` guards.
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable
 
 import torch
 
@@ -32,6 +37,7 @@ from ... import _activation
 # each preparation, not at each call.
 _DEFAULT_MIN_MACS = 1 << 23
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
+_TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
              _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", [])}
@@ -80,6 +86,7 @@ class PackedConv:
         self.packed: dict[tuple, torch.Tensor] = {}
         self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten" or None
         self.aten_conv = (self.conv[1], self.conv[0], self.conv[2], self.conv[3])  # stride, padding, dilation, groups
+        self.generic: Callable | None = None  # set by enable_autotune
 
     def _packed_for(self, shape: tuple) -> torch.Tensor:
         packed = self.packed.get(shape)
@@ -97,17 +104,23 @@ class PackedConv:
             out *= max(size // stride[d] + 1, 0)
         return x.shape[0] * self.weight_numel * out
 
-    def _route(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
-        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``
-        or None (the generic op)."""
+    def _can_onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the prepacked oneDNN conv can take this input: fp32, 4-D, not empty, in the
+        weight's layout (or one alike in both), an fp32 residual if any."""
         if x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
-            return None
+            return False
         nhwc = _is_nhwc(x)
         # An input laid out alike in both formats (H = W = 1) suits either weight layout.
         either = not nhwc and x.is_contiguous(memory_format=torch.channels_last)
-        if (self.nhwc is not None and nhwc != self.nhwc and not either) or (
-                residual is not None and residual.dtype != torch.float32):
+        return not ((self.nhwc is not None and nhwc != self.nhwc and not either) or (
+            residual is not None and residual.dtype != torch.float32))
+
+    def _route(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``
+        or None (the generic op)."""
+        if not self._can_onednn(x, residual):
             return None
+        nhwc = _is_nhwc(x)
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
         if (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs:
@@ -131,9 +144,42 @@ class PackedConv:
         if route is False:
             if len(self.routes) >= 4 * _MAX_SHAPES:
                 self.routes.clear()
-            route = self.routes[key] = self._route(x, residual)
+            route = self._route(x, residual) if self.generic is None else self._tune(x, residual, act)
+            self.routes[key] = route
         if route is None:
             return None
+        return self._run(route, x, residual, act)
+
+    def enable_autotune(self, generic: Callable) -> None:
+        """Choose each input signature's route by timing instead of by the static rule: on the first
+        call with a new signature, every route that can take it (``"onednn"``, ``"aten"``, and the
+        generic op, run by ``generic(x, residual, act)``) runs a few times and the fastest is kept
+        for that signature. As ``torch.backends.cudnn.benchmark``: the first call of each input
+        size costs a few convolutions more, and the route (so the last bits of the output, all
+        routes being fp32 convolutions of the same operands) may differ from one process to the next."""
+        self.generic = generic
+        self.routes.clear()
+
+    def _tune(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> str | None:
+        """The fastest route for this signature (see ``enable_autotune``)."""
+        candidates: list[str | None] = [None]
+        if self._can_onednn(x, residual):
+            candidates += ["onednn"] + (["aten"] if residual is None else [])
+        if len(candidates) == 1:
+            return None
+        run = {route: (lambda r=route: self._run(r, x, residual, act)) for route in candidates if route}
+        run[None] = lambda: self.generic(x, residual, act)
+        best = dict.fromkeys(candidates, float("inf"))
+        for fn in run.values():  # warm-up: the oneDNN reorder for this shape, allocator, caches
+            fn()
+        for _ in range(_TUNE_ROUNDS):  # interleaved, best of rounds: the least disturbed by other load
+            for route, fn in run.items():
+                start = time.perf_counter()
+                fn()
+                best[route] = min(best[route], time.perf_counter() - start)
+        return min(candidates, key=best.__getitem__)
+
+    def _run(self, route: str, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
         nhwc = _is_nhwc(x)
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         if route == "aten":
