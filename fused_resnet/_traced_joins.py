@@ -44,9 +44,19 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
+def _forward_library(m: nn.Module) -> str:
+    """The top-level package of the code of ``m``'s forward (a user's own: not in ``_LIBRARIES``)."""
+    return (getattr(type(m).forward, "__module__", None) or "").split(".")[0]
+
+
 def _own_forward(m: nn.Module) -> bool:
-    module = getattr(type(m).forward, "__module__", None) or ""
-    return module.split(".")[0] not in _LIBRARIES
+    return _forward_library(m) not in _LIBRARIES
+
+
+def _model_zoo_forward(m: nn.Module) -> bool:
+    """A torchvision or timm module's forward: traced only after the rules that know their
+    blocks by class (``fuse``'s library pass), for the modules none of them knows."""
+    return _forward_library(m) in ("torchvision", "timm")
 
 
 def _bn_ends(m: nn.Module) -> list[nn.Module]:
@@ -274,17 +284,19 @@ def _join_ids(plan: Plan) -> set[int]:
     return {id(s[2]) for j in plan.joins for s in j.slots}
 
 
-def find(model: nn.Module, skip, taken: set[int] = frozenset()):
+def find(model: nn.Module, skip, taken: set[int] = frozenset(), model_zoo: bool = False):
     """The modules whose own forward ``fuse`` would give fused joins: ``{name: (module, Plan)}``; why
     others are not (``id(BN) -> why``); the ids of the convs and BNs the joins (found now or fused
-    before) apply, which the chain rule skips. ``skip(m)``: modules another rule swaps whole."""
+    before) apply, which the chain rule skips. ``skip(m)``: modules another rule swaps whole.
+    ``model_zoo``: trace torchvision's and timm's modules instead of the user's own."""
+    traced_here = _model_zoo_forward if model_zoo else _own_forward
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     found, notes, reserved = {}, {}, set()
     for name, m in model.named_modules():
         if isinstance(m, FusedTracedForward):
             reserved |= _join_ids(m.traced_plan)
             continue
-        if not _own_forward(m) or skip(m) or not (ends := _bn_ends(m)):
+        if not traced_here(m) or skip(m) or not (ends := _bn_ends(m)):
             continue
         graph, why = _trace(m)
         if graph is None:

@@ -171,10 +171,17 @@ def fuse_dense(model: nn.Module) -> list[str]:
     return swapped
 
 
+FUSED = (FusedDenseBlock, FusedDenseTransition)
+
+
+def recognised(m: nn.Module) -> bool:
+    """Whether ``m`` is a dense block or transition :func:`fuse_dense` would swap (fused or not)."""
+    return _dense_patterns.dense_block(m) is not None or _dense_patterns.transition(m) is not None
+
+
 def find_dense(model: nn.Module) -> list[str]:
     """Qualified names of the dense blocks and transitions :func:`fuse_dense` would swap."""
-    return [name for name, m in model.named_modules() if not isinstance(m, (FusedDenseBlock, FusedDenseTransition))
-            and (_dense_patterns.dense_block(m) is not None or _dense_patterns.transition(m) is not None)]
+    return [name for name, m in model.named_modules() if not isinstance(m, FUSED) and recognised(m)]
 
 
 def dense_report(model: nn.Module) -> dict[int, str]:

@@ -1,14 +1,14 @@
 """``fuse(model)``: fuse, in place, what the model computes as conv -> BN (-> activation) and residual
 blocks, keeping its classes, parameters, buffers, ``state_dict`` keys and module names.
 
-Five rules, in this order:
+Six rules, in this order:
 
 - **torchvision-structured blocks**, recognised by structure, not class: any module whose children
   are exactly torchvision's ``BasicBlock`` (``conv1 bn1 relu conv2 bn2 [downsample]``) or
   ``Bottleneck`` (``conv1 bn1 conv2 bn2 conv3 bn3 relu [downsample]``) with consistent channel
-  counts is swapped for ``FusedBasicBlock``/``FusedBottleneck`` (a user's copy of the block too;
-  a module with the same children but another ``forward`` would be misread, which is why the
-  structure test is strict).
+  counts is swapped for ``FusedBasicBlock``/``FusedBottleneck`` (a user's copy of the block too:
+  a forward other than torchvision's must have its data flow, traced with torch.fx, ``_dataflow``;
+  timm's DLA blocks have the same children and another forward).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
   class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
 - **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
@@ -19,6 +19,9 @@ Five rules, in this order:
   has that forward traced with torch.fx (submodules as leaves); its ``relu?(conv->BN branch + shortcut)``
   adds (and ``bn(conv(h))`` chains written out there) run fused from the traced plan, in this instance
   only (``_traced_forward.FusedTracedForward``); untraceable forwards are left as they are, with a reason.
+- **the forwards of torchvision / timm modules no rule knows** (``_model_zoo_pass``): traced the
+  same way, after the block rules (which keep what they know: SE gates, DropPath, dense blocks) and
+  before the chain rule, whose chains inside a traced plan go with the plan.
 - **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
   every call that they are still where ``fuse`` found them. The activations the kernels apply:
@@ -36,7 +39,8 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _activation, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, distributed
+from . import _activation, _dataflow, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, \
+    distributed, resnet_arch
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -54,6 +58,7 @@ log = logging.getLogger("fused_resnet")
 
 _BASIC = ("conv1", "bn1", "relu", "conv2", "bn2")
 _BOTTLENECK = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu")
+_PLAIN_CLASS = {FusedBasicBlock: resnet_arch.BasicBlock, FusedBottleneck: resnet_arch.Bottleneck}
 
 
 def _children(module: nn.Module) -> dict[str, nn.Module | None]:
@@ -86,8 +91,21 @@ def _block_class(module: nn.Module) -> type | None:
             convs[0].in_channels != convs[-1].out_channels or any(c.stride != (1, 1) for c in convs)
         ):
             return None
+        # The children do not say what the forward does with them (timm's DLA blocks have these
+        # children and take the shortcut as an argument): a forward other than torchvision's must
+        # compute what torchvision's does.
+        if not _known_forward(type(module).forward) and not _dataflow.computes_as(module, _PLAIN_CLASS[fused_cls]):
+            return None
         return fused_cls
     return None
+
+
+def _known_forward(forward) -> bool:
+    """torchvision's ``BasicBlock``/``Bottleneck`` forward, or ``resnet_arch``'s (the same computation)."""
+    where = (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None))
+    return where in {("torchvision.models.resnet", "BasicBlock.forward"), ("torchvision.models.resnet",
+                     "Bottleneck.forward"), (resnet_arch.__name__, "BasicBlock.forward"),
+                     (resnet_arch.__name__, "Bottleneck.forward")}
 
 
 def _fuse_chain(chain: _patterns.Chain) -> None:
@@ -128,14 +146,30 @@ def find_fusable(model: nn.Module) -> list[str]:
     joins, _, taken = _joins.find(model)
     traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
     found = _patterns.scan(model, _block_class, taken | traced_taken)
-    chains = [c.name for c in found.chains]
+    zoo, _, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
+    chains = [c.name for c in zoo_chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
-    traced_names = [_traced_joins.label(name, m) for name, (m, _) in traced.items()]
+    traced_names = [_traced_joins.label(name, m) for name, (m, _) in (traced | zoo).items()]
     return blocks + list(found.blocks) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
 
 
 def _is_block(m: nn.Module) -> bool:
     return _block_class(m) is not None
+
+
+def _model_zoo_pass(model: nn.Module, joins: dict, found: _patterns.Scan, taken: set[int]):
+    """The last rule before the chains: the forwards of torchvision / timm modules that no rule
+    knows (res2net's, DLA's, Xception's blocks...), traced as a user's own forward is
+    (``_traced_joins.find``), outside the modules the other rules swap whole (blocks, joins, dense
+    blocks and transitions). Returns ``_traced_joins.find``'s three values and the chains left to
+    the chain rule (those whose conv and BN no traced plan applies)."""
+    whole = [m for _, (m, _) in joins.items()] + list(found.blocks.values()) + [
+        m for m in model.modules() if _is_block(m) or isinstance(m, (_FusedBlockMixin, *dense.FUSED))
+        or dense.recognised(m)]
+    inside = {id(sub) for m in whole for sub in m.modules()}
+    zoo, notes, zoo_taken = _traced_joins.find(model, lambda m: id(m) in inside, taken, model_zoo=True)
+    chains = [c for c in found.chains if id(c.conv) not in zoo_taken and id(c.bn) not in zoo_taken]
+    return zoo, notes, zoo_taken, chains
 
 
 def _block_state(block: _FusedBlockMixin, name: str) -> str:
@@ -172,13 +206,14 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     joins, join_notes, taken = _joins.find(model)
     traced, traced_notes, traced_taken = _traced_joins.find(model, _is_block, taken)
     found = _patterns.scan(model, _block_class, taken | traced_taken)
+    zoo, zoo_notes, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
     found.notes.update(join_notes)
-    for key, note in traced_notes.items():  # an add in a user's forward that is not fused, and why
+    for key, note in (traced_notes | zoo_notes).items():  # an add in a traced forward not fused, and why
         found.notes.setdefault(key, note)
     chained = {id(c.bn): f"fusable: into {c.name}" + (f" with its {_activation.NAMES[c.act]}" if c.relu_slots else "")
-               for c in found.chains}
+               for c in zoo_chains}
     in_block = _join_states(model, joins)
-    in_block.update(_traced_joins.states(model, traced))
+    in_block.update(_traced_joins.states(model, traced | zoo))
     for name, m in model.named_modules():
         fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
@@ -253,7 +288,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         block.__dict__.update(fused_names=names, fused_acts=acts)
         distributed.adopt_sync_batch_norms(block)
         swapped.append(name)
-    for chain in found.chains:
+    zoo, _, _, chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
+    for name, (module, plan) in zoo.items():  # the forwards of torchvision / timm modules no rule knows
+        swapped.append(_traced_joins.label(name, module))
+        _traced_forward.fuse_traced(module, plan)
+    for chain in chains:
         _fuse_chain(chain)
         swapped.append(chain.name)
     swapped += dense.fuse_dense(model)  # DenseNet blocks and transitions (dense.py)

@@ -1,0 +1,111 @@
+"""fuse() on torchvision / timm modules that no rule knows by class (res2net's, DLA's, Xception's
+blocks): their forwards are traced as a user's own forward is, after the rules that know their
+blocks; and a block with torchvision's children but another forward (timm's DLA blocks) is not
+taken for torchvision's block. Fused models compute what the unfused ones do (fp64, reference)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from fused_resnet import FusedBasicBlock
+from fused_resnet._tolerances import relative_error
+
+from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
+
+timm = pytest.importorskip("timm")
+
+F64 = torch.float64
+
+
+def _fused_share(model: nn.Module) -> tuple[int, int]:
+    report = fused_resnet.fusion_report(model)
+    return sum(v.startswith("fused") for v in report.values()), len(report)
+
+
+def _x(dtype=F64, size=64):
+    return torch.randn(2, 3, size, size, dtype=dtype)
+
+
+# (model, BNs fused before this rule): every BN of these is fused now.
+ZOO = [("res2net50_26w_4s", 5), ("dla34", 7), ("xception41", 6)]
+
+
+@pytest.mark.parametrize("name, before", ZOO)
+def test_model_zoo_forwards_fused_exactly(name, before):
+    plain = randomize_bns(timm.create_model(name, pretrained=False).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    n, of = _fused_share(fused)
+    assert n == of > before, f"{name}: {n}/{of} BatchNorms fused"
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    with fused_resnet.use_backend("reference"):
+        for train in (True, True, False):  # the second step sees the running statistics updated
+            assert_step_matches(plain, fused, _x(), train)
+    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
+    with fused_resnet.use_backend("reference"), torch.no_grad():
+        x = _x()
+        assert relative_error(prepared(x), plain.eval()(x)) <= 1e-9
+
+
+def test_model_zoo_fp32_native_within_eager_error():
+    if "native" not in fused_resnet.backends():
+        pytest.skip("the native extension is not built for this torch")
+    plain = randomize_bns(timm.create_model("dla34", pretrained=False))
+    fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(F64)
+    with fused_resnet.use_backend("native"):
+        assert_fp32_within_eager(plain, fused, gold, _x(torch.float32))
+
+
+def test_known_models_keep_their_rules():
+    """The rules that know a model's blocks come first: nothing of these is traced."""
+    for name in ("resnet50", "seresnet50", "efficientnet_b0", "densenet121", "regnetx_002"):
+        model = fused_resnet.fuse(timm.create_model(name, pretrained=False))
+        traced = [n for n, m in model.named_modules() if type(m).__name__.startswith("FusedTracedForward")]
+        assert not traced, f"{name}: {traced}"
+
+
+class _ShortcutArgBlock(nn.Module):
+    """torchvision's BasicBlock children, but the shortcut comes as an argument (as timm's DLA)."""
+
+    takes_shortcut = True
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut=None):
+        shortcut = x if shortcut is None else shortcut
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class _NoResidualBlock(_ShortcutArgBlock):
+    """The same children, no residual add at all."""
+
+    takes_shortcut = False
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, x.flip(-1)) if self.block.takes_shortcut else self.block(x)
+
+
+@pytest.mark.parametrize("cls", [_ShortcutArgBlock, _NoResidualBlock])
+def test_block_with_torchvisions_children_and_another_forward_is_not_swapped(cls):
+    torch.manual_seed(0)
+    plain = randomize_bns(_TwoInputs(cls(8)).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    assert not isinstance(fused.block, FusedBasicBlock)
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, torch.randn(2, 8, 6, 6, dtype=F64), train)
