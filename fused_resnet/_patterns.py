@@ -1,5 +1,5 @@
 """What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> activation:
-ReLU, ReLU6, Hardtanh(0, 6), SiLU) chains and residual blocks in them.
+ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish) chains and residual blocks in them.
 
 A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
 read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
@@ -171,7 +171,7 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     activations = [m._modules.get(a) for a in acts]
     codes = {_activation.module_code(a) for a in activations}
     if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
-        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU)"
+        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU, Hardswish)"
     if m.__dict__.get("se") is not None and m._modules.get("se") is None:
         return "its se is not a module"
     if not se_gate_module(m._modules.get("se")):

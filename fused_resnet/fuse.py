@@ -22,8 +22,8 @@ Five rules, in this order:
 - **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
   every call that they are still where ``fuse`` found them. The activations the kernels apply:
-  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU`` (``_activation.module_code``); any
-  other runs as its own module.
+  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU``, ``nn.Hardswish``
+  (``_activation.module_code``); any other runs as its own module.
 
 Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
 and if not, why.
