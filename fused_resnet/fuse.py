@@ -123,7 +123,10 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
 
 def find_fusable(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, residual
-    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
+    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not).
+    Only conv -> BN chains carry an activation into a kernel: activations elsewhere run as their own
+    modules, e.g. the ReLU / SiLU and Hardsigmoid inside squeeze-excitation modules (MobileNetV3's,
+    EfficientNet's), whose convs have biases and no BN."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
     joins, _, taken = _joins.find(model)
     traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
@@ -196,8 +199,10 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
             continue
         into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
-            state = "fused: into the preceding conv" if into.fused_state()[0] else \
-                "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            bn_fused, act_fused = into.fused_state()
+            act = into.__dict__.get("fused_act", _activation.RELU)
+            state = ("fused: into the preceding conv" + (f", with its {_activation.NAMES[act]}" if act_fused else "")
+                     ) if bn_fused else "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:
