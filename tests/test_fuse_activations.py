@@ -144,3 +144,18 @@ def test_timm_resnet_blocks_with_another_activation_fused_whole(act_layer):
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(), train)
+
+
+def test_timm_mobilenetv3_head_norm_fused():
+    """timm MobileNetV3 built with ``head_norm`` (and no head bias): its head conv -> BatchNormAct2d
+    (Hardswish) after the global pool is fused like the stem (fp64 parity, train and eval)."""
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, head_norm=True, head_bias=False)
+    plain = randomize_bns(model.to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert report["norm_head"] == "fused: into the preceding conv, with its hardswish"
+    assert report["bn1"] == "fused: into the preceding conv, with its hardswish"
+    assert all(v.startswith("fused") for v in report.values()), report
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(n=4), train)
