@@ -200,9 +200,10 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
             bn_fused, act_fused = into.fused_state()
-            act = into.__dict__.get("fused_act", _activation.RELU)
-            state = ("fused: into the preceding conv" + (f", with its {_activation.NAMES[act]}" if act_fused else "")
-                     ) if bn_fused else "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            act = _activation.NAMES[into.__dict__.get("fused_act", _activation.RELU)]
+            state = "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            if bn_fused:
+                state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:
