@@ -10,8 +10,8 @@
 // the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised,
 // activated input that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
 // (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
-// applies ReLU or ReLU6 (the mask); with SiLU it keeps its bias and residual to recompute the
-// pre-activation. Saved outputs are saved after their history is set, as outputs (no
+// applies ReLU or ReLU6 (the mask); with SiLU or Hardswish (act_needs_z) it keeps its bias and
+// residual to recompute the pre-activation. Saved outputs are saved after their history is set, as outputs (no
 // reference cycle through the node), so a later in-place change of any saved tensor is caught.
 //
 // Not supported, as with torch::autograd::Function: forward-mode AD and functorch transforms (a
@@ -143,7 +143,7 @@ struct BnAddReluBackward : Node {
 };
 
 // Edges (x, weight, bias, residual); an absent bias or residual has no edge. The bias and residual
-// are saved only with SiLU, whose derivative needs the pre-activation, recomputed from them (an
+// are saved only with SiLU and Hardswish, whose derivatives need the pre-activation, recomputed from them (an
 // inference op's backward: nothing the size of the output is kept for it); ReLU/ReLU6 keep the output
 // for their mask.
 struct ConvBiasActBackward : Node {
@@ -163,7 +163,7 @@ struct ConvBiasActBackward : Node {
     const Tensor grad = or_zeros(*this, grads[0], 0);
     const Tensor x = x_.unpack(), weight = weight_.unpack();
     Tensor out = out_.unpack(getptr());
-    if (act == kActSilu) {
+    if (act_needs_z(act)) {
       static auto forward = op<ConvBiasActSig>("fused_resnet::conv_bias_act");
       at::AutoDispatchBelowADInplaceOrView below;
       at::NoGradGuard no_grad;
@@ -312,7 +312,7 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, co
     node->x_ = SavedVariable(x, false);
     node->weight_ = SavedVariable(w, false);
     node->act = act;
-    if (act == kActSilu) {
+    if (act_needs_z(act)) {
       node->bias_ = SavedVariable(bias, false);
       node->residual_ = SavedVariable(res, false);
     }

@@ -57,10 +57,10 @@ inline void per_channel(const char* name, const OptTensor& t, int64_t channels, 
               " activations, got ", dtype_name(t->scalar_type()), " on ", t->device());
 }
 
-// An activation code (kernels.h: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU).
+// An activation code (kernels.h: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish).
 inline void act(const char* name, int64_t code) {
   TORCH_CHECK_VALUE(code >= 0 && code < kActCount, "fused_resnet: ", name,
-                    " must be an activation code (0 none, 1 relu, 2 relu6, 3 silu), got ", code);
+                    " must be an activation code (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish), got ", code);
 }
 
 inline std::vector<int64_t> conv_output_size(const Tensor& x, const Tensor& w, c10::IntArrayRef stride,

@@ -24,20 +24,28 @@ enum class DType : int8_t { kFloat32, kBFloat16, kFloat16 };
 // The activation codes of every op's `act` / `in_act` argument, and their math: the one C++
 // definition (fused_resnet/_activation.py is the Python one, with the same codes). The CPU's
 // vector forms (cpu/bn_kernels.h) follow these scalar ones.
-enum Act : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActCount = 4 };
+enum Act : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActHardswish = 4, kActCount = 5 };
 
-// f(z); NaN propagates, as torch.relu / relu6 / silu.
+// The codes whose backward needs the pre-activation z: their output does not determine f'(z).
+FR_HOST_DEVICE constexpr bool act_needs_z(int act) { return act == kActSilu || act == kActHardswish; }
+
+// f(z); NaN propagates, as torch.relu / relu6 / silu / hardswish.
 FR_HOST_DEVICE inline float act_fwd(float z, int act) {
   switch (act) {
     case kActRelu: return z < 0.f ? 0.f : z;
     case kActRelu6: return z < 0.f ? 0.f : (z > 6.f ? 6.f : z);
     case kActSilu: return z / (1.f + expf(-z));
+    case kActHardswish: {
+      const float t = z + 3.f;
+      return z * (t < 0.f ? 0.f : (t > 6.f ? 6.f : t)) / 6.f;
+    }
     default: return z;
   }
 }
 
 // g * f'(z), z the pre-activation. For ReLU and ReLU6 the output gives the same mask (out > 0,
-// 0 < out < 6), so a backward may pass either; SiLU needs z itself.
+// 0 < out < 6), so a backward may pass either; SiLU and Hardswish need z itself (act_needs_z).
+// Hardswish's kinks take the outer slopes (0 at -3, 1 at 3), as ATen's hardswish_backward.
 FR_HOST_DEVICE inline float act_bwd(float g, float z, int act) {
   switch (act) {
     case kActRelu: return z > 0.f ? g : 0.f;
@@ -46,6 +54,7 @@ FR_HOST_DEVICE inline float act_bwd(float g, float z, int act) {
       const float s = 1.f / (1.f + expf(-z));
       return g * (s * (1.f + z * (1.f - s)));
     }
+    case kActHardswish: return z <= -3.f ? 0.f : (z < 3.f ? g * (z / 3.f + 0.5f) : g);
     default: return g;
   }
 }

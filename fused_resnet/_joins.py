@@ -5,6 +5,9 @@ Recognised by the identity of the block's ``forward`` (never by name), as ``_pat
 
 - torchvision's MobileNetV2 ``InvertedResidual`` with ``use_res_connect``: ``x + conv(x)``, no activation
   (a linear bottleneck); the body is ``conv``'s children but the last conv and BN.
+- torchvision's MobileNetV3 ``InvertedResidual`` with ``use_res_connect``: ``block(x) + x``; the body is
+  ``block``'s children but the last (the projection's ``Conv2dNormActivation``, conv -> BN, no
+  activation), SE included (it runs as it is).
 - torchvision's RegNet ``ResBottleneckBlock``: ``activation(proj(x) + f(x))`` (``proj`` a conv -> BN or
   the identity); the body is ``f``'s ``a``, ``b`` and SE, the last conv and BN ``f.c``'s.
 - timm's RegNet ``Bottleneck``: ``act3(drop_path(conv3(se(conv2(conv1(x))))) + downsample(x))``.
@@ -14,7 +17,7 @@ Fused, the block runs its body's modules as they are (their own conv -> BN chain
 the shortcut's BN (when the shortcut is a conv -> BN) and the add (and activation) in one pass, so the
 normalised output is neither written nor saved; in eval both BNs are folded and the conv's epilogue
 adds the shortcut. An activation the kernels do not apply (``_activation.module_code``: ReLU, ReLU6,
-Hardtanh(0, 6), SiLU) runs as its own module after the add. While a timm DropPath drops (training,
+Hardtanh(0, 6), SiLU, Hardswish) runs as its own module after the add. While a timm DropPath drops (training,
 drop rate > 0) its per-sample keep-scale, drawn by the module itself (the same random numbers as
 unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
 ``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
@@ -59,6 +62,7 @@ def _conv_norm_act(m) -> bool:
 def spec(m: nn.Module) -> Join | None:
     """The join of ``m`` if its forward is one read here and it adds (else None)."""
     tvm = _patterns.loaded_module("torchvision.models.mobilenetv2")
+    tv3 = _patterns.loaded_module("torchvision.models.mobilenetv3")
     tvr = _patterns.loaded_module("torchvision.models.regnet")
     tmr = _patterns.loaded_module("timm.models.regnet")
     if tvm is not None and _patterns.is_own(m, tvm.InvertedResidual, "forward"):
@@ -67,6 +71,16 @@ def spec(m: nn.Module) -> Join | None:
             return None
         names = list(seq._modules)
         return Join([(seq, n) for n in names[:-2]], [(seq, n) for n in names[-2:]], None, [(m, "conv")], None, None)
+    if tv3 is not None and _patterns.is_own(m, tv3.InvertedResidual, "forward"):
+        seq = m._modules.get("block")
+        if not m.use_res_connect or not _seq(seq) or len(seq) < 2:
+            return None
+        names = list(seq._modules)
+        last = seq._modules[names[-1]]
+        if not _seq(last) or len(last) != 2:  # the projection: conv -> BN and nothing after them
+            return None
+        return Join([(seq, n) for n in names[:-1]], [(last, n) for n in last._modules], None,
+                    [(m, "block"), (seq, names[-1])], None, None)
     if tvr is not None and _patterns.is_own(m, tvr.ResBottleneckBlock, "forward"):
         f = m._modules.get("f")
         c = f._modules.get("c") if _seq(f) else None

@@ -1,11 +1,12 @@
 """What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> activation:
-ReLU, ReLU6, Hardtanh(0, 6), SiLU) chains and residual blocks in them.
+ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish) chains and residual blocks in them.
 
 A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
 read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
 MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
 timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet``
-(stem and head) and its ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such
+(stem and head), ``MobileNetV3`` (stem; its head conv has a bias and no BN unless built with
+``head_norm``) and their ``ConvBnAct`` / ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such
 class a *run* lists children the forward calls one after the other, each on the previous one's
 output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
 the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
@@ -109,13 +110,19 @@ def known_runs(m: nn.Module) -> list[Run] | None:
 
 
 def _efficientnet_runs(m: nn.Module) -> list[Run] | None:
-    """timm's EfficientNet family: the stem and head (conv -> BatchNormAct2d) and the blocks' conv -> BN
-    pairs (their SE, anti-aliasing and skip add run as they are)."""
+    """timm's EfficientNet family (MobileNetV3 shares its blocks): the stems and heads (conv ->
+    BatchNormAct2d) and the blocks' conv -> BN pairs (their SE, anti-aliasing and skip add run as they are)."""
     tme, tmb = loaded_module("timm.models.efficientnet"), loaded_module("timm.models._efficientnet_blocks")
+    tmm = loaded_module("timm.models.mobilenetv3")
     if tme is not None and is_own(m, tme.EfficientNet, "forward", "forward_features"):
         return _named(("conv_stem", "bn1"), ("conv_head", "bn2"))(m)
+    if tmm is not None and is_own(m, tmm.MobileNetV3, "forward", "forward_features", "forward_head"):
+        # forward_head: global_pool -> conv_head -> norm_head -> act2 (norm_head a BN only with head_norm)
+        return _named(("conv_stem", "bn1"), ("conv_head", "norm_head", "act2"))(m)
     if tmb is None:
         return None
+    if is_own(m, tmb.ConvBnAct, "forward"):  # conv -> bn1 (BatchNormAct2d) -> aa, then the skip add
+        return _named(("conv", "bn1"))(m)
     if is_own(m, tmb.DepthwiseSeparableConv, "forward"):
         return _named(("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2"))(m)
     if is_own(m, tmb.InvertedResidual, "forward"):
@@ -171,7 +178,8 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     activations = [m._modules.get(a) for a in acts]
     codes = {_activation.module_code(a) for a in activations}
     if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
-        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU)"
+        return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU, " \
+            "Hardswish)"
     if m.__dict__.get("se") is not None and m._modules.get("se") is None:
         return "its se is not a module"
     if not se_gate_module(m._modules.get("se")):

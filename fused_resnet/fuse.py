@@ -25,8 +25,8 @@ Six rules, in this order:
 - **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
   every call that they are still where ``fuse`` found them. The activations the kernels apply:
-  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU`` (``_activation.module_code``); any
-  other runs as its own module.
+  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU``, ``nn.Hardswish``
+  (``_activation.module_code``); any other runs as its own module.
 
 Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
 and if not, why.
@@ -141,7 +141,10 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
 
 def find_fusable(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` that :func:`fuse` would swap: blocks, residual
-    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not)."""
+    joins, and the conv of each conv -> BN chain (``fusion_report`` says why the other BatchNorms are not).
+    Only conv -> BN chains carry an activation into a kernel: activations elsewhere run as their own
+    modules, e.g. the ReLU / SiLU and Hardsigmoid inside squeeze-excitation modules (MobileNetV3's,
+    EfficientNet's), whose convs have biases and no BN."""
     blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
     joins, _, taken = _joins.find(model)
     traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
@@ -231,8 +234,11 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
             continue
         into, note = bn.__dict__.get("fused_into"), found.notes.get(id(bn))
         if into is not None:
-            state = "fused: into the preceding conv" if into.fused_state()[0] else \
-                "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            bn_fused, act_fused = into.fused_state()
+            act = _activation.NAMES[into.__dict__.get("fused_act", _activation.RELU)]
+            state = "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            if bn_fused:
+                state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:

@@ -300,8 +300,8 @@ def slots_intact(slots) -> bool:
 
 
 class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6) or
-    SiLU, ``_activation.module_code``) its container calls right after it:
+    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6), SiLU
+    or Hardswish, ``_activation.module_code``) its container calls right after it:
     ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
     the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
     :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not
@@ -392,5 +392,10 @@ class FusedAwaySiLU(FusedAwayActivation, nn.SiLU):
     """A SiLU whose work a preceding :class:`FusedConvBN2d` does."""
 
 
+class FusedAwayHardswish(FusedAwayActivation, nn.Hardswish):
+    """A Hardswish whose work a preceding :class:`FusedConvBN2d` does."""
+
+
 FUSED_AWAY_ACT = {nn.ReLU: FusedAwayReLU, nn.ReLU6: FusedAwayReLU6, nn.Hardtanh: FusedAwayHardtanh,
-                  nn.SiLU: FusedAwaySiLU}  # by the activation's own class (_activation.module_code's)
+                  nn.SiLU: FusedAwaySiLU,
+                  nn.Hardswish: FusedAwayHardswish}  # by the activation's own class (_activation.module_code's)

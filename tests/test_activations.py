@@ -1,4 +1,4 @@
-"""Every op with every activation code (``fused_resnet._activation``: none, ReLU, ReLU6, SiLU), forward
+"""Every op with every activation code (``fused_resnet._activation``: none, ReLU, ReLU6, SiLU, Hardswish), forward
 and backward (through the ops' autograd, so the backward ops run too), in every dtype against an fp64
 oracle and in both layouts; the fp64 reference against plain PyTorch modules; fp64 gradcheck; opcheck;
 bad codes."""
@@ -16,14 +16,17 @@ from fused_resnet._tolerances import assert_close
 from _cases import LAYOUTS, activation, per_channel
 
 OPS = torch.ops.fused_resnet
-ACTS = {"none": _activation.NONE, "relu": _activation.RELU, "relu6": _activation.RELU6, "silu": _activation.SILU}
+ACTS = {"none": _activation.NONE, "relu": _activation.RELU, "relu6": _activation.RELU6, "silu": _activation.SILU,
+        "hardswish": _activation.HARDSWISH}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 CONV = ([1, 1], [1, 1], [1, 1], 1)  # 3x3, stride 1, padding 1
-_MODULES = {"none": torch.nn.Identity(), "relu": torch.nn.ReLU(), "relu6": torch.nn.ReLU6(), "silu": torch.nn.SiLU()}
+_MODULES = {"none": torch.nn.Identity(), "relu": torch.nn.ReLU(), "relu6": torch.nn.ReLU6(), "silu": torch.nn.SiLU(),
+            "hardswish": torch.nn.Hardswish()}
 
 
 def _spread(t: torch.Tensor) -> torch.Tensor:
-    # Values on both sides of 0 and of ReLU6's 6: pre-activations spread over about [-9, 9].
+    # Values on both sides of 0, of ReLU6's 6 and of Hardswish's -3 and 3: pre-activations spread over
+    # about [-9, 9].
     return t * 3
 
 
@@ -89,7 +92,7 @@ def test_op_matches_fp64_oracle(op, act, dtype, layout):
 @pytest.mark.parametrize("op", ["bn_add_relu", "conv_bias_act", "conv_stats", "conv_bn"])
 def test_fp64_reference_matches_torch_modules(op, act):
     """fp64: the ops (reference backend) against the same computation written with ``nn.ReLU`` /
-    ``nn.ReLU6`` / ``nn.SiLU`` and autograd, outputs and gradients within 1e-9 relative."""
+    ``nn.ReLU6`` / ``nn.SiLU`` / ``nn.Hardswish`` and autograd, outputs and gradients within 1e-9 relative."""
     torch.manual_seed(0)
     inputs, fn = _inputs(op, torch.float64, "nchw")
     module = _MODULES[act]
@@ -118,7 +121,7 @@ def test_fp64_reference_matches_torch_modules(op, act):
         assert_close(got, want, tol=1e-9)
 
 
-@pytest.mark.parametrize("act", [_activation.RELU6, _activation.SILU])
+@pytest.mark.parametrize("act", [_activation.RELU6, _activation.SILU, _activation.HARDSWISH])
 @pytest.mark.parametrize("op", ["bn_add_relu", "conv_bias_act", "conv_stats", "conv_bn"])
 def test_gradcheck_float64(op, act):
     torch.manual_seed(0)
@@ -130,7 +133,7 @@ def test_gradcheck_float64(op, act):
 def _opcheck_samples():
     torch.manual_seed(0)
     samples = []
-    for act in (_activation.RELU6, _activation.SILU):
+    for act in (_activation.RELU6, _activation.SILU, _activation.HARDSWISH):
         x = activation((2, 5, 7, 6))
         s, t, w = per_channel(5, torch.float32, positive=True), per_channel(5, torch.float32), torch.randn(6, 5, 3, 3)
         y, mean, var = OPS.conv_stats(x, s, t, act, w, *CONV)
@@ -156,7 +159,7 @@ def test_opcheck(index):
     torch.library.opcheck(getattr(OPS, name), args)
 
 
-@pytest.mark.parametrize("code", [-1, 4, 7])
+@pytest.mark.parametrize("code", [-1, 5, 7])
 def test_bad_activation_code_is_a_clear_error(code):
     x = activation((1, 3, 4, 4))
     with pytest.raises(ValueError, match="activation code"):
@@ -173,9 +176,34 @@ def test_functional_api_names_and_old_flags():
     x, r = activation((2, 4, 5, 5)) * 4, activation((2, 4, 5, 5))
     assert torch.equal(ops.bn_add_relu(x, r, activation="relu6"), F.relu6(x + r))
     assert_close(ops.bn_add_relu(x, r, activation="silu"), F.silu(x + r))
+    assert_close(ops.bn_add_relu(x, r, activation="hardswish"), F.hardswish(x + r))
     assert torch.equal(ops.bn_add_relu(x, r, relu=True), torch.relu(x + r))
     assert torch.equal(ops.bn_add_relu(x, r, relu=False), x + r)
     assert torch.equal(ops.bn_add_relu(x, r, activation=None), x + r)
     w = torch.randn(3, 4, 3, 3)
-    for name, fn in (("relu6", F.relu6), ("silu", F.silu)):
+    for name, fn in (("relu6", F.relu6), ("silu", F.silu), ("hardswish", F.hardswish)):
         assert_close(ops.conv_bias_act(x, w, padding=1, activation=name), fn(F.conv2d(x, w, padding=1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_hardswish_kinks_take_atens_slopes(dtype):
+    """Pre-activations exactly at Hardswish's kinks (-3, 3), just beside them, and NaN: the value and
+    the derivative are ATen's (``hardswish_backward``: 0 at -3, 1 at 3), through bn_add_relu's
+    kernels (native for fp32, the reference for fp64) and conv_bias_act's saved-input backward."""
+    z = torch.tensor([-3.5, -3.0, -2.999, -1.5, 0.0, 2.999, 3.0, 3.5], dtype=dtype).view(1, 8, 1, 1)
+    z = z.expand(2, 8, 3, 3).contiguous()
+    g = torch.randn(z.shape, dtype=dtype)
+    zr = z.clone().requires_grad_()
+    want = F.hardswish(zr)
+    want_grad, = torch.autograd.grad(want, zr, g)
+    y = z.clone().requires_grad_()
+    got = OPS.bn_add_relu(y, None, None, None, None, None, _activation.HARDSWISH)
+    got_grad, = torch.autograd.grad(got, y, g)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    eye = torch.eye(8, dtype=dtype).view(8, 8, 1, 1)  # a 1x1 identity conv: its output is z exactly
+    x = z.clone().requires_grad_()
+    got = OPS.conv_bias_act(x, eye, None, None, [1, 1], [0, 0], [1, 1], 1, _activation.HARDSWISH)
+    got_grad, = torch.autograd.grad(got, x, g)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    nan = torch.full((1, 1, 2, 2), float("nan"), dtype=dtype)
+    assert OPS.bn_add_relu(nan, None, None, None, None, None, _activation.HARDSWISH).isnan().all()

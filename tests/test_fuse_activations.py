@@ -1,5 +1,7 @@
-"""fuse() with activations other than ReLU (issue #13): torchvision's MobileNetV2 (ReLU6) and timm's
-EfficientNet-B0 (SiLU, in its BatchNormAct2d) get their activations applied by the fused kernels;
+"""fuse() with activations other than ReLU (issue #13): torchvision's MobileNetV2 (ReLU6), timm's
+EfficientNet-B0 (SiLU, in its BatchNormAct2d) and both MobileNetV3-Large (Hardswish and ReLU; timm's
+stem and ConvBnAct block, torchvision's InvertedResidual joins) get their activations applied by the
+fused kernels;
 the fused models compute what the unfused ones do (fp64 on the reference backend: outputs, every
 gradient, running statistics, train and eval, prepared eval; fp32 on the native backend), and a
 chain whose activation module is replaced falls back to it."""
@@ -22,7 +24,7 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 F64 = torch.float64
-MODELS = ["tv:mobilenet_v2", "timm:efficientnet_b0"]
+MODELS = ["tv:mobilenet_v2", "timm:efficientnet_b0", "tv:mobilenet_v3_large", "timm:mobilenetv3_large_100"]
 
 
 def build(spec: str) -> nn.Module:
@@ -43,7 +45,7 @@ def _pair(spec: str) -> tuple[nn.Module, nn.Module]:
 
 def _fused_activations(model: nn.Module) -> tuple[int, int]:
     """(activations a fused conv applies, activation modules of the kinds the kernels take)."""
-    kinds = (nn.ReLU, nn.ReLU6, nn.SiLU)
+    kinds = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
     total = sum(isinstance(m, kinds) for m in model.modules())
     fused = sum(isinstance(m, modules.FusedAwayActivation) for m in model.modules())
     fused += sum(m.__dict__.get("fused_relu", False) and m.fused_relu_module is None
@@ -51,17 +53,22 @@ def _fused_activations(model: nn.Module) -> tuple[int, int]:
     return fused, total
 
 
-@pytest.mark.parametrize("spec, bns, acts", [("tv:mobilenet_v2", 52, 35), ("timm:efficientnet_b0", 49, 33)])
-def test_activations_fused(spec, bns, acts):
-    """Every BN fused; every ReLU6 / SiLU after a fused BN applied by its conv (the SE modules' SiLU
-    follows a conv with a bias, no BN: it runs as it is)."""
+@pytest.mark.parametrize("spec, bns, acts, codes, joins", [
+    ("tv:mobilenet_v2", 52, 35, {2}, 10), ("timm:efficientnet_b0", 49, 33, {3}, 0),
+    # 20 Hardswish + 11 ReLU after a BN; the 21st Hardswish follows the classifier's Linear (torchvision) or
+    # the head conv with a bias (timm); the SE modules' ReLU and Hardsigmoid follow convs with biases.
+    ("tv:mobilenet_v3_large", 46, 31, {1, 4}, 10), ("timm:mobilenetv3_large_100", 46, 31, {1, 4}, 0)])
+def test_activations_fused(spec, bns, acts, codes, joins):
+    """Every BN fused; every ReLU6 / SiLU / Hardswish after a fused BN applied by its conv (the SE
+    modules' activations follow a conv with a bias, no BN: they run as they are); MobileNetV2's and
+    torchvision MobileNetV3's residual blocks' last BN with the add."""
     model = fused_resnet.fuse(build(spec))
     report = fused_resnet.fusion_report(model)
     assert sum(v.startswith("fused") for v in report.values()) == len(report) == bns
     fused, _ = _fused_activations(model)
     assert fused == acts
-    codes = {m.fused_act for m in model.modules() if isinstance(m, modules.FusedConvBN2d) and m.fused_relu}
-    assert codes == ({2} if spec.startswith("tv") else {3})
+    assert {m.fused_act for m in model.modules() if isinstance(m, modules.FusedConvBN2d) and m.fused_relu} == codes
+    assert sum(v.startswith("fused: with the residual add") for v in report.values()) == joins
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -85,7 +92,7 @@ def test_prepared_eval_fp64(spec):
 @pytest.mark.parametrize("spec", MODELS)
 def test_fp32_native_within_eager_error(spec):
     """fp32 on the native backend, training step: output and gradients within 3x eager fp32's own
-    error vs fp64; eval and prepared eval (oneDNN post-ops: hardtanh, swish) within the same bound."""
+    error vs fp64; eval and prepared eval (oneDNN post-ops: hardtanh, swish, hardswish) within the same bound."""
     if "native" not in fused_resnet.backends():
         pytest.skip("the native extension is not built for this torch")
     plain = randomize_bns(build(spec))
@@ -126,7 +133,7 @@ def test_hardtanh_0_6_fused_like_relu6():
     assert type(fused[2]) is nn.Hardtanh and type(fused[0]) is nn.Conv2d
 
 
-@pytest.mark.parametrize("act_layer", ["silu", "relu6"])
+@pytest.mark.parametrize("act_layer", ["silu", "relu6", "hard_swish"])
 def test_timm_resnet_blocks_with_another_activation_fused_whole(act_layer):
     """timm ResNet blocks built with ``act_layer``: fused whole as with ReLU, the activation in the
     next conv's prologue and after the add (fp64 parity, train and eval)."""
@@ -137,3 +144,18 @@ def test_timm_resnet_blocks_with_another_activation_fused_whole(act_layer):
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(), train)
+
+
+def test_timm_mobilenetv3_head_norm_fused():
+    """timm MobileNetV3 built with ``head_norm`` (and no head bias): its head conv -> BatchNormAct2d
+    (Hardswish) after the global pool is fused like the stem (fp64 parity, train and eval)."""
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, head_norm=True, head_bias=False)
+    plain = randomize_bns(model.to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert report["norm_head"] == "fused: into the preceding conv, with its hardswish"
+    assert report["bn1"] == "fused: into the preceding conv, with its hardswish"
+    assert all(v.startswith("fused") for v in report.values()), report
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(n=4), train)

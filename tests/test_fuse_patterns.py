@@ -80,9 +80,9 @@ def test_find_fusable_names_the_convs_and_fuse_is_idempotent():
     assert [type(m) for m in model.modules()] == kinds
 
 
-@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish])
 def test_relu6_and_silu_fused_like_relu(act):
-    """ReLU6 and SiLU after a fused BN are applied by the conv (issue #13), as ReLU is."""
+    """ReLU6, SiLU and Hardswish after a fused BN are applied by the conv (issue #13), as ReLU is."""
     plain, fused = _pair(SimpleResNet(act=act))
     assert _fused_bns(fused) == 7
     acts = [m for m in fused.modules() if isinstance(m, act)]
@@ -92,7 +92,7 @@ def test_relu6_and_silu_fused_like_relu(act):
         assert_step_matches(plain, fused, _x(), train)
 
 
-@pytest.mark.parametrize("act", [nn.Hardswish, nn.Identity])
+@pytest.mark.parametrize("act", [nn.GELU, nn.Hardsigmoid, nn.Identity])
 def test_other_activations_run_as_they_are(act):
     plain, fused = _pair(SimpleResNet(act=act))
     assert _fused_bns(fused) == 7
@@ -145,7 +145,7 @@ def test_a_replaced_chain_module_is_obeyed_and_fuse_again_refuses():
     for model in (plain, fused):
         torch.manual_seed(3)
         model.blocks[0][1] = nn.Identity()  # a fused-away BN replaced
-        model.blocks[1][2] = nn.Hardswish()  # a fused-away ReLU replaced (by one the kernels do not apply)
+        model.blocks[1][2] = nn.GELU()  # a fused-away ReLU replaced (by one the kernels do not apply)
         model.stem[1] = nn.BatchNorm2d(8, eps=1e-3).to(F64)  # the conv's own BN replaced
     for train in (True, False):
         assert_step_matches(plain, fused, _x(), train)
@@ -155,7 +155,7 @@ def test_a_replaced_chain_module_is_obeyed_and_fuse_again_refuses():
     assert {"stem.0", "blocks.1.0"} <= set(fused_resnet.find_fusable(fused))
     fused_resnet.fuse(fused)
     assert fused.stem[0].fused_state() == (True, True) and fused.stem[0].fused_bn is fused.stem[1]
-    assert fused.blocks[1][0].fused_state() == (True, False)  # Hardswish: BN fused, activation on its own
+    assert fused.blocks[1][0].fused_state() == (True, False)  # GELU: BN fused, activation on its own
     for train in (True, False):
         assert_step_matches(plain, fused, _x(), train)
 

@@ -13,7 +13,7 @@ import torch
 from _native_helpers import act, require_native
 
 import fused_resnet
-from fused_resnet import fuse, models, reference
+from fused_resnet import _activation, fuse, models, reference
 from fused_resnet._tolerances import assert_close
 from fused_resnet.inference import PreparedConv
 
@@ -64,6 +64,27 @@ def test_prepacked_conv_matches_the_reference(layout, case, epilogue, grad_mode)
             assert_close(out, reference.conv_bias_act(x, w, bias, residual, *conv, relu), F32, name="out")
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("code", sorted(_activation.NAMES), ids=lambda c: str(_activation.NAMES[c]))
+def test_prepacked_conv_applies_every_activation_code(layout, code):
+    """Each activation code as oneDNN's post-op (ReLU6 ``hardtanh``, SiLU ``swish``, Hardswish
+    ``hardswish``), the pre-activation straddling 0, 6 and Hardswish's kinks at -3 and 3; with a
+    residual, the codes the binary op cannot take (it raises for them) are declined (the generic op)."""
+    x, w, b, r, conv = _inputs(layout)
+    x, r = x * 4, r * 4
+    z = reference.conv_bias_act(x, w, b, r, *conv, _activation.NONE)
+    assert (z < -3).any() and ((z > -3) & (z < 0)).any() and ((z > 3) & (z < 6)).any() and (z > 6).any()
+    packed = _onednn.prepack_conv(w, b, *conv)
+    with torch.no_grad():
+        out = packed(x, None, code)
+        assert_close(out, reference.conv_bias_act(x, w, b, None, *conv, code), F32, name="out")
+        out = packed(x, r, code)
+        if code in (_activation.NONE, _activation.RELU):
+            assert_close(out, reference.conv_bias_act(x, w, b, r, *conv, code), F32, name="out, residual")
+        else:
+            assert out is None
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

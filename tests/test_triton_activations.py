@@ -1,4 +1,4 @@
-"""The Triton kernels with ReLU6 and SiLU (``backends/triton/_act.py``; ReLU and none are covered by the
+"""The Triton kernels with ReLU6, SiLU and Hardswish (``backends/triton/_act.py``; ReLU and none are covered by the
 other Triton tests): the elementwise pass and its backward, the implicit-GEMM conv's prologue, epilogue
 and backward, and the cuDNN-conv path's, each against the reference. Without a GPU they run under
 Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), in fp32 and fp16."""
@@ -24,13 +24,13 @@ from fused_resnet.backends.triton import _conv_gemm as cg
 from fused_resnet.backends.triton import _conv_gemm_backward as cgb
 from fused_resnet.backends.triton import _conv_torch, _elementwise
 
-ACTS = {"relu6": _activation.RELU6, "silu": _activation.SILU}
+ACTS = {"relu6": _activation.RELU6, "silu": _activation.SILU, "hardswish": _activation.HARDSWISH}
 CASES = [(torch.float32, False), (torch.float16, True)]
 CASE_IDS = ["fp32_nchw", "fp16_nhwc"]
 
 
 def _spread(t):
-    return t * 4  # pre-activations on both sides of 0 and of ReLU6's 6
+    return t * 4  # pre-activations on both sides of 0, of ReLU6's 6 and of Hardswish's -3 and 3
 
 
 @pytest.mark.parametrize("dtype, channels_last", CASES, ids=CASE_IDS)
@@ -71,7 +71,7 @@ def test_conv_gemm_prologue_forward_and_backward(act, dtype, channels_last):
 @pytest.mark.parametrize("act", ACTS)
 def test_conv_gemm_epilogue_forward_and_backward(act, dtype, channels_last):
     """conv_bias_act with the activation in the epilogue; its backward given the pre-activation (what
-    the op's autograd recomputes for SiLU; for ReLU6 the output gives the same mask)."""
+    the op's autograd recomputes for SiLU and Hardswish; for ReLU6 the output gives the same mask)."""
     code = ACTS[act]
     x, weight, stride, padding = _conv_args(CONV_SHAPES[2], dtype, channels_last)
     bias = _spread(_vec(weight.shape[0]))

@@ -7,7 +7,10 @@ inline fVec act_fwd_v(const fVec& z) {
   if constexpr (A == kActRelu) return at::vec::maximum(z, fVec(0.f));
   else if constexpr (A == kActRelu6) return at::vec::minimum(at::vec::maximum(z, fVec(0.f)), fVec(6.f));
   else if constexpr (A == kActSilu) return z / (fVec(1.f) + z.neg().exp());
-  else return z;
+  else if constexpr (A == kActHardswish) {
+    const fVec t = at::vec::minimum(at::vec::maximum(z + fVec(3.f), fVec(0.f)), fVec(6.f));
+    return z * t / fVec(6.f);
+  } else return z;
 }
 
 template <int A>
@@ -18,6 +21,10 @@ inline fVec act_bwd_v(const fVec& g, const fVec& z) {
   else if constexpr (A == kActSilu) {
     const fVec s = fVec(1.f) / (fVec(1.f) + z.neg().exp());
     return g * (s * (fVec(1.f) + z * (fVec(1.f) - s)));
+  } else if constexpr (A == kActHardswish) {
+    // kernels.h's branches as blends: 0 for z <= -3, g for z >= 3, g * (z / 3 + 1/2) between.
+    const fVec mid = g * (z / fVec(3.f) + fVec(0.5f));
+    return fVec::blendv(fVec::blendv(g, mid, z < fVec(3.f)), zero, z <= fVec(-3.f));
   } else return g;
 }
 
@@ -28,6 +35,7 @@ void with_act(int act, const F& f) {
     case kActRelu: return f(std::integral_constant<int, kActRelu>{});
     case kActRelu6: return f(std::integral_constant<int, kActRelu6>{});
     case kActSilu: return f(std::integral_constant<int, kActSilu>{});
+    case kActHardswish: return f(std::integral_constant<int, kActHardswish>{});
   }
   TORCH_CHECK(false, "fused_resnet_native: unknown activation code ", act);
 }

@@ -5,7 +5,7 @@
 reorders it into oneDNN's blocked layout once per input shape (oneDNN's choice of layout depends on
 it), on the first call with that shape, and then runs ``act(conv(x, w) + bias + residual)`` as
 one oneDNN primitive (bias, residual add and activation as post-ops: ReLU, ReLU6 as ``hardtanh``,
-SiLU as ``swish``): ATen's
+SiLU as ``swish``, Hardswish as ``hardswish``): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
 A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
@@ -40,7 +40,11 @@ _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
-             _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", [])}
+             _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", []),
+             _activation.HARDSWISH: ("hardswish", [])}
+# The binary (residual add) op takes only these as its unary post-op: with the others ATen raises
+# "Unary Fusion behavior undefined" (torch 2.14), so such a conv with a residual runs the generic op.
+_BINARY_ACTS = (_activation.NONE, _activation.RELU)
 
 
 def _pointwise_ops():
@@ -135,7 +139,8 @@ class PackedConv:
         """The conv's output, or None where this path does not apply (autograd on, another dtype or
         layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
         caller then runs the generic ``conv_bias_act``."""
-        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
+        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or (
+                residual is not None and act not in _BINARY_ACTS):
             return None
         # The static part of the decision, once per input signature: on a small model the checks
         # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).

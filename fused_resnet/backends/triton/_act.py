@@ -14,17 +14,22 @@ NONE = tl.constexpr(_activation.NONE)
 RELU = tl.constexpr(_activation.RELU)
 RELU6 = tl.constexpr(_activation.RELU6)
 SILU = tl.constexpr(_activation.SILU)
+HARDSWISH = tl.constexpr(_activation.HARDSWISH)
 
 
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
-    """``act(z)``: ReLU, ReLU6 (``hardtanh(z, 0, 6)``), SiLU (``z * sigmoid(z)``), or ``z``."""
+    """``act(z)``: ReLU, ReLU6 (``hardtanh(z, 0, 6)``), SiLU (``z * sigmoid(z)``), Hardswish
+    (``z * relu6(z + 3) / 6``), or ``z``."""
     if ACT == RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): a NaN stays NaN, as torch.relu keeps it
     elif ACT == RELU6:
         z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
     elif ACT == SILU:
         z = z / (1.0 + tl.exp(-z))
+    elif ACT == HARDSWISH:
+        t = z + 3.0
+        z = z * tl.where(t < 0.0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
     return z
 
 
@@ -39,4 +44,6 @@ def act_bwd(g, z, ACT: tl.constexpr):
     elif ACT == SILU:
         s = 1.0 / (1.0 + tl.exp(-z))
         g = g * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == HARDSWISH:  # the kinks take the outer slopes, as ATen's hardswish_backward
+        g = g * tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))
     return g
