@@ -22,6 +22,17 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _activation, distributed, inference, ops, resnet_arch
+from ._fused_away import (  # noqa: F401  (re-exported: the chain's pass-through modules)
+    FUSED_AWAY_ACT,
+    FusedAwayActivation,
+    FusedAwayBatchNorm2d,
+    FusedAwayHardswish,
+    FusedAwayHardtanh,
+    FusedAwayReLU,
+    FusedAwayReLU6,
+    FusedAwaySiLU,
+    fused_away_forward,
+)
 
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
@@ -346,56 +357,3 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
             prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
             return eval_conv(x, self, bn, None, act, prepared[0] if prepared else None)
         return ops.bn_add_relu(conv_bn(x, self, bn), activation=act)
-
-
-def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
-    """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
-    0 for its BN, 1 for its activation), else ``own_forward(module, x)``: the work of the class it was."""
-    return x if module.fused_into.fused_state()[which] else own_forward(module, x)
-
-
-class FusedAwayBatchNorm2d(nn.BatchNorm2d):
-    """A BN whose work the preceding :class:`FusedConvBN2d` does: it passes its input through."""
-
-    fused_into: FusedConvBN2d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_away_forward(self, nn.BatchNorm2d.forward, x, 0)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", fused into the preceding conv"
-
-
-class FusedAwayActivation:
-    """An activation module whose work a preceding :class:`FusedConvBN2d` does: it passes its input
-    through (mixed into the activation's own class, whose forward runs when the chain is broken)."""
-
-    fused_into: FusedConvBN2d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_away_forward(self, self.__dict__["class_before_fuse"].forward, x, 1)
-
-
-class FusedAwayReLU(FusedAwayActivation, nn.ReLU):
-    """A ReLU whose work a preceding :class:`FusedConvBN2d` does."""
-
-
-class FusedAwayReLU6(FusedAwayActivation, nn.ReLU6):
-    """A ReLU6 whose work a preceding :class:`FusedConvBN2d` does."""
-
-
-class FusedAwayHardtanh(FusedAwayActivation, nn.Hardtanh):
-    """An ``nn.Hardtanh(0, 6)`` whose work a preceding :class:`FusedConvBN2d` does."""
-
-
-class FusedAwaySiLU(FusedAwayActivation, nn.SiLU):
-    """A SiLU whose work a preceding :class:`FusedConvBN2d` does."""
-
-
-class FusedAwayHardswish(FusedAwayActivation, nn.Hardswish):
-    """A Hardswish whose work a preceding :class:`FusedConvBN2d` does."""
-
-
-FUSED_AWAY_ACT = {nn.ReLU: FusedAwayReLU, nn.ReLU6: FusedAwayReLU6, nn.Hardtanh: FusedAwayHardtanh,
-                  nn.SiLU: FusedAwaySiLU,
-                  nn.Hardswish: FusedAwayHardswish}  # by the activation's own class (_activation.module_code's)

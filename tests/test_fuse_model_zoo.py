@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
+from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
 from torch import nn
 
 import fused_resnet
 from fused_resnet import FusedBasicBlock
 from fused_resnet._tolerances import relative_error
-
-from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
 
 timm = pytest.importorskip("timm")
 

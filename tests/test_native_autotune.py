@@ -16,7 +16,7 @@ from fused_resnet import fuse, models, reference
 from fused_resnet._tolerances import assert_close
 
 require_native()
-from fused_resnet.backends.native import _onednn  # noqa: E402  (needs the extension's backend)
+from fused_resnet.backends.native import _onednn  # (needs the extension's backend)
 
 F32 = torch.float32
 CONV = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups
