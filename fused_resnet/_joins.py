@@ -11,6 +11,8 @@ Recognised by the identity of the block's ``forward`` (never by name), as ``_pat
 - torchvision's RegNet ``ResBottleneckBlock``: ``activation(proj(x) + f(x))`` (``proj`` a conv -> BN or
   the identity); the body is ``f``'s ``a``, ``b`` and SE, the last conv and BN ``f.c``'s.
 - timm's RegNet ``Bottleneck``: ``act3(drop_path(conv3(se(conv2(conv1(x))))) + downsample(x))``.
+- timm's EfficientNet / MobileNetV3 ``InvertedResidual`` and ``DepthwiseSeparableConv`` with
+  ``has_skip``: ``drop_path(bn(conv_pwl(...se(...)))) + x``, no activation after the add.
 
 Fused, the block runs its body's modules as they are (their own conv -> BN chains are fused by
 ``fuse``'s chain rule), then the last conv's BN is *deferred*: in training ``bn_add_relu`` applies it,
@@ -65,6 +67,7 @@ def spec(m: nn.Module) -> Join | None:
     tv3 = _patterns.loaded_module("torchvision.models.mobilenetv3")
     tvr = _patterns.loaded_module("torchvision.models.regnet")
     tmr = _patterns.loaded_module("timm.models.regnet")
+    tme = _patterns.loaded_module("timm.models._efficientnet_blocks")
     if tvm is not None and _patterns.is_own(m, tvm.InvertedResidual, "forward"):
         seq = m._modules.get("conv")
         if not m.use_res_connect or not _seq(seq) or len(seq) < 3:
@@ -99,7 +102,24 @@ def spec(m: nn.Module) -> Join | None:
         return Join([(m, "conv1"), (m, "conv2"), (m, "se")], [(c3, "conv"), (c3, "bn")],
                     [(ds, "conv"), (ds, "bn")] if pair else None, [(m, "conv3"), (m, "downsample")], (m, "act3"),
                     (m, "drop_path"), other_shortcut=not pair and type(ds) is not nn.Identity)
+    if tme is not None and (_patterns.is_own(m, tme.InvertedResidual, "forward")
+                            or _patterns.is_own(m, tme.DepthwiseSeparableConv, "forward")):
+        return _efficientnet_join(m, tme)
     return None
+
+
+def _efficientnet_join(m: nn.Module, tme) -> Join | None:
+    """timm's EfficientNet / MobileNetV3 blocks: ``drop_path(bn(conv(body(x)))) + x`` when ``has_skip``
+    (no activation after the add; the last BN a ``BatchNormAct2d`` without its act)."""
+    if not getattr(m, "has_skip", False):
+        return None
+    inverted = isinstance(m, tme.InvertedResidual)
+    names = ["conv_s2d", "bn_s2d"] if m._modules.get("conv_s2d") is not None else []
+    names += ["conv_pw", "bn1", "conv_dw", "bn2", "aa", "se"] if inverted else ["conv_dw", "bn1", "aa", "se"]
+    last = ["conv_pwl", "bn3"] if inverted else ["conv_pw", "bn2"]
+    if any(n not in m._modules for n in names + last):
+        return None
+    return Join([(m, n) for n in names], [(m, n) for n in last], None, [], None, (m, "drop_path"))
 
 
 def _get(slot) -> nn.Module | None:

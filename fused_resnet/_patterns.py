@@ -55,8 +55,11 @@ def loaded_module(name: str):
 
 def is_own(module: nn.Module, cls: type | None, *methods: str) -> bool:
     """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (a subclass may add others)."""
-    return cls is not None and isinstance(module, cls) and all(
-        getattr(type(module), m, None) is getattr(cls, m, None) for m in methods)
+    return _own_type(type(module), cls, *methods)
+
+
+def _own_type(t: type, cls: type | None, *methods: str) -> bool:
+    return cls is not None and issubclass(t, cls) and all(getattr(t, m, None) is getattr(cls, m, None) for m in methods)
 
 
 def _named(*groups):
@@ -121,13 +124,17 @@ def _efficientnet_runs(m: nn.Module) -> list[Run] | None:
         return _named(("conv_stem", "bn1"), ("conv_head", "norm_head", "act2"))(m)
     if tmb is None:
         return None
+    # A block whose skip add runs fused (``_joins.FusedResidualJoin`` mixed into its class: the bases
+    # are (mixin, the block's class)) keeps the runs of its own forward for its body.
+    block = type(m).__bases__[-1] if "fused_join" in m.__dict__ else type(m)
     if is_own(m, tmb.ConvBnAct, "forward"):  # conv -> bn1 (BatchNormAct2d) -> aa, then the skip add
         return _named(("conv", "bn1"))(m)
-    if is_own(m, tmb.DepthwiseSeparableConv, "forward"):
+    if _own_type(block, tmb.DepthwiseSeparableConv, "forward"):
         return _named(("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2"))(m)
-    if is_own(m, tmb.InvertedResidual, "forward"):
+    if _own_type(block, tmb.InvertedResidual, "forward"):
         return _named(("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))(m)
     return None
+
 
 
 def norm_act(bn: nn.Module) -> bool:

@@ -27,19 +27,19 @@ F64 = torch.float64
 MODELS = ["tv:mobilenet_v2", "timm:efficientnet_b0", "tv:mobilenet_v3_large", "timm:mobilenetv3_large_100"]
 
 
-def build(spec: str) -> nn.Module:
+def build(spec: str, **kw) -> nn.Module:
     lib, name = spec.split(":")
     if lib == "tv":
-        return getattr(torchvision.models, name)()
-    return timm.create_model(name, pretrained=False)
+        return getattr(torchvision.models, name)(**kw)
+    return timm.create_model(name, pretrained=False, **kw)
 
 
 def _x(dtype=F64, n=2):
     return torch.randn(n, 3, 64, 64, dtype=dtype)  # 32px leaves 1x1 maps: BN over 2 values, ill-conditioned
 
 
-def _pair(spec: str) -> tuple[nn.Module, nn.Module]:
-    plain = randomize_bns(build(spec).to(F64))
+def _pair(spec: str, **kw) -> tuple[nn.Module, nn.Module]:
+    plain = randomize_bns(build(spec, **kw).to(F64))
     return plain, fused_resnet.fuse(copy.deepcopy(plain))
 
 
@@ -54,14 +54,14 @@ def _fused_activations(model: nn.Module) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("spec, bns, acts, codes, joins", [
-    ("tv:mobilenet_v2", 52, 35, {2}, 10), ("timm:efficientnet_b0", 49, 33, {3}, 0),
+    ("tv:mobilenet_v2", 52, 35, {2}, 10), ("timm:efficientnet_b0", 49, 33, {3}, 9),
     # 20 Hardswish + 11 ReLU after a BN; the 21st Hardswish follows the classifier's Linear (torchvision) or
     # the head conv with a bias (timm); the SE modules' ReLU and Hardsigmoid follow convs with biases.
-    ("tv:mobilenet_v3_large", 46, 31, {1, 4}, 10), ("timm:mobilenetv3_large_100", 46, 31, {1, 4}, 0)])
+    ("tv:mobilenet_v3_large", 46, 31, {1, 4}, 10), ("timm:mobilenetv3_large_100", 46, 31, {1, 4}, 10)])
 def test_activations_fused(spec, bns, acts, codes, joins):
     """Every BN fused; every ReLU6 / SiLU / Hardswish after a fused BN applied by its conv (the SE
-    modules' activations follow a conv with a bias, no BN: they run as they are); MobileNetV2's and
-    torchvision MobileNetV3's residual blocks' last BN with the add."""
+    modules' activations follow a conv with a bias, no BN: they run as they are); the residual blocks'
+    last BN with the add (MobileNetV2, MobileNetV3, timm's EfficientNet blocks with ``has_skip``)."""
     model = fused_resnet.fuse(build(spec))
     report = fused_resnet.fusion_report(model)
     assert sum(v.startswith("fused") for v in report.values()) == len(report) == bns
@@ -77,6 +77,17 @@ def test_fp64_parity_reference_backend(spec, train):
     plain, fused = _pair(spec)
     with fused_resnet.use_backend("reference"):
         for _ in range(2 if train else 1):
+            assert_step_matches(plain, fused, _x(), train)
+
+
+def test_efficientnet_skip_join_with_drop_path_fp64():
+    """timm's EfficientNet blocks' skip add with an active DropPath: its per-sample keep-scale is the
+    join's gate, drawn by timm's own module (the same random numbers as unfused)."""
+    plain, fused = _pair("timm:efficientnet_b0", drop_path_rate=0.3)
+    report = fused_resnet.fusion_report(fused)
+    assert sum(v.startswith("fused: with the residual add") for v in report.values()) == 9
+    with fused_resnet.use_backend("reference"):
+        for train in (True, True, False):
             assert_step_matches(plain, fused, _x(), train)
 
 
