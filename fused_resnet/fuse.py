@@ -36,7 +36,7 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _activation, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, distributed
+from . import _activation, _foreign, _joins, _patterns, _preact, _traced_forward, _traced_joins, dense, distributed
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -131,7 +131,7 @@ def find_fusable(model: nn.Module) -> list[str]:
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
     traced_names = [_traced_joins.label(name, m) for name, (m, _) in traced.items()]
-    return blocks + list(found.blocks) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
+    return blocks + list(found.blocks) + list(found.preact) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -184,6 +184,10 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
         if name in found.blocks:
             pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
+        if name in found.preact:  # every norm of a pre-activation block, norm1 (before any conv) too
+            pairs = [(None, m._modules[n]) for n, _ in _patterns.preact_block(m)]
+        elif isinstance(m, _preact.FusedPreActBlock):
+            pairs = [(None, bn) for bn in m.prologue_norms()] + pairs
         ds = downsample_pair(m._modules.get("downsample")) if pairs else None
         state = f"fusable: in the residual block {name or type(m).__name__}"
         if isinstance(m, _FusedBlockMixin):
@@ -252,6 +256,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
         block.__dict__.update(fused_names=names, fused_acts=acts)
         distributed.adopt_sync_batch_norms(block)
+        swapped.append(name)
+    for name, block in found.preact.items():
+        names = _patterns.preact_block(block)  # by its own forward: before its class changes
+        block.__class__ = _foreign.subclass(_preact.FusedPreActBlock, type(block))
+        block.__dict__.update(fused_names=names)
         swapped.append(name)
     for chain in found.chains:
         _fuse_chain(chain)
