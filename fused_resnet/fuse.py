@@ -10,7 +10,9 @@ Five rules, in this order:
   a module with the same children but another ``forward`` would be misread, which is why the
   structure test is strict).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
-  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
+  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place; so do
+  timm's ResNetV2 pre-activation blocks (``_preact.FusedPreActBlock``: each BN + act applied, deferred,
+  in the next conv's prologue).
 - **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
