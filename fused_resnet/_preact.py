@@ -6,14 +6,15 @@ its own activation). Fused (:class:`FusedPreActBlock`, mixed into the block's ow
 
 - training (any of its BNs on batch statistics): ``bn_1``'s batch statistics are one ``var_mean`` read
   of ``x`` (``ops.batch_norm_deferred``; running statistics updated as ``nn.BatchNorm2d`` does) and the
-  BN stays deferred: ``conv_1`` (and the downsample's conv, timm's ``DownsampleConv``) apply
-  ``act(x * scale + shift)`` in their prologue, so the pre-activation is never written. Each link
+  BN stays deferred: ``conv_1`` applies ``act(x * scale + shift)`` in its prologue. Each link
   ``conv_i -> bn_{i+1} -> act -> conv_{i+1}`` is ``ops.conv_bn`` (statistics in the conv's epilogue)
-  feeding the next conv's prologue, as the post-activation blocks' links are. The last conv has no BN
-  after it: ``ops.conv`` (the ``conv_stats`` op with its statistics unused) applies ``bn_k`` in its
-  prologue. The add is ``y + shortcut``, after the block's own DropPath when that drops. Any other
-  downsample module (``DownsampleAvg``'s pooling first) gets the pre-activation written by one
-  ``bn_add_relu`` pass and runs as it is.
+  feeding the next conv's prologue, as the post-activation blocks' links are. A conv with no BN after
+  it (the last one, timm's ``DownsampleConv`` projection) applies its BN in its prologue too
+  (``ops.conv``: the ``conv_stats`` op with its statistics unused), unless its output is wider than its
+  input: then, under autograd, that BN's output is written once and a plain conv runs (fewer bytes kept
+  for backward than the wide output ``conv_stats`` keeps). Any other downsample module
+  (``DownsampleAvg``'s pooling first) gets the pre-activation written by one ``bn_add_relu`` pass and
+  runs as it is. The add is ``y + shortcut``, after the block's own DropPath when that drops.
 - eval (running statistics everywhere): the pre-activation is written once (one ``bn_add_relu``
   pass), ``bn_{i+1}`` is folded into ``conv_i`` with its activation in the conv's epilogue
   (``conv_bias_act``, or the prepared convs of ``prepare_for_inference``), and the last conv adds the
@@ -43,6 +44,21 @@ def norm_deferred(x: torch.Tensor, bn: nn.Module) -> ops.DeferredBN:
 
 def _conv(h, conv: nn.Conv2d, act: int) -> torch.Tensor:
     return ops.conv(h, conv.weight, in_activation=act, **_conv_kwargs(conv))
+
+
+def _widens(conv: nn.Conv2d) -> bool:
+    """Whether ``conv``'s output is larger than its input (more channels than its stride removes pixels)."""
+    return conv.out_channels > conv.in_channels * conv.stride[0] * conv.stride[1]
+
+
+def _conv_without_bn(h, conv: nn.Conv2d, act: int) -> torch.Tensor:
+    """A conv with no BN after it, of the deferred BN ``h``. ``ops.conv`` (the prologue) keeps the conv's
+    output for its backward; when that output is larger than the input (a bottleneck's conv3, a
+    widening projection) and autograd records, the BN's output is written instead (one ``bn_add_relu``
+    pass) and a plain conv keeps that: fewer bytes saved for backward."""
+    if isinstance(h, ops.DeferredBN) and torch.is_grad_enabled() and _widens(conv):
+        h = ops.bn_add_relu(h, activation=act)
+    return _conv(h, conv, act)
 
 
 @_foreign.register_mixin
@@ -103,13 +119,13 @@ class FusedPreActBlock(_FusedBlockMixin):
         if downsample is not None:  # before conv1, as unfused (the order of a synchronised BN's collectives)
             ds_conv = _patterns.preact_downsample_conv(downsample)
             if ds_conv is not None:
-                shortcut = _conv(h, ds_conv, acts[0])
+                shortcut = _conv_without_bn(h, ds_conv, acts[0])
             else:
                 h = ops.bn_add_relu(h, activation=acts[0])  # the pre-activation, written for the module
                 shortcut = downsample(h)
         for conv, bn, act in zip(convs[:-1], norms[1:], acts[:-1]):
             h = conv_bn(h, conv, bn, act)
-        return _conv(h, convs[-1], acts[-1]), shortcut
+        return _conv_without_bn(h, convs[-1], acts[-1]), shortcut
 
     def _eval_forward(self, x, norms, convs, acts, downsample):
         prepared = None

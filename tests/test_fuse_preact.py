@@ -193,3 +193,15 @@ def test_batch_norm_deferred_and_conv_match_aten(act):
         evald = ops.batch_norm_deferred(x, g, b, rm, rv, training=False)
         ref = F.batch_norm(x, rm, rv, g, b, False, 0.1, 1e-5)
         assert relative_error(evald.y * evald.scale.view(-1, 1, 1) + evald.shift.view(-1, 1, 1), ref) <= TOL
+
+
+def test_native_channels_last_and_compile():
+    """fp64 on the default (native when built) backend in channels_last, and under torch.compile
+    (aot_eager: the fused ops traced in training; eval runs the block's own forward, ATen)."""
+    plain, fused = _pair("resnetv2_50d")
+    x = _x().to(memory_format=torch.channels_last)
+    assert_step_matches(plain, fused, x, train=True)
+    compiled = torch.compile(fused, backend="aot_eager")
+    with fused_resnet.use_backend("reference"):
+        assert_step_matches(plain, compiled, _x(), train=True)
+        assert_step_matches(plain, compiled, _x(), train=False)
