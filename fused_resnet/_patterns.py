@@ -254,7 +254,8 @@ def preact_model_note(m: nn.Module, notes: dict[int, str]) -> None:
     tmv = loaded_module("timm.models.resnetv2")
     if tmv is not None and isinstance(m, tmv.ResNetV2) and isinstance(m._modules.get("norm"), _BatchNorm):
         notes[id(m._modules["norm"])] = "the pre-activation model's final BN + act: it follows the last block's " \
-            "residual add and feeds the head's pooling, no conv whose prologue could apply it; it runs as its own module"
+            "residual add and feeds the head's pooling, no conv whose prologue could apply it; it runs as its own " \
+            "module"
 
 
 def preact_block_intact(block: nn.Module) -> bool:

@@ -51,11 +51,11 @@ def _widens(conv: nn.Conv2d) -> bool:
     return conv.out_channels > conv.in_channels * conv.stride[0] * conv.stride[1]
 
 
-def _conv_without_bn(h, conv: nn.Conv2d, act: int) -> torch.Tensor:
+def conv_without_bn(h, conv: nn.Conv2d, act: int) -> torch.Tensor:
     """A conv with no BN after it, of the deferred BN ``h``. ``ops.conv`` (the prologue) keeps the conv's
     output for its backward; when that output is larger than the input (a bottleneck's conv3, a
     widening projection) and autograd records, the BN's output is written instead (one ``bn_add_relu``
-    pass) and a plain conv keeps that: fewer bytes saved for backward."""
+    pass) and a plain conv keeps that: fewer bytes saved for backward. A plain ``h``: the conv."""
     if isinstance(h, ops.DeferredBN) and torch.is_grad_enabled() and _widens(conv):
         h = ops.bn_add_relu(h, activation=act)
     return _conv(h, conv, act)
@@ -119,13 +119,13 @@ class FusedPreActBlock(_FusedBlockMixin):
         if downsample is not None:  # before conv1, as unfused (the order of a synchronised BN's collectives)
             ds_conv = _patterns.preact_downsample_conv(downsample)
             if ds_conv is not None:
-                shortcut = _conv_without_bn(h, ds_conv, acts[0])
+                shortcut = conv_without_bn(h, ds_conv, acts[0])
             else:
                 h = ops.bn_add_relu(h, activation=acts[0])  # the pre-activation, written for the module
                 shortcut = downsample(h)
         for conv, bn, act in zip(convs[:-1], norms[1:], acts[:-1]):
             h = conv_bn(h, conv, bn, act)
-        return _conv_without_bn(h, convs[-1], acts[-1]), shortcut
+        return conv_without_bn(h, convs[-1], acts[-1]), shortcut
 
     def _eval_forward(self, x, norms, convs, acts, downsample):
         prepared = None

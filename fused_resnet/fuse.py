@@ -133,7 +133,8 @@ def find_fusable(model: nn.Module) -> list[str]:
     chains = [c.name for c in found.chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
     traced_names = [_traced_joins.label(name, m) for name, (m, _) in traced.items()]
-    return blocks + list(found.blocks) + list(found.preact) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
+    return (blocks + list(found.blocks) + list(found.preact) + list(joins) + traced_names + chains + broken
+            + dense.find_dense(model))
 
 
 def _is_block(m: nn.Module) -> bool:

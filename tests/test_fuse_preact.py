@@ -205,3 +205,94 @@ def test_native_channels_last_and_compile():
     with fused_resnet.use_backend("reference"):
         assert_step_matches(plain, compiled, _x(), train=True)
         assert_step_matches(plain, compiled, _x(), train=False)
+
+
+# A hand-written pre-activation ResNet (the common CIFAR PreActBlock): fused through its traced forward.
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += shortcut
+        return out
+
+
+class PreActResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.layer1 = nn.Sequential(PreActBlock(8, 8), PreActBlock(8, 8))
+        self.layer2 = nn.Sequential(PreActBlock(8, 16, 2))
+        self.bn = nn.BatchNorm2d(16)
+        self.linear = nn.Linear(16, 10)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _cifar_pair():
+    torch.manual_seed(0)
+    plain = randomize_bns(PreActResNet().to(F64))
+    return plain, fused_resnet.fuse(copy.deepcopy(plain))
+
+
+def _cx(dtype=F64):
+    return torch.randn(4, 3, 8, 8, dtype=dtype)
+
+
+def test_hand_written_preact_block_conv_bn_relu_conv_link_in_the_prologue(monkeypatch):
+    """conv1 -> bn2 -> relu -> conv2: bn2 and the ReLU applied in conv2's prologue in training (ops.conv
+    runs once a block and step), folded in eval; bn1 (no conv before it) says why it is not fused."""
+    plain, fused = _cifar_pair()
+    report = fused_resnet.fusion_report(fused)
+    assert report["layer1.0.bn2"] == "fused: with its conv and ReLU in the forward of layer1.0"
+    assert report["layer1.0.bn1"].startswith("not fused: its input is not a conv's output")
+    assert [s[0] for s in fused.layer1[0].traced_plan.steps].count("conv_in") == 1
+    calls, real = [], ops.conv
+    monkeypatch.setattr(ops, "conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with fused_resnet.use_backend("reference"):
+        for _ in range(2):
+            assert_step_matches(plain, fused, _cx(), train=True)
+        assert len(calls) == 2 * 3
+        assert_step_matches(plain, fused, _cx(), train=False)
+        plain.eval(), fused.eval()
+        x = _cx()
+        with torch.inference_mode():
+            assert relative_error(fused(x), plain(x)) <= TOL
+            fused_resnet.prepare_for_inference(fused)
+            assert relative_error(fused(x), plain(x)) <= TOL
+    assert len(calls) == 2 * 3  # eval: folded, no prologue
+
+
+def test_hand_written_preact_fp32_hooks_and_unfuse():
+    plain, fused = _cifar_pair()
+    plain32, fused32 = copy.deepcopy(plain).float(), copy.deepcopy(fused).float()
+    assert all(block.fusable() for block in (*fused32.layer1, *fused32.layer2))
+    assert_fp32_within_eager(plain32, fused32, copy.deepcopy(plain), _cx(torch.float32))
+    seen_plain, seen_fused = [], []
+    plain.layer1[1].conv2.register_forward_hook(lambda m, a, o: seen_plain.append(a[0].clone()))
+    handle = fused.layer1[1].conv2.register_forward_hook(lambda m, a, o: seen_fused.append(a[0].clone()))
+    assert not fused.layer1[1].fusable()  # the hook sees conv2's real input: the block runs its own forward
+    with fused_resnet.use_backend("reference"):
+        assert_step_matches(plain, fused, _cx(), train=True)
+    assert len(seen_fused) == 1 and relative_error(seen_fused[0], seen_plain[0]) <= TOL
+    handle.remove()
+    assert fused.layer1[1].fusable()
+    fused_resnet.unfuse(fused)
+    assert type(fused.layer1[0]) is PreActBlock
+    plain.load_state_dict(fused.state_dict())
+    x = _cx()
+    assert torch.equal(fused.eval()(x), plain.eval()(x))
