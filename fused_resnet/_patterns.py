@@ -238,7 +238,8 @@ def why_not_preact(m: nn.Module, names) -> str | None:
             return "a norm's drop is not nn.Identity or its activation is not one the kernels apply (ReLU, ReLU6, SiLU)"
     if not droppable(m._modules.get("drop_path"), "DropPath"):
         return "its drop_path is not timm's"
-    mods = norms + convs + [x.act for x in norms] + [m._modules.get("drop_path"), m._modules.get("downsample")]
+    mods = norms + convs + [x.act for x in norms] + [x.drop for x in norms] + [m._modules.get("drop_path"),
+                                                                                m._modules.get("downsample")]
     if any(x is not None and has_hooks(x) for x in mods):
         return "a module of the block has hooks"
     if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
