@@ -9,7 +9,8 @@ timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm'
 class a *run* lists children the forward calls one after the other, each on the previous one's
 output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
 the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
-its own). Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
+its own). timm's ResNetV2 pre-activation blocks are recognised here too (``preact_block``) and fused
+whole by ``_preact``. Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
 a model built from them has imported them.
 """
 
