@@ -10,7 +10,8 @@ timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm'
 class a *run* lists children the forward calls one after the other, each on the previous one's
 output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
 the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
-its own). Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
+its own). timm's ResNetV2 pre-activation blocks are recognised here too (``preact_block``) and fused
+whole by ``_preact``. Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
 a model built from them has imported them.
 """
 
@@ -214,6 +215,71 @@ def residual_block_intact(block: nn.Module) -> bool:
     return why_not_residual(block, block.fused_names, block.fused_acts) is None
 
 
+# Pre-activation blocks (timm's ResNetV2, fused whole by ``_preact``) ------------------------------
+
+
+def preact_block(m: nn.Module) -> tuple[tuple[str, str], ...] | None:
+    """(norm, conv) names of a timm ``PreActBottleneck`` / ``PreActBasic``, by its forward:
+    ``conv_k(norm_k(...conv_1(norm_1(x)))) + shortcut`` (``downsample(norm_1(x))`` or ``x``)."""
+    tmv = loaded_module("timm.models.resnetv2")
+    if tmv is not None and is_own(m, tmv.PreActBottleneck, "forward"):
+        return ("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3")
+    if tmv is not None and is_own(m, tmv.PreActBasic, "forward"):
+        return ("norm1", "conv1"), ("norm2", "conv2")
+    return None
+
+
+def preact_downsample_conv(ds: nn.Module | None) -> nn.Conv2d | None:
+    """The conv of timm's ``DownsampleConv`` with ``preact=True`` (``norm`` an ``nn.Identity``): a plain
+    conv of the block's pre-activation that the fused block runs with norm1 as its prologue."""
+    tmv = loaded_module("timm.models.resnetv2")
+    if tmv is None or not is_own(ds, tmv.DownsampleConv, "forward") or type(ds._modules.get("norm")) is not nn.Identity:
+        return None
+    conv = ds._modules.get("conv")
+    return conv if is_fusable_conv(conv) and not has_hooks(conv) and not has_hooks(ds._modules["norm"]) else None
+
+
+def why_not_preact(m: nn.Module, names) -> str | None:
+    """Why the pre-activation block ``m`` cannot run fused (None: it can)."""
+    norms = [m._modules.get(n) for n, _ in names]
+    convs = [m._modules.get(c) for _, c in names]
+    if not all(isinstance(c, nn.Conv2d) and is_fusable_conv(c) for c in convs):
+        return "its convs are not plain zero-padded Conv2d(bias=False) (BiT's StdConv2d standardises its weight " \
+            "on every call: a different conv)"
+    for norm, conv in zip(norms, convs):
+        if not (norm_act(norm) and norm.num_features == conv.in_channels):
+            return f"its norms are not timm BatchNormAct2d over the conv's input channels (a {type(norm).__name__}; " \
+                "GroupNormAct, BiT's, normalises per sample and group: no per-channel scale/shift for a conv prologue)"
+        if type(norm.drop) is not nn.Identity or _activation.module_code(norm.act) is None:
+            return "a norm's drop is not nn.Identity or its activation is not one the kernels apply (ReLU, ReLU6, SiLU)"
+    if not droppable(m._modules.get("drop_path"), "DropPath"):
+        return "its drop_path is not timm's"
+    mods = norms + convs + [x.act for x in norms] + [x.drop for x in norms] + [m._modules.get("drop_path"),
+                                                                                m._modules.get("downsample")]
+    if any(x is not None and has_hooks(x) for x in mods):
+        return "a module of the block has hooks"
+    if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
+        return "its convs' channels do not chain"
+    if m._modules.get("downsample") is None and (
+            convs[0].in_channels != convs[-1].out_channels or any(c.stride != (1, 1) for c in convs)):
+        return "no downsample, but the block changes the shape"
+    return None
+
+
+def preact_model_note(m: nn.Module, notes: dict[int, str]) -> None:
+    """Why timm ResNetV2's final ``norm`` (BN + act after the last block) is not fused, into ``notes``."""
+    tmv = loaded_module("timm.models.resnetv2")
+    if tmv is not None and isinstance(m, tmv.ResNetV2) and isinstance(m._modules.get("norm"), _BatchNorm):
+        notes[id(m._modules["norm"])] = "the pre-activation model's final BN + act: it follows the last block's " \
+            "residual add and feeds the head's pooling, no conv whose prologue could apply it; it runs as its own " \
+            "module"
+
+
+def preact_block_intact(block: nn.Module) -> bool:
+    """Whether a fused pre-activation block still has the structure ``fuse`` found (checked on every call)."""
+    return why_not_preact(block, block.fused_names) is None
+
+
 # The scan --------------------------------------------------------------------------------------
 
 
@@ -242,6 +308,7 @@ class Scan:
     chains: list[Chain]
     blocks: dict[str, nn.Module]  # timm blocks to fuse whole, by qualified name
     notes: dict[int, str]  # id(BN) -> why it is not fused
+    preact: dict[str, nn.Module] = field(default_factory=dict)  # timm pre-activation blocks, by qualified name
 
 
 def scan(model: nn.Module, block_class, taken: set[int] = frozenset()) -> Scan:
@@ -262,13 +329,24 @@ def scan(model: nn.Module, block_class, taken: set[int] = frozenset()) -> Scan:
                 chain = [(m._modules[c], m._modules[b]) for c, b in spec[0]]
             else:
                 out.notes[id(m._modules.get(spec[0][-1][1]))] = f"not with the residual add: {reason}"
+        elif (pre := preact_block(m)) is None:
+            preact_model_note(m, out.notes)
+        else:
+            reason = why_not_preact(m, pre)
+            if reason is None:
+                out.preact[name] = m
+                chain = [(m._modules[c], m._modules[n]) for (_, c), (n, _) in zip(pre, pre[1:])]
+                reserved.add(id(m._modules[pre[0][0]]))
+            else:
+                for n, _ in pre:
+                    out.notes[id(m._modules.get(n))] = f"not in its pre-activation block: {reason}"
         if chain is not None:
             ds = downsample_pair(m._modules.get("downsample"))
             reserved.update(id(x) for pair in chain + ([ds] if ds else []) for x in pair)
             if ds is not None:
                 reserved.add(id(m._modules["downsample"]))
     for name, m in model.named_modules():
-        if id(m) in reserved or isinstance(m, _FusedBlockMixin) or name in out.blocks:
+        if id(m) in reserved or isinstance(m, _FusedBlockMixin) or name in out.blocks or name in out.preact:
             continue
         for run in known_runs(m) or []:
             _scan_run(run, m, names, uses, reserved, out)

@@ -7,6 +7,10 @@ by one *join* step) and runs it. A join step is ``_joins.join_forward``: in trai
 branch's last BN, the shortcut's BN (when the shortcut is a conv -> BN), the add and the ReLU are
 one ``bn_add_relu`` pass on the deferred BNs (``conv_bn`` -> ``(y, scale, shift)``); in eval both
 BNs are folded and the add and ReLU run in the conv's epilogue (prepared convs when prepared).
+A conv -> BN (-> ReLU) chain written out in the forward whose only reader is a plain conv (the
+``conv1 -> bn2 -> relu -> conv2`` link of a hand-written pre-activation block) stays deferred in
+training: that conv applies the BN and ReLU in its prologue (a ``conv_in`` step, ``ops.conv``), so
+the chain's output is never written; in eval the chain is folded and the conv runs as it is.
 
 Only this instance changes: its class becomes ``_foreign.subclass(FusedTracedForward, its class)``
 (other instances of the user's class keep their own forward). The plan holds the traced modules by
@@ -20,13 +24,13 @@ module runs its own forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.fx import _symbolic_trace
 
-from . import _activation, _foreign, _joins, distributed, inference, ops
+from . import _activation, _foreign, _joins, _preact, distributed, inference, ops
 from .modules import _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
     warn_if_global_hooks
 
@@ -53,12 +57,15 @@ class TracedJoin:
     relu: bool
     relu_module: nn.Module | None  # an nn.ReLU child applied after the add (checked for hooks)
     add: bool = True  # False: a conv -> BN (-> ReLU) chain written out in the forward, no add
+    # A chain's only reader, a plain conv (owner, name, conv): in training it applies the chain's BN (and
+    # ReLU) in its prologue (a "conv_in" step), so the chain's output is never written (pre-activation).
+    consumer: tuple | None = None
 
     def __post_init__(self):
         # Tuples made once: the checks run on every call (host time).
         main = (self.main[0][2], self.main[1][2])
         self.pairs = tuple(([(self.short[0][2], self.short[1][2])] if self.short else []) + [main])
-        self.slots = tuple(self.main) + tuple(self.short or ())
+        self.slots = tuple(self.main) + tuple(self.short or ()) + ((self.consumer,) if self.consumer else ())
         self.covered = tuple(s[2] for s in self.slots) + tuple(
             m for m in (self.main_seq, self.short_seq, self.relu_module) if m is not None)
 
@@ -76,6 +83,7 @@ class Plan:
     joins: list[TracedJoin]
     owners: list  # (container, names, children) of every container on a traced path
     attrs: list  # (name, value) of the traced module's plain attributes
+    notes: dict = field(default_factory=dict)  # id(BN) -> why the trace found it not fusable (fusion_report)
 
     def __post_init__(self):
         self.pairs = [p for j in self.joins for p in j.pairs]  # eval_pairs, when fusable
@@ -113,6 +121,8 @@ def _join(join: TracedJoin, h, short, prepared):
     if not join.add:  # as FusedConvBN2d does
         if not _uses_batch_stats(bn):
             return eval_conv(h, conv, bn, None, act, prepared[0] if prepared else None)
+        if join.consumer is not None:  # left deferred: the consumer's "conv_in" step applies it
+            return conv_bn(h, conv, bn)
         return ops.bn_add_relu(conv_bn(h, conv, bn), activation=act)
     pair = (join.short[0][2], join.short[1][2]) if join.short else None
     if not isinstance(h, torch.Tensor) or h.dim() != 4 or pair is None and not (
@@ -143,6 +153,9 @@ def run(module: nn.Module, plan: Plan, args, prepared) -> object:
             children = list(step[1]._modules.values())
             for child in children[:-2]:
                 value = child(value)
+        elif kind == "conv_in":  # a conv reading a chain's output: its BN (deferred) in the prologue
+            h, conv = env[step[2].index], step[1]
+            value = conv(h) if not isinstance(h, ops.DeferredBN) else _preact.conv_without_bn(h, conv, step[3])
         elif kind == "join":
             join, start = joins[step[1]], offsets[step[1]]
             value = _join(join, env[step[2].index], env[step[3].index] if step[3] else None,
@@ -184,7 +197,7 @@ def _join_intact(join: TracedJoin) -> bool:
     for c, b in join.pairs:
         if not (is_fusable_conv(c) and _joins._plain_norm(b, c.out_channels)):
             return False
-    return True
+    return join.consumer is None or is_fusable_conv(join.consumer[2])
 
 
 @_foreign.register_mixin

@@ -11,6 +11,8 @@ by a ReLU (``F.relu``, ``torch.relu``, ``.relu()``/``.relu_()``, an ``nn.ReLU`` 
 not) that reads only the add, where ``a`` is the main branch: the output of a child ``nn.Sequential``
 ending in conv -> BN, or of ``self.bn(self.conv(h))``, read by nothing but the add. ``b`` is a
 conv -> BN shortcut of the same kinds, or any other tensor (the module's input, a pooled shortcut).
+A chain ``bn(conv(h))`` (-> ReLU) written out in the forward whose one reader is a plain conv is
+left deferred for that conv's prologue (``_traced_forward``'s ``conv_in`` step).
 Only straight-line forwards: a trace that fails (data-dependent control flow), a forward that traces
 differently in training and in eval, or operands read elsewhere leave the module as it is, with the
 reason in ``fusion_report``. Python ``if``/``for`` on attributes and children are specialised at
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _joins, _patterns
+from . import _activation, _joins, _patterns
 from ._traced_forward import _PLAIN, FusedTracedForward, Plan, Ref, TracedJoin
 from .modules import has_hooks, is_fusable_conv
 
@@ -189,16 +191,38 @@ def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
             main, short, a, b = short, None, b, a
         if main is None or (inplace and node.args[0] is not a and short is None):
             continue  # no conv -> BN branch, or an add into a tensor that others may read
-        joins.append((node, _relu_after(node, root), a, main, b, short))
+        joins.append((node, _relu_after(node, root), a, main, b, short, None))
     taken = {n for j in joins for n in (j[2], j[4]) if n is not None}
     # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch; a ResNet-like model's stem
     # (conv1 -> bn1, _patterns.known_runs) is left to the chain rule, as before.
     for node in graph.nodes if _patterns.known_runs(root) is None else ():
         if node.op == "call_module" and node not in taken and isinstance(root.get_submodule(node.target), _BatchNorm):
             chain, _ = _branch(node, root, uses, calls, operand=False)
+            if chain is None and not (node.args and isinstance(node.args[0], fx.Node)
+                                      and node.args[0].op == "call_module"):
+                notes.setdefault(id(root.get_submodule(node.target)), "its input is not a conv's output in this "
+                                 "forward (a pre-activation BN: fused only in timm's ResNetV2 blocks)")
             if chain is not None and chain[1] is None:
-                joins.append((node, _relu_after(node, root), node, chain, None, None))
-    return joins, notes
+                relu = _relu_after(node, root)
+                joins.append((node, relu, node, chain, None, None, _consumer(relu[0] if relu else node, root, uses,
+                                                                             calls)))
+    # A conv that another join or chain runs itself (bn(conv(h)) written out) is no "conv_in" consumer.
+    absorbed = {op.args[0] for j in joins for op, br in ((j[2], j[3]), (j[4], j[5]))
+                if br is not None and br[1] is None}
+    return [j[:6] + (None if j[6] in absorbed else j[6],) for j in joins], notes
+
+
+def _consumer(node: fx.Node, root: nn.Module, uses, calls) -> fx.Node | None:
+    """The plain conv (``call_module``) that alone reads a chain's output ``node`` and nothing else, used
+    once in the model and without hooks: it can apply the chain's BN (and ReLU) in its prologue."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or _single_input(user) is not node or calls[user.target] != 1:
+        return None
+    conv = root.get_submodule(user.target)
+    ok = isinstance(conv, nn.Conv2d) and is_fusable_conv(conv) and uses[id(conv)] == 1 and not has_hooks(conv)
+    return user if ok else None
 
 
 def _arg(a, pos):
@@ -229,11 +253,14 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
     """The plan of ``graph``: every node a step, but each join's branches, add and ReLU one join step."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     pos = {n: i for i, n in enumerate(inputs)}
-    branches, adds, relus, skip, joins = {}, {}, {}, set(), []
-    for node, relu, a, main, b, short in found:
+    branches, adds, relus, skip, joins, consumers = {}, {}, {}, set(), [], {}
+    for node, relu, a, main, b, short, consumer in found:
         adds[node] = (len(joins), a, b)
+        if consumer is not None:
+            consumers[consumer] = _activation.RELU if relu is not None else _activation.NONE
         joins.append(TracedJoin(main[0], main[1], short[0] if short else None, short[1] if short else None,
-                                relu is not None, relu[1] if relu else None, add=b is not None))
+                                relu is not None, relu[1] if relu else None, add=b is not None,
+                                consumer=_slot(root, consumer.target) if consumer is not None else None))
         if relu is not None:
             relus[relu[0]] = node
         for operand, branch in ((a, main), (b, short)):
@@ -263,6 +290,8 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
             emit(node, ("join", k, Ref(pos[a]), Ref(pos[b])))
         elif node in relus:
             pos[node] = pos[relus[node]]  # applied by the join
+        elif node in consumers:
+            emit(node, ("conv_in", root.get_submodule(node.target), Ref(pos[node.args[0]]), consumers[node]))
         elif node.op == "call_module":
             emit(node, ("call_module", root.get_submodule(node.target), _arg(node.args, pos), _arg(node.kwargs, pos)))
         elif node.op in ("call_function", "call_method"):
@@ -295,6 +324,8 @@ def find(model: nn.Module, skip, taken: set[int] = frozenset(), model_zoo: bool 
     for name, m in model.named_modules():
         if isinstance(m, FusedTracedForward):
             reserved |= _join_ids(m.traced_plan)
+            for key, note in m.traced_plan.notes.items():  # what its trace found not fusable, as at fuse
+                notes.setdefault(key, note)
             continue
         if not traced_here(m) or skip(m) or not (ends := _bn_ends(m)):
             continue
@@ -315,6 +346,7 @@ def find(model: nn.Module, skip, taken: set[int] = frozenset(), model_zoo: bool 
         ids = _join_ids(plan)
         if ids & (reserved | set(taken)):
             continue
+        plan.notes = join_notes
         found[name] = (m, plan)
         reserved |= ids
     return found, notes, reserved

@@ -10,7 +10,9 @@ Six rules, in this order:
   a forward other than torchvision's must have its data flow, traced with torch.fx, ``_dataflow``;
   timm's DLA blocks have the same children and another forward).
 - **timm's ResNet blocks** (by the identity of their ``forward``) without SE / anti-aliasing: their
-  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place.
+  class becomes a fused subclass of their own (``_foreign.FusedResidualBlock``), in place; so do
+  timm's ResNetV2 pre-activation blocks (``_preact.FusedPreActBlock``: each BN + act applied, deferred,
+  in the next conv's prologue).
 - **residual joins outside ResNet blocks** (torchvision's ``InvertedResidual`` and RegNet
   ``ResBottleneckBlock``, timm's RegNet ``Bottleneck``, by the identity of their ``forward``): their
   class becomes a fused subclass of their own (``_joins.FusedResidualJoin``) whose last BN, shortcut
@@ -39,8 +41,8 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _activation, _dataflow, _foreign, _joins, _patterns, _traced_forward, _traced_joins, dense, \
-    distributed, resnet_arch
+from . import _activation, _dataflow, _foreign, _joins, _patterns, _preact, _traced_forward, _traced_joins, \
+    dense, distributed, resnet_arch
 from .distributed import FusedAwaySyncBatchNorm2d
 from ._foreign import FusedAwayNormAct, FusedResidualBlock
 from .modules import (
@@ -153,7 +155,8 @@ def find_fusable(model: nn.Module) -> list[str]:
     chains = [c.name for c in zoo_chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
     traced_names = [_traced_joins.label(name, m) for name, (m, _) in (traced | zoo).items()]
-    return blocks + list(found.blocks) + list(joins) + traced_names + chains + broken + dense.find_dense(model)
+    return (blocks + list(found.blocks) + list(found.preact) + list(joins) + traced_names + chains + broken
+            + dense.find_dense(model))
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -166,7 +169,7 @@ def _model_zoo_pass(model: nn.Module, joins: dict, found: _patterns.Scan, taken:
     (``_traced_joins.find``), outside the modules the other rules swap whole (blocks, joins, dense
     blocks and transitions). Returns ``_traced_joins.find``'s three values and the chains left to
     the chain rule (those whose conv and BN no traced plan applies)."""
-    whole = [m for _, (m, _) in joins.items()] + list(found.blocks.values()) + [
+    whole = [m for _, (m, _) in joins.items()] + list(found.blocks.values()) + list(found.preact.values()) + [
         m for m in model.modules() if _is_block(m) or isinstance(m, (_FusedBlockMixin, *dense.FUSED))
         or dense.recognised(m)]
     inside = {id(sub) for m in whole for sub in m.modules()}
@@ -222,6 +225,10 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
         if name in found.blocks:
             pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
+        if name in found.preact:  # every norm of a pre-activation block, norm1 (before any conv) too
+            pairs = [(None, m._modules[n]) for n, _ in _patterns.preact_block(m)]
+        elif isinstance(m, _preact.FusedPreActBlock):
+            pairs = [(None, bn) for bn in m.prologue_norms()] + pairs
         ds = downsample_pair(m._modules.get("downsample")) if pairs else None
         state = f"fusable: in the residual block {name or type(m).__name__}"
         if isinstance(m, _FusedBlockMixin):
@@ -293,6 +300,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
         block.__dict__.update(fused_names=names, fused_acts=acts)
         distributed.adopt_sync_batch_norms(block)
+        swapped.append(name)
+    for name, block in found.preact.items():
+        names = _patterns.preact_block(block)  # by its own forward: before its class changes
+        block.__class__ = _foreign.subclass(_preact.FusedPreActBlock, type(block))
+        block.__dict__.update(fused_names=names)
         swapped.append(name)
     zoo, _, _, chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
     for name, (module, plan) in zoo.items():  # the forwards of torchvision / timm modules no rule knows

@@ -239,3 +239,64 @@ def conv_bn_relu(
     deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                        training=training, momentum=momentum, eps=eps, process_group=process_group, **conv)
     return bn_add_relu(deferred, activation=act)
+
+
+def batch_norm_deferred(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> DeferredBN:
+    """``batch_norm(x)`` of an activation ``x`` (NCHW or channels_last), left deferred: ``x`` itself
+    with the BN's per-channel ``scale``/``shift``, for a pre-activation block whose convs apply
+    ``act(x * scale + shift)`` in their prologue (:func:`conv_bn`, :func:`conv`), so that the
+    normalised activation is never written. In training the batch mean and biased variance are one
+    ``var_mean`` read of ``x`` (in fp32, fp64 for fp64) and the running statistics are updated in
+    place exactly as ``nn.BatchNorm2d`` does (``process_group``: whole-batch statistics, as in
+    :func:`conv_bn`); in eval the running statistics are used. Differentiable."""
+    sdt = stat_dtype(x.dtype)
+    if not uses_batch_stats(training, running_mean, running_var):
+        return DeferredBN(x, *_ops.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps))
+    var, mean = torch.var_mean(x.to(sdt), dim=(0, 2, 3), correction=0)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    synced = training and process_group is not None
+    if synced:
+        mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
+    if training and running_mean is not None and running_var is not None:
+        if num_batches_tracked is None:
+            if momentum is None:
+                raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
+            num_batches_tracked = torch.zeros((), dtype=torch.long, device=x.device)
+        update = _sync_stats.update_running_stats_ if synced else _ops.update_running_stats_
+        update(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
+    return DeferredBN(x, *_ops.bn_finalize(mean, var, bn_weight, bn_bias, eps))
+
+
+def conv(
+    x: torch.Tensor | DeferredBN,
+    weight: torch.Tensor,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    in_activation: str | int | None = "relu",
+) -> torch.Tensor:
+    """``conv2d(act(y * scale + shift), weight)`` of a deferred BN ``x`` (``in_activation`` as in
+    :func:`conv_bn`): a conv with no BN after it (a pre-activation block's last conv or projection)
+    that applies the previous BN in its prologue. It is the ``conv_stats`` op with its statistics
+    unused (an extra per-channel reduction of the output, no extra write); a plain ``x``: ``conv2d``."""
+    if not isinstance(x, DeferredBN):
+        return torch.nn.functional.conv2d(x, weight, None, _pair(stride), _pair(padding), _pair(dilation), groups)
+    y, in_scale, in_shift = x
+    y, weight = _autocast(y, weight)
+    out, _, _ = _ops.conv_stats(y, in_scale, in_shift, _activation.from_flag(in_activation, None), weight,
+                                *_conv_args(stride, padding, dilation, groups))
+    return out

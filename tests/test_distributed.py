@@ -178,6 +178,30 @@ def _standalone_sync_bn(rank, sizes, dtype):
         assert_close(getattr(bn, name), getattr(ref, name), tol=tol, name=name)
 
 
+def _deferred_bn(rank, sizes, dtype):
+    """``ops.batch_norm_deferred`` with a process group (a pre-activation block's norm1): the whole
+    batch's statistics, as ``nn.BatchNorm2d`` on the whole batch (output, input gradient, running stats)."""
+    torch.manual_seed(4)
+    ref = nn.BatchNorm2d(6, momentum=None).to(dtype)
+    nn.init.uniform_(ref.weight, 0.5, 1.5), nn.init.uniform_(ref.bias, -0.5, 0.5)
+    bn = copy.deepcopy(ref)
+    x = (torch.randn(sum(sizes), 6, 5, 3, dtype=dtype) * 3 + 2).requires_grad_()
+    g = torch.randn_like(x)
+    out_ref = ref(x)
+    (out_ref * g).sum().backward()
+    xr = _split(x.detach(), sizes, rank).requires_grad_()
+    d = fused_resnet.ops.batch_norm_deferred(xr, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                             bn.num_batches_tracked, momentum=None, eps=bn.eps,
+                                             process_group=dist.group.WORLD)
+    out = d.y * d.scale.view(-1, 1, 1) + d.shift.view(-1, 1, 1)
+    (out * _split(g, sizes, rank)).sum().backward()
+    tol = tolerance(dtype)
+    assert_close(out, _split(out_ref, sizes, rank), tol=tol, name="output")
+    assert_close(xr.grad, _split(x.grad, sizes, rank), tol=tol, name="grad input")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(bn, name), getattr(ref, name), tol=tol, name=name)
+
+
 def _large_mean_merge(rank, sizes, dtype):
     """fp32 statistics of data with |mean| = 1e4 * std: the merge keeps the variance exact, where
     an all-reduce of sum and sum of squares would lose ~8 digits of it."""
@@ -243,6 +267,7 @@ SCENARIOS = {
                                                           own_group=True),
     "standalone_fp64": lambda r: _standalone_sync_bn(r, [5, 2], torch.float64),
     "large_mean": lambda r: _large_mean_merge(r, [3, 2], torch.float32),
+    "deferred_bn_fp64": lambda r: _deferred_bn(r, [3, 2], torch.float64),
     "channel_mismatch": lambda r: _channel_mismatch(r, None, None),
     "bad_group_type": lambda r: _bad_group_type(r, None, None),
     "not_a_member": lambda r: _not_a_member(r, None, None),
