@@ -202,6 +202,12 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     if any(has_hooks(x) for pair in pairs for x in pair) or any(has_hooks(a) for a in activations):
         return "a module of the block has hooks"
     convs = [c for c, _ in pairs]
+    return _shape_reason(m, convs)
+
+
+def _shape_reason(m: nn.Module, convs: list[nn.Module]) -> str | None:
+    """Why a residual block's convs cannot be its chain: channels that do not chain, or a shape
+    change without a downsample to match it (None: they can)."""
     if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
         return "its convs' channels do not chain"
     if m._modules.get("downsample") is None and (
@@ -258,12 +264,7 @@ def why_not_preact(m: nn.Module, names) -> str | None:
                                                                                 m._modules.get("downsample")]
     if any(x is not None and has_hooks(x) for x in mods):
         return "a module of the block has hooks"
-    if any(a.out_channels != b.in_channels for a, b in zip(convs, convs[1:])):
-        return "its convs' channels do not chain"
-    if m._modules.get("downsample") is None and (
-            convs[0].in_channels != convs[-1].out_channels or any(c.stride != (1, 1) for c in convs)):
-        return "no downsample, but the block changes the shape"
-    return None
+    return _shape_reason(m, convs)
 
 
 def preact_model_note(m: nn.Module, notes: dict[int, str]) -> None:
