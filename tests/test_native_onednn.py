@@ -70,7 +70,8 @@ def test_prepacked_conv_matches_the_reference(layout, case, epilogue, grad_mode)
 @pytest.mark.parametrize("code", sorted(_activation.NAMES), ids=lambda c: str(_activation.NAMES[c]))
 def test_prepacked_conv_applies_every_activation_code(layout, code):
     """Each activation code as oneDNN's post-op (ReLU6 ``hardtanh``, SiLU ``swish``, Hardswish
-    ``hardswish``), the pre-activation straddling 0, 6 and Hardswish's kinks at -3 and 3; with a
+    ``hardswish``, LeakyReLU ``leaky_relu`` with its slope), the pre-activation straddling 0, 6 and
+    Hardswish's kinks at -3 and 3; with a
     residual, the codes the binary op cannot take (it raises for them) are declined (the generic op)."""
     x, w, b, r, conv = _inputs(layout)
     x, r = x * 4, r * 4
