@@ -96,9 +96,9 @@ def conv_bn(
     ``x`` is an activation, or a :class:`DeferredBN` whose ``act(y * scale + shift)`` the conv
     applies while loading its input (``in_activation``: ``"relu"``, ``"relu6"``, ``"silu"``,
     ``"hardswish"``, ``"leaky_relu"``, ``"leaky_relu_0.1"`` or None; ``in_relu``, when given, overrides
-    it: True ReLU, False none). In training the batch statistics are computed in the conv's epilogue and the running statistics updated in place exactly as
-    ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
-    statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
+    it: True ReLU, False none). In training the batch statistics are computed in the conv's epilogue
+    and the running statistics updated in place exactly as ``nn.BatchNorm2d`` does (``momentum=None``:
+    cumulative average); in eval the running statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
     those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
     :mod:`fused_resnet._sync_stats`: one all-gather of ``2C + 1`` values forward, one all-reduce
     of ``2C`` backward).

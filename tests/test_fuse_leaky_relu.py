@@ -14,13 +14,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
 from torch import nn
 
 import fused_resnet
 from fused_resnet import _activation, modules
 from fused_resnet._tolerances import relative_error, tolerance
-
-from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
 
 timm = pytest.importorskip("timm")
 

@@ -22,7 +22,8 @@ LEAKY_RELU_0_1 = tl.constexpr(_activation.LEAKY_RELU_0_1)
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
     """``act(z)``: ReLU, ReLU6 (``hardtanh(z, 0, 6)``), SiLU (``z * sigmoid(z)``), Hardswish
-    (``z * relu6(z + 3) / 6``), LeakyReLU with slope 0.01 or 0.1 (``z > 0 ? z : z * slope``, as ATen), or ``z``."""
+    (``z * relu6(z + 3) / 6``), LeakyReLU with slope 0.01 or 0.1 (``z > 0 ? z : z * slope``, as ATen),
+    or ``z``."""
     if ACT == RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): a NaN stays NaN, as torch.relu keeps it
     elif ACT == RELU6:
