@@ -190,3 +190,25 @@ def test_slope_changed_to_another_one_is_not_fused():
         assert _activation.module_code(nn.LeakyReLU(slope)) is None
         assert "runs as its own module" in _activation.why_not(nn.LeakyReLU(slope))
     assert _activation.why_not(nn.LeakyReLU()) is None and _activation.why_not(nn.GELU()) is None
+
+
+def test_timm_resnet_blocks_with_leaky_relu_fused_whole():
+    """timm ResNet blocks built with ``act_layer="leaky_relu"``: fused whole as with ReLU, the LeakyReLU
+    (code 5) after the residual add in the join's pass and in the next conv's prologue (fp64 parity,
+    train and eval; eval's folded conv with a residual and LeakyReLU: oneDNN's binary op takes none/ReLU
+    only, so the generic op runs)."""
+    plain = randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer="leaky_relu").to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert all(v.startswith("fused") for v in report.values()), report
+    assert report["layer2.0.bn2"].startswith("fused: in the residual block"), report["layer2.0.bn2"]
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
+
+
+def test_timm_resnet_leaky_relu_fp32_native_within_eager_error():
+    _require_native()
+    torch.manual_seed(0)
+    _fp32_checks(randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer="leaky_relu")),
+                 _x(torch.float32))

@@ -88,6 +88,19 @@ def test_prepacked_conv_applies_every_activation_code(layout, code):
             assert out is None
 
 
+@pytest.mark.parametrize("code", sorted(_activation.NAMES), ids=lambda c: str(_activation.NAMES[c]))
+def test_small_conv_applies_every_activation_code_in_place(code, monkeypatch):
+    """Below the oneDNN threshold: ATen's conv with the folded bias, then the activation in place on its
+    output (``_activation.apply(inplace=True)``: ``leaky_relu_`` with the code's slope)."""
+    monkeypatch.delenv("FUSED_RESNET_ONEDNN_MIN_MACS")
+    x, w, b, _, conv = _inputs("nhwc")
+    packed = _onednn.prepack_conv(w, b, *conv)
+    with torch.no_grad():
+        out = packed(x * 4, None, code)
+    assert_close(out, reference.conv_bias_act(x * 4, w, b, None, *conv, code), F32, name="out")
+    assert list(packed.routes.values()) == ["aten"] and not packed.packed
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("case", ["plain", "strided", "grouped"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
