@@ -383,8 +383,8 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
             k += 1
             continue
         relu_slots, relu, code, j = [], None, None, k + 1
-        act = bn.act if norm_act(bn) else None
-        if act is not None:  # its own drop and act run after the BN
+        if norm_act(bn):  # its own drop and act run after the BN
+            act = bn.act
             code = _activation.module_code(act)
             if code is not None and type(bn.drop) is nn.Identity and not has_hooks(bn.act):
                 relu_slots = [(bn, "drop", bn.drop), (bn, "act", bn.act)]

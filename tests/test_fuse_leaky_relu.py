@@ -212,3 +212,25 @@ def test_timm_resnet_leaky_relu_fp32_native_within_eager_error():
     torch.manual_seed(0)
     _fp32_checks(randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer="leaky_relu")),
                  _x(torch.float32))
+
+
+def test_timm_conv_norm_act_with_other_slopes():
+    """timm ``ConvNormAct`` whose ``BatchNormAct2d`` holds a LeakyReLU of slope 0.1 (applied by the conv)
+    or 0.2 (the BN fused, the act runs inside the norm's forward as before; the report says why):
+    fp64 parity, train and eval."""
+    from functools import partial
+
+    from timm.layers import ConvNormAct
+
+    def unit(c_in, c_out, slope):
+        return ConvNormAct(c_in, c_out, 3, act_layer=partial(nn.LeakyReLU, negative_slope=slope))
+
+    plain = randomize_bns(nn.Sequential(unit(3, 8, 0.2), unit(8, 8, 0.1), unit(8, 4, 0.01)).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    report = fused_resnet.fusion_report(fused)
+    assert report == {"0.bn": f"fused: into the preceding conv ({_UNFUSED_NOTE})",
+                      "1.bn": "fused: into the preceding conv, with its leaky_relu_0.1",
+                      "2.bn": "fused: into the preceding conv, with its leaky_relu"}
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(n=3, size=16), train)
