@@ -10,7 +10,7 @@
 // the prologue's in_scale/in_shift, the weight, its output y and the statistics; the normalised,
 // activated input that fed the convolution is recomputed in backward. bn_add_relu keeps its inputs
 // (already kept by the ops around it); conv_bias_act keeps its input, and its output only when it
-// applies ReLU or ReLU6 (the mask); with SiLU or Hardswish (act_needs_z) it keeps its bias and
+// applies ReLU, ReLU6 or LeakyReLU (the mask); with SiLU or Hardswish (act_needs_z) it keeps its bias and
 // residual to recompute the pre-activation. Saved outputs are saved after their history is set, as outputs (no
 // reference cycle through the node), so a later in-place change of any saved tensor is caught.
 //
@@ -144,8 +144,9 @@ struct BnAddReluBackward : Node {
 
 // Edges (x, weight, bias, residual); an absent bias or residual has no edge. The bias and residual
 // are saved only with SiLU and Hardswish, whose derivatives need the pre-activation, recomputed from them (an
-// inference op's backward: nothing the size of the output is kept for it); ReLU/ReLU6 keep the output
-// for their mask.
+// inference op's backward: nothing the size of the output is kept for it); ReLU/ReLU6/LeakyReLU keep
+// the output for their mask (LeakyReLU's positive slope keeps z's sign, and z = 0 gives out = 0, the
+// slope side in both: the output gives ATen's derivative exactly, with no conv recomputed in backward).
 struct ConvBiasActBackward : Node {
   SavedVariable x_, weight_, out_, bias_, residual_;
   int64_t act = kActNone;
@@ -325,8 +326,9 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor& bias, co
   }();
   if (node) {
     set_history(out, node);
-    // The output is kept only for the ReLU/ReLU6 mask: without them, a caller may modify it in place.
-    if (act == kActRelu || act == kActRelu6) node->out_ = SavedVariable(out, true);
+    // The output is kept only for the ReLU/ReLU6/LeakyReLU mask: without them, a caller may modify it
+    // in place.
+    if (act != kActNone && !act_needs_z(act)) node->out_ = SavedVariable(out, true);
   }
   return out;
 }

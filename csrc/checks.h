@@ -57,10 +57,12 @@ inline void per_channel(const char* name, const OptTensor& t, int64_t channels, 
               " activations, got ", dtype_name(t->scalar_type()), " on ", t->device());
 }
 
-// An activation code (kernels.h: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish).
+// An activation code (kernels.h: 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish, 5 LeakyReLU(0.01),
+// 6 LeakyReLU(0.1)).
 inline void act(const char* name, int64_t code) {
   TORCH_CHECK_VALUE(code >= 0 && code < kActCount, "fused_resnet: ", name,
-                    " must be an activation code (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish), got ", code);
+                    " must be an activation code (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish, 5 leaky_relu,"
+                    " 6 leaky_relu_0.1), got ", code);
 }
 
 inline std::vector<int64_t> conv_output_size(const Tensor& x, const Tensor& w, c10::IntArrayRef stride,

@@ -395,9 +395,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(
   if (act == kActNone && !need_bias && !need_res) {
     dz = go.to(cdt);
   } else {
-    // dz = act_bwd(grad_out, out) (`out`: the output for ReLU/ReLU6, the pre-activation for SiLU/Hardswish; see
-    // csrc/autograd.cpp), written once in the conv's dtype (and once as the residual's
-    // gradient), with sum(dz) for the bias, in one pass.
+    // dz = act_bwd(grad_out, out) (`out`: the output for ReLU/ReLU6/LeakyReLU, the pre-activation for
+    // SiLU/Hardswish; see csrc/autograd.cpp), written once in the conv's dtype (and once as the
+    // residual's gradient), with sum(dz) for the bias, in one pass.
     if (need_conv) dz = empty_act(out, cdt, nhwc_out);
     PerChannel pc;
     ApplyBackwardArgs b;

@@ -24,12 +24,20 @@ enum class DType : int8_t { kFloat32, kBFloat16, kFloat16 };
 // The activation codes of every op's `act` / `in_act` argument, and their math: the one C++
 // definition (fused_resnet/_activation.py is the Python one, with the same codes). The CPU's
 // vector forms (cpu/bn_kernels.h) follow these scalar ones.
-enum Act : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActHardswish = 4, kActCount = 5 };
+// kActLeakyRelu: LeakyReLU(0.01), nn.LeakyReLU's default; kActLeakyRelu01: LeakyReLU(0.1) (YOLO-style):
+// one code per slope, so that each code stays one fixed function.
+enum Act : int {
+  kActNone = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActHardswish = 4, kActLeakyRelu = 5, kActLeakyRelu01 = 6,
+  kActCount = 7
+};
+
+// LeakyReLU's negative slope for its codes (as float: ATen applies float(slope) to fp32/bf16/fp16).
+FR_HOST_DEVICE constexpr float leaky_slope(int act) { return act == kActLeakyRelu ? 0.01f : 0.1f; }
 
 // The codes whose backward needs the pre-activation z: their output does not determine f'(z).
 FR_HOST_DEVICE constexpr bool act_needs_z(int act) { return act == kActSilu || act == kActHardswish; }
 
-// f(z); NaN propagates, as torch.relu / relu6 / silu / hardswish.
+// f(z); NaN propagates, as torch.relu / relu6 / silu / hardswish / leaky_relu.
 FR_HOST_DEVICE inline float act_fwd(float z, int act) {
   switch (act) {
     case kActRelu: return z < 0.f ? 0.f : z;
@@ -39,13 +47,17 @@ FR_HOST_DEVICE inline float act_fwd(float z, int act) {
       const float t = z + 3.f;
       return z * (t < 0.f ? 0.f : (t > 6.f ? 6.f : t)) / 6.f;
     }
+    case kActLeakyRelu:
+    case kActLeakyRelu01: return z > 0.f ? z : z * leaky_slope(act);  // ATen's leaky_relu
     default: return z;
   }
 }
 
-// g * f'(z), z the pre-activation. For ReLU and ReLU6 the output gives the same mask (out > 0,
-// 0 < out < 6), so a backward may pass either; SiLU and Hardswish need z itself (act_needs_z).
-// Hardswish's kinks take the outer slopes (0 at -3, 1 at 3), as ATen's hardswish_backward.
+// g * f'(z), z the pre-activation. For ReLU, ReLU6 and LeakyReLU the output gives the same mask
+// (out > 0, 0 < out < 6; LeakyReLU's positive slope keeps z's sign), so a backward may pass either;
+// SiLU and Hardswish need z itself (act_needs_z). Hardswish's kinks take the outer slopes (0 at -3,
+// 1 at 3), as ATen's hardswish_backward; LeakyReLU's takes the slope at 0, as ATen's
+// leaky_relu_backward (z > 0 ? g : g * slope).
 FR_HOST_DEVICE inline float act_bwd(float g, float z, int act) {
   switch (act) {
     case kActRelu: return z > 0.f ? g : 0.f;
@@ -55,6 +67,8 @@ FR_HOST_DEVICE inline float act_bwd(float g, float z, int act) {
       return g * (s * (1.f + z * (1.f - s)));
     }
     case kActHardswish: return z <= -3.f ? 0.f : (z < 3.f ? g * (z / 3.f + 0.5f) : g);
+    case kActLeakyRelu:
+    case kActLeakyRelu01: return z > 0.f ? g : g * leaky_slope(act);
     default: return g;
   }
 }

@@ -57,6 +57,10 @@ class FusedAwayHardswish(FusedAwayActivation, nn.Hardswish):
     """A Hardswish whose work a preceding :class:`FusedConvBN2d` does."""
 
 
+class FusedAwayLeakyReLU(FusedAwayActivation, nn.LeakyReLU):
+    """A LeakyReLU (slope 0.01 or 0.1) whose work a preceding :class:`FusedConvBN2d` does."""
+
+
 FUSED_AWAY_ACT = {nn.ReLU: FusedAwayReLU, nn.ReLU6: FusedAwayReLU6, nn.Hardtanh: FusedAwayHardtanh,
-                  nn.SiLU: FusedAwaySiLU,
-                  nn.Hardswish: FusedAwayHardswish}  # by the activation's own class (_activation.module_code's)
+                  nn.SiLU: FusedAwaySiLU, nn.Hardswish: FusedAwayHardswish,
+                  nn.LeakyReLU: FusedAwayLeakyReLU}  # by the activation's own class (_activation.module_code's)

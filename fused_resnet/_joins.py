@@ -19,9 +19,9 @@ Fused, the block runs its body's modules as they are (their own conv -> BN chain
 the shortcut's BN (when the shortcut is a conv -> BN) and the add (and activation) in one pass, so the
 normalised output is neither written nor saved; in eval both BNs are folded and the conv's epilogue
 adds the shortcut. An activation the kernels do not apply (``_activation.module_code``: ReLU, ReLU6,
-Hardtanh(0, 6), SiLU, Hardswish) runs as its own module after the add. While a timm DropPath drops (training,
-drop rate > 0) its per-sample keep-scale, drawn by the module itself (the same random numbers as
-unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
+Hardtanh(0, 6), SiLU, Hardswish, LeakyReLU(0.01 / 0.1)) runs as its own module after the add. While a
+timm DropPath drops (training, drop rate > 0) its per-sample keep-scale, drawn by the module itself
+(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
 ``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
 fuses a join whose module was replaced anew, with the modules it holds then).
 """

@@ -32,7 +32,8 @@ _BACKEND = 'str backend=""'
 
 SCHEMAS = {
     # y = conv(act(x * in_scale + in_shift), weight); mean/var: biased batch statistics of y. Activation
-    # codes (act, in_act; _activation.py): 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish.
+    # codes (act, in_act; _activation.py): 0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish, 5 LeakyReLU(0.01),
+    # 6 LeakyReLU(0.1).
     "conv_stats": f"(Tensor x, Tensor? in_scale, Tensor? in_shift, int in_act, Tensor weight, {_CONV})"
     " -> (Tensor y, Tensor mean, Tensor var)",
     "conv_stats_backward": "(Tensor grad_y, Tensor grad_mean, Tensor grad_var, Tensor x, Tensor? in_scale,"
@@ -40,9 +41,9 @@ SCHEMAS = {
     f" {_BACKEND})"
     " -> (Tensor grad_x, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_weight)",
     # out = act(gate * (y * scale + shift) + residual * res_scale + res_shift); act: an activation code
-    # (0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish); gate: per (sample, channel), shape (N, C) or (N, C, 1, 1) (SE,
-    # DropPath), trailing with a default so that calls without it stay valid; its gradient comes with
-    # scale/shift's (output_mask[1]), last, in its dtype.
+    # (0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish, 5/6 LeakyReLU); gate: per (sample, channel), shape (N, C)
+    # or (N, C, 1, 1) (SE, DropPath), trailing with a default so that calls without it stay valid; its
+    # gradient comes with scale/shift's (output_mask[1]), last, in its dtype.
     "bn_add_relu": "(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale,"
     " Tensor? res_shift, int act, Tensor? gate=None) -> Tensor",
     "bn_add_relu_backward": "(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual,"
@@ -50,7 +51,8 @@ SCHEMAS = {
     " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual, Tensor grad_res_scale,"
     " Tensor grad_res_shift, Tensor grad_gate)",
     # out = act(conv(x, weight) + bias + residual): inference with BN folded into weight/bias. Its
-    # backward's `out`: the output (ReLU, ReLU6) or the pre-activation (any act; SiLU, Hardswish need it).
+    # backward's `out`: the output (ReLU, ReLU6, LeakyReLU) or the pre-activation (any act; SiLU, Hardswish
+    # need it).
     "conv_bias_act": f"(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, {_CONV}, int act) -> Tensor",
     "conv_bias_act_backward": f"(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int act, {_CONV},"
     f" bool[4] output_mask, {_BACKEND}) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias,"

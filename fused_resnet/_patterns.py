@@ -1,5 +1,5 @@
 """What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> activation:
-ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish) chains and residual blocks in them.
+ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish, LeakyReLU(0.01 / 0.1)) chains and residual blocks in them.
 
 A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
 read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
@@ -47,6 +47,7 @@ class Chain:
     relu_slots: list[Slot]  # empty when the activation is not one the conv can apply
     relu: nn.Module | None  # the activation module (_activation.module_code) that becomes a pass-through one
     act: int = _activation.NONE  # its code (NONE: no activation fused)
+    note: str | None = None  # why the activation after the BN is not fused, where it says (_activation.why_not)
 
 
 def loaded_module(name: str):
@@ -187,7 +188,7 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     codes = {_activation.module_code(a) for a in activations}
     if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
         return "its activations are not distinct modules of one kind the kernels apply (ReLU, ReLU6, SiLU, " \
-            "Hardswish)"
+            "Hardswish, LeakyReLU 0.01 / 0.1)"
     if m.__dict__.get("se") is not None and m._modules.get("se") is None:
         return "its se is not a module"
     if not se_gate_module(m._modules.get("se")):
@@ -257,7 +258,8 @@ def why_not_preact(m: nn.Module, names) -> str | None:
             return f"its norms are not timm BatchNormAct2d over the conv's input channels (a {type(norm).__name__}; " \
                 "GroupNormAct, BiT's, normalises per sample and group: no per-channel scale/shift for a conv prologue)"
         if type(norm.drop) is not nn.Identity or _activation.module_code(norm.act) is None:
-            return "a norm's drop is not nn.Identity or its activation is not one the kernels apply (ReLU, ReLU6, SiLU)"
+            return "a norm's drop is not nn.Identity or its activation is not one the kernels apply (ReLU, ReLU6, " \
+                "SiLU, Hardswish, LeakyReLU 0.01 / 0.1)"
     if not droppable(m._modules.get("drop_path"), "DropPath"):
         return "its drop_path is not timm's"
     mods = norms + convs + [x.act for x in norms] + [x.drop for x in norms] + [m._modules.get("drop_path"),
@@ -382,7 +384,8 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
             continue
         relu_slots, relu, code, j = [], None, None, k + 1
         if norm_act(bn):  # its own drop and act run after the BN
-            code = _activation.module_code(bn.act)
+            act = bn.act
+            code = _activation.module_code(act)
             if code is not None and type(bn.drop) is nn.Identity and not has_hooks(bn.act):
                 relu_slots = [(bn, "drop", bn.drop), (bn, "act", bn.act)]
         else:
@@ -393,5 +396,5 @@ def _scan_run(run: Run, container, names, uses, reserved, out: Scan) -> None:
             if code is not None and uses[id(act)] == 1 and not has_hooks(act):
                 relu_slots, relu, j = slots[k + 1:j + 1], act, j + 1
         out.chains.append(Chain(names[id(conv)], container, conv, bn, run.guards + slots[k - 1:k + 1], relu_slots,
-                                relu, code if relu_slots else _activation.NONE))
+                                relu, code if relu_slots else _activation.NONE, _activation.why_not(act)))
         k = j

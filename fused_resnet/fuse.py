@@ -27,8 +27,8 @@ Six rules, in this order:
 - **conv -> BN (-> activation) chains** in every container whose forward is known (``_patterns.py``):
   the conv becomes a ``FusedConvBN2d``, the BN and the activation pass-through modules that check on
   every call that they are still where ``fuse`` found them. The activations the kernels apply:
-  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU``, ``nn.Hardswish``
-  (``_activation.module_code``); any other runs as its own module.
+  ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.LeakyReLU``
+  with slope 0.01 or 0.1 (``_activation.module_code``); any other runs as its own module.
 
 Everything else runs as before; :func:`fusion_report` says, for every BatchNorm, whether it is fused
 and if not, why.
@@ -120,7 +120,8 @@ def _fuse_chain(chain: _patterns.Chain) -> None:
     # registered. The chain's modules check them on every call (FusedConvBN2d.fused_state).
     conv.__dict__.update(fused_bn=bn, fused_relu=bool(chain.relu_slots), fused_act=chain.act,
                          fused_relu_module=relu, stem_owner=chain.container, stem_modules=modules,
-                         fused_slots=tuple(chain.fused_slots), relu_slots=tuple(chain.relu_slots))
+                         fused_slots=tuple(chain.fused_slots), relu_slots=tuple(chain.relu_slots),
+                         fused_note=chain.note)
     if _patterns.norm_act(bn):
         bn.__class__ = _foreign.subclass(FusedAwayNormAct, type(bn))
     else:
@@ -137,7 +138,7 @@ def _unfuse_chain(conv: FusedConvBN2d) -> None:
         module.__class__ = module.__dict__.pop("class_before_fuse")
         for attr in ("fused_into", "fused_bn", "fused_relu", "fused_act", "fused_relu_module", "stem_owner",
                      "stem_modules",
-                     "fused_slots", "relu_slots"):
+                     "fused_slots", "relu_slots", "fused_note"):
             module.__dict__.pop(attr, None)
 
 
@@ -217,7 +218,7 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     for key, note in (traced_notes | zoo_notes).items():  # an add in a traced forward not fused, and why
         found.notes.setdefault(key, note)
     chained = {id(c.bn): f"fusable: into {c.name}" + (f" with its {_activation.NAMES[c.act]}" if c.relu_slots else "")
-               for c in zoo_chains}
+               + (f" ({c.note})" if c.note else "") for c in zoo_chains}
     in_block = _join_states(model, joins)
     in_block.update(_traced_joins.states(model, traced | zoo))
     for name, m in model.named_modules():
@@ -246,6 +247,7 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
             state = "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
             if bn_fused:
                 state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
+                note = note or into.__dict__.get("fused_note")
         else:
             state = in_block.get(id(bn)) or chained.get(id(bn))
         if state is None:

@@ -28,6 +28,7 @@ from ._fused_away import (  # noqa: F401  (re-exported: the chain's pass-through
     FusedAwayBatchNorm2d,
     FusedAwayHardswish,
     FusedAwayHardtanh,
+    FusedAwayLeakyReLU,
     FusedAwayReLU,
     FusedAwayReLU6,
     FusedAwaySiLU,
@@ -311,8 +312,8 @@ def slots_intact(slots) -> bool:
 
 
 class FusedConvBN2d(inference.Preparable, nn.Conv2d):
-    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6), SiLU
-    or Hardswish, ``_activation.module_code``) its container calls right after it:
+    """An ``nn.Conv2d`` that also applies the BN (and activation: ReLU, ReLU6 / Hardtanh(0, 6), SiLU,
+    Hardswish or LeakyReLU(0.01 / 0.1), ``_activation.module_code``) its container calls right after it:
     ``fuse`` turns the conv into this class in place, so its parameter and ``state_dict`` key stay
     the conv's own. The BN module stays where it was (its class becomes a pass-through one, e.g.
     :class:`FusedAwayBatchNorm2d`) and is read through an unregistered reference, so its keys do not

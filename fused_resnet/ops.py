@@ -1,7 +1,8 @@
 """Functional API of the fused ops, with ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.ReLU`` (``ReLU6``,
-``SiLU``, ``Hardswish``) semantics. Activations are named by ``activation="relu" | "relu6" | "silu" |
-"hardswish" | None``; the
-older boolean ``relu=`` / ``in_relu=`` arguments still work (True: ReLU, False: none).
+``SiLU``, ``Hardswish``, ``LeakyReLU``) semantics. Activations are named by ``activation="relu" |
+"relu6" | "silu" | "hardswish" | "leaky_relu" | "leaky_relu_0.1" | None`` (``"leaky_relu"``: slope
+0.01, as ``nn.LeakyReLU()``; ``"leaky_relu_0.1"``: slope 0.1; no other slope); the older boolean
+``relu=`` / ``in_relu=`` arguments still work (True: ReLU, False: none).
 
 Each function calls the registered ops (``torch.ops.fused_resnet.*``) and little around them (the
 eval weight folding), so autograd, ``torch.compile`` and autocast see through every step. A
@@ -93,11 +94,11 @@ def conv_bn(
     """``conv2d`` then ``batch_norm`` with the BN left deferred (see :class:`DeferredBN`).
 
     ``x`` is an activation, or a :class:`DeferredBN` whose ``act(y * scale + shift)`` the conv
-    applies while loading its input (``in_activation``: ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"`` or None;
-    ``in_relu``, when given, overrides it: True ReLU, False none). In training the batch statistics
-    are computed in the conv's epilogue and the running statistics updated in place exactly as
-    ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average); in eval the running
-    statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
+    applies while loading its input (``in_activation``: ``"relu"``, ``"relu6"``, ``"silu"``,
+    ``"hardswish"``, ``"leaky_relu"``, ``"leaky_relu_0.1"`` or None; ``in_relu``, when given, overrides
+    it: True ReLU, False none). In training the batch statistics are computed in the conv's epilogue
+    and the running statistics updated in place exactly as ``nn.BatchNorm2d`` does (``momentum=None``:
+    cumulative average); in eval the running statistics are used. With a ``process_group`` (``torch.distributed``), training statistics are
     those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
     :mod:`fused_resnet._sync_stats`: one all-gather of ``2C + 1`` values forward, one all-reduce
     of ``2C`` backward).
@@ -146,8 +147,8 @@ def bn_add_relu(
 ) -> torch.Tensor:
     """``act(gate * bn(y) + bn_r(residual))`` in one pass, each side a plain tensor or a
     :class:`DeferredBN` (the downsample branch's BN is then applied in the same pass);
-    ``activation``: ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"`` or None (``relu``, when given,
-    overrides it).
+    ``activation``: ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``, ``"leaky_relu"``,
+    ``"leaky_relu_0.1"`` or None (``relu``, when given, overrides it).
     ``gate`` (optional) multiplies the main branch per sample and channel: shape (N, C) or
     (N, C, 1, 1), as timm's SE gate or DropPath's per-sample keep-scale; a gate in neither the
     activation's dtype nor its statistics dtype is cast to the latter. NCHW or channels_last."""
@@ -226,7 +227,7 @@ def conv_bn_relu(
     activation: str | None = "relu",
 ) -> torch.Tensor:
     """``act(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
-    ``nn.BatchNorm2d`` + ``nn.ReLU`` (``ReLU6``, ``SiLU``, ``Hardswish``: ``activation`` as in
+    ``nn.BatchNorm2d`` + ``nn.ReLU`` (``ReLU6``, ``SiLU``, ``Hardswish``, ``LeakyReLU``: ``activation`` as in
     :func:`bn_add_relu`)
     semantics, running statistics updated in place in training. In eval (running statistics) the BN
     is folded into the conv: one conv with a bias+activation epilogue. ``process_group``:

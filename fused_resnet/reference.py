@@ -174,9 +174,9 @@ def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, 
 
 def conv_bias_act_backward(grad_out, x, weight, out, act, stride, padding, dilation, groups, output_mask):
     """Gradients of ``conv_bias_act`` w.r.t. ``(x, weight, bias, residual)``, the activation's
-    derivative taken at ``out``: the saved output (ReLU, ReLU6: the same mask as the
-    pre-activation's) or the pre-activation (any activation; SiLU and Hardswish need it, recomputed by the
-    op's autograd); ``output_mask`` selects them."""
+    derivative taken at ``out``: the saved output (ReLU, ReLU6, LeakyReLU: the same mask as the
+    pre-activation's) or the pre-activation (any activation; SiLU and Hardswish need it, recomputed by
+    the op's autograd); ``output_mask`` selects them."""
     need_x, need_w, need_bias, need_res = output_mask
     sdt = stat_dtype(x.dtype)
     dz = grad_out.to(sdt)

@@ -70,7 +70,8 @@ def test_prepacked_conv_matches_the_reference(layout, case, epilogue, grad_mode)
 @pytest.mark.parametrize("code", sorted(_activation.NAMES), ids=lambda c: str(_activation.NAMES[c]))
 def test_prepacked_conv_applies_every_activation_code(layout, code):
     """Each activation code as oneDNN's post-op (ReLU6 ``hardtanh``, SiLU ``swish``, Hardswish
-    ``hardswish``), the pre-activation straddling 0, 6 and Hardswish's kinks at -3 and 3; with a
+    ``hardswish``, LeakyReLU ``leaky_relu`` with its slope), the pre-activation straddling 0, 6 and
+    Hardswish's kinks at -3 and 3; with a
     residual, the codes the binary op cannot take (it raises for them) are declined (the generic op)."""
     x, w, b, r, conv = _inputs(layout)
     x, r = x * 4, r * 4
@@ -85,6 +86,19 @@ def test_prepacked_conv_applies_every_activation_code(layout, code):
             assert_close(out, reference.conv_bias_act(x, w, b, r, *conv, code), F32, name="out, residual")
         else:
             assert out is None
+
+
+@pytest.mark.parametrize("code", sorted(_activation.NAMES), ids=lambda c: str(_activation.NAMES[c]))
+def test_small_conv_applies_every_activation_code_in_place(code, monkeypatch):
+    """Below the oneDNN threshold: ATen's conv with the folded bias, then the activation in place on its
+    output (``_activation.apply(inplace=True)``: ``leaky_relu_`` with the code's slope)."""
+    monkeypatch.delenv("FUSED_RESNET_ONEDNN_MIN_MACS")
+    x, w, b, _, conv = _inputs("nhwc")
+    packed = _onednn.prepack_conv(w, b, *conv)
+    with torch.no_grad():
+        out = packed(x * 4, None, code)
+    assert_close(out, reference.conv_bias_act(x * 4, w, b, None, *conv, code), F32, name="out")
+    assert list(packed.routes.values()) == ["aten"] and not packed.packed
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -1,5 +1,5 @@
-"""The Triton kernels with ReLU6, SiLU and Hardswish (``backends/triton/_act.py``; ReLU and none are covered by the
-other Triton tests): the elementwise pass and its backward, the implicit-GEMM conv's prologue, epilogue
+"""The Triton kernels with ReLU6, SiLU, Hardswish and LeakyReLU 0.01 / 0.1 (``backends/triton/_act.py``; ReLU
+and none are covered by the other Triton tests): the elementwise pass and its backward, the implicit-GEMM conv's prologue, epilogue
 and backward, and the cuDNN-conv path's, each against the reference. Without a GPU they run under
 Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), in fp32 and fp16."""
 
@@ -24,7 +24,8 @@ from fused_resnet.backends.triton import _conv_gemm as cg
 from fused_resnet.backends.triton import _conv_gemm_backward as cgb
 from fused_resnet.backends.triton import _conv_torch, _elementwise
 
-ACTS = {"relu6": _activation.RELU6, "silu": _activation.SILU, "hardswish": _activation.HARDSWISH}
+ACTS = {"relu6": _activation.RELU6, "silu": _activation.SILU, "hardswish": _activation.HARDSWISH,
+        "leaky_relu": _activation.LEAKY_RELU, "leaky_relu_0.1": _activation.LEAKY_RELU_0_1}
 CASES = [(torch.float32, False), (torch.float16, True)]
 CASE_IDS = ["fp32_nchw", "fp16_nhwc"]
 
@@ -71,7 +72,8 @@ def test_conv_gemm_prologue_forward_and_backward(act, dtype, channels_last):
 @pytest.mark.parametrize("act", ACTS)
 def test_conv_gemm_epilogue_forward_and_backward(act, dtype, channels_last):
     """conv_bias_act with the activation in the epilogue; its backward given the pre-activation (what
-    the op's autograd recomputes for SiLU and Hardswish; for ReLU6 the output gives the same mask)."""
+    the op's autograd recomputes for SiLU and Hardswish) and, for ReLU6 and LeakyReLU, given the output
+    (what the op's autograd saves for them: the same mask), against the reference's at the pre-activation."""
     code = ACTS[act]
     x, weight, stride, padding = _conv_args(CONV_SHAPES[2], dtype, channels_last)
     bias = _spread(_vec(weight.shape[0]))
@@ -82,9 +84,13 @@ def test_conv_gemm_epilogue_forward_and_backward(act, dtype, channels_last):
     _check_all((cg.conv_bias_act(*args),), (want,), dtype, ("out",))
     _check_all((_conv_torch.conv_bias_act(*args),), (want,), dtype, ("out",))
     z = reference.conv_bias_act(*args[:-1], _activation.NONE)
+    saved = [z] if code in _activation.NEEDS_PREACTIVATION else [z, want]
     for mask in ([True, True, True, True], [True, True, True, False]):
-        bargs = (_act(out_shape, dtype, not channels_last), x, weight, z, code, stride, padding, ONE, 1, mask)
+        grad = _act(out_shape, dtype, not channels_last)
+        bargs = (grad, x, weight, z, code, stride, padding, ONE, 1, mask)
         names = ("grad_x", "grad_w", "grad_bias", "grad_residual")
-        _check_all(cgb.conv_bias_act_backward(*bargs), reference.conv_bias_act_backward(*bargs), dtype, names)
-        _check_all(_conv_torch.conv_bias_act_backward(*bargs), reference.conv_bias_act_backward(*bargs), dtype,
-                   names)
+        expected = reference.conv_bias_act_backward(*bargs)
+        for out in saved:
+            bargs = (grad, x, weight, out, code, stride, padding, ONE, 1, mask)
+            _check_all(cgb.conv_bias_act_backward(*bargs), expected, dtype, names)
+            _check_all(_conv_torch.conv_bias_act_backward(*bargs), expected, dtype, names)

@@ -10,6 +10,9 @@ inline fVec act_fwd_v(const fVec& z) {
   else if constexpr (A == kActHardswish) {
     const fVec t = at::vec::minimum(at::vec::maximum(z + fVec(3.f), fVec(0.f)), fVec(6.f));
     return z * t / fVec(6.f);
+  } else if constexpr (A == kActLeakyRelu || A == kActLeakyRelu01) {
+    // ATen's vector form: blend(z * slope, z, z > 0); NaN fails z > 0 and stays NaN through the product.
+    return fVec::blendv(z * fVec(leaky_slope(A)), z, z > fVec(0.f));
   } else return z;
 }
 
@@ -25,6 +28,8 @@ inline fVec act_bwd_v(const fVec& g, const fVec& z) {
     // kernels.h's branches as blends: 0 for z <= -3, g for z >= 3, g * (z / 3 + 1/2) between.
     const fVec mid = g * (z / fVec(3.f) + fVec(0.5f));
     return fVec::blendv(fVec::blendv(g, mid, z < fVec(3.f)), zero, z <= fVec(-3.f));
+  } else if constexpr (A == kActLeakyRelu || A == kActLeakyRelu01) {
+    return fVec::blendv(g * fVec(leaky_slope(A)), g, z > zero);
   } else return g;
 }
 
@@ -36,6 +41,8 @@ void with_act(int act, const F& f) {
     case kActRelu6: return f(std::integral_constant<int, kActRelu6>{});
     case kActSilu: return f(std::integral_constant<int, kActSilu>{});
     case kActHardswish: return f(std::integral_constant<int, kActHardswish>{});
+    case kActLeakyRelu: return f(std::integral_constant<int, kActLeakyRelu>{});
+    case kActLeakyRelu01: return f(std::integral_constant<int, kActLeakyRelu01>{});
   }
   TORCH_CHECK(false, "fused_resnet_native: unknown activation code ", act);
 }

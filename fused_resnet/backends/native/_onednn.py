@@ -41,7 +41,8 @@ _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up 
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
              _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", []),
-             _activation.HARDSWISH: ("hardswish", [])}
+             _activation.HARDSWISH: ("hardswish", []),
+             _activation.LEAKY_RELU: ("leaky_relu", [0.01]), _activation.LEAKY_RELU_0_1: ("leaky_relu", [0.1])}
 # The binary (residual add) op takes only these as its unary post-op: with the others ATen raises
 # "Unary Fusion behavior undefined" (torch 2.14), so such a conv with a residual runs the generic op.
 _BINARY_ACTS = (_activation.NONE, _activation.RELU)

@@ -15,12 +15,15 @@ RELU = tl.constexpr(_activation.RELU)
 RELU6 = tl.constexpr(_activation.RELU6)
 SILU = tl.constexpr(_activation.SILU)
 HARDSWISH = tl.constexpr(_activation.HARDSWISH)
+LEAKY_RELU = tl.constexpr(_activation.LEAKY_RELU)
+LEAKY_RELU_0_1 = tl.constexpr(_activation.LEAKY_RELU_0_1)
 
 
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
     """``act(z)``: ReLU, ReLU6 (``hardtanh(z, 0, 6)``), SiLU (``z * sigmoid(z)``), Hardswish
-    (``z * relu6(z + 3) / 6``), or ``z``."""
+    (``z * relu6(z + 3) / 6``), LeakyReLU with slope 0.01 or 0.1 (``z > 0 ? z : z * slope``, as ATen),
+    or ``z``."""
     if ACT == RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): a NaN stays NaN, as torch.relu keeps it
     elif ACT == RELU6:
@@ -30,6 +33,10 @@ def act_fwd(z, ACT: tl.constexpr):
     elif ACT == HARDSWISH:
         t = z + 3.0
         z = z * tl.where(t < 0.0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
+    elif ACT == LEAKY_RELU:
+        z = tl.where(z > 0.0, z, z * 0.01)
+    elif ACT == LEAKY_RELU_0_1:
+        z = tl.where(z > 0.0, z, z * 0.1)
     return z
 
 
@@ -46,4 +53,8 @@ def act_bwd(g, z, ACT: tl.constexpr):
         g = g * (s * (1.0 + z * (1.0 - s)))
     elif ACT == HARDSWISH:  # the kinks take the outer slopes, as ATen's hardswish_backward
         g = g * tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))
+    elif ACT == LEAKY_RELU:  # the slope at 0 and for NaN, as ATen's leaky_relu_backward
+        g = tl.where(z > 0.0, g, g * 0.01)
+    elif ACT == LEAKY_RELU_0_1:
+        g = tl.where(z > 0.0, g, g * 0.1)
     return g
