@@ -95,15 +95,17 @@ def grad(g: torch.Tensor, z: torch.Tensor, act: int) -> torch.Tensor:
     return g
 
 
-def module_code(module) -> int | None:
+def module_code(module, kind: type | None = None) -> int | None:
     """The code of an activation module ``fuse`` can apply in a kernel: ``nn.ReLU``, ``nn.ReLU6``,
     ``nn.Hardtanh(0, 6)``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.LeakyReLU`` with slope 0.01 or 0.1
     (timm's ``create_act_layer`` builds these same classes for "relu", "relu6", "silu" / "swish",
-    "hard_swish", "leaky_relu"), exactly those classes; None for any other module."""
-    kind = type(module)
+    "hard_swish", "leaky_relu"), exactly those classes; None for any other module. ``kind``: the class
+    to judge the module as (default its own; a fused-away module's class before ``fuse``), its
+    parameters (slope, bounds) read from the module as they are now."""
+    kind = type(module) if kind is None else kind
     if kind is nn.ReLU:
         return RELU
-    if kind is nn.ReLU6 or (kind is nn.Hardtanh and module.min_val == 0 and module.max_val == 6):
+    if kind in (nn.ReLU6, nn.Hardtanh) and module.min_val == 0 and module.max_val == 6:  # ReLU6's bounds are settable too
         return RELU6
     if kind is nn.SiLU:
         return SILU

@@ -342,7 +342,15 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         unfused while it is there, on the ReLU the ReLU: each hook sees what it would unfused)."""
         bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn))
         return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots) and not any(
-            has_hooks(m) for _, _, m in self.relu_slots)
+            has_hooks(m) for _, _, m in self.relu_slots) and self._act_unchanged()
+
+    def _act_unchanged(self) -> bool:
+        # The activation (the last of relu_slots) still computes the function of the code fused at
+        # fuse time: a LeakyReLU's negative_slope or a Hardtanh's bounds set since would otherwise
+        # leave the kernel applying the old one. Changed, the activation module does its own work.
+        act = self.relu_slots[-1][2]
+        return _activation.module_code(act, act.__dict__.get("class_before_fuse", type(act))) == \
+            self.__dict__.get("fused_act", _activation.RELU)
 
     def eval_pairs(self):
         return [(self, self.fused_bn)] if self.fused_state()[0] else []

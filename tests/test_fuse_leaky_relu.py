@@ -234,3 +234,4 @@ def test_timm_conv_norm_act_with_other_slopes():
     with fused_resnet.use_backend("reference"):
         for train in (True, False):
             assert_step_matches(plain, fused, _x(n=3, size=16), train)
+

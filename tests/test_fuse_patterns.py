@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import fused_resnet
+from fused_resnet import _activation
+from fused_resnet._tolerances import relative_error
 from fused_resnet.distributed import FusedAwaySyncBatchNorm2d
 from fused_resnet.modules import FusedAwayActivation, FusedAwayBatchNorm2d, FusedAwayReLU, FusedConvBN2d
 
@@ -192,3 +194,34 @@ def test_the_chain_check_compiles_without_a_graph_break():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     for train in (True, False):
         assert_step_matches(plain, compiled, _x(), train)
+
+
+@pytest.mark.parametrize("edit", ["slope_0.2", "slope_0.1_to_0.01", "hardtanh_bounds", "relu6_max"])
+def test_activation_parameters_set_after_fuse_are_honoured(edit):
+    """A fused chain's activation whose parameters change after ``fuse`` (a LeakyReLU's slope, a
+    Hardtanh's / ReLU6's bounds) no longer matches the code the conv applies: the activation module
+    does its own work again (fp64, train and eval, prepared too), never the stale function."""
+    torch.manual_seed(0)
+    plain = randomize_bns(nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1)),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(0.0, 6.0),
+        nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()).double())
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    assert fused[0][0].fused_act == _activation.LEAKY_RELU_0_1 and fused[1].fused_act == _activation.RELU6
+    for model in (plain, fused):
+        if edit == "slope_0.2":
+            model[0][2].negative_slope = 0.2
+        elif edit == "slope_0.1_to_0.01":
+            model[0][2].negative_slope = 0.01
+        elif edit == "hardtanh_bounds":
+            model[3].min_val, model[3].max_val = -1.0, 2.0
+        else:
+            model[6].max_val = 3.0
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, x, train)
+        plain.eval()
+        prepared = fused_resnet.prepare_for_inference(fused.eval())
+        with torch.no_grad():
+            assert relative_error(prepared(x), plain(x)) <= FP64_MODEL_TOL
