@@ -216,8 +216,8 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
         state = f"fusable: with the residual add of {name}"
         if fused:
             state = f"fused: with the residual add of {name}" if m.fusable() else (
-                f"not fused: a module of the fused join {name} was replaced or has hooks, so it runs "
-                "its own forward")
+                f"not fused: a module of the fused join {name} was replaced or has hooks, or its "
+                "use_res_connect / has_skip changed, so it runs its own forward")
         for slots in (join.last, join.shortcut or ()):
             if slots:
                 states[id(slots[1][0]._modules.get(slots[1][1]))] = state
