@@ -39,9 +39,9 @@ def _xception41_small() -> nn.Module:
     2) and the last block (no skip, not starting with a ReLU); the full model took ~250 s in fp64."""
     from timm.models.xception_aligned import XceptionAligned
 
-    cfg = [dict(in_chs=64, out_chs=32, stride=2), dict(in_chs=32, out_chs=48, stride=2),
-           dict(in_chs=48, out_chs=48, stride=1), dict(in_chs=48, out_chs=(48, 64, 64), stride=2),
-           dict(in_chs=64, out_chs=(64, 64, 96), stride=1, no_skip=True, start_with_relu=False)]
+    cfg = [{"in_chs": 64, "out_chs": 32, "stride": 2}, {"in_chs": 32, "out_chs": 48, "stride": 2},
+           {"in_chs": 48, "out_chs": 48, "stride": 1}, {"in_chs": 48, "out_chs": (48, 64, 64), "stride": 2},
+           {"in_chs": 64, "out_chs": (64, 64, 96), "stride": 1, "no_skip": True, "start_with_relu": False}]
     return XceptionAligned(block_cfg=cfg, num_classes=10, norm_layer=functools.partial(nn.BatchNorm2d, eps=.001))
 
 

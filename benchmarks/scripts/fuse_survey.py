@@ -40,8 +40,8 @@ TORCHVISION = [
     ("mobilenet_v2", 64, {}), ("mobilenet_v3_small", 64, {}), ("mobilenet_v3_large", 64, {}),
     ("regnet_y_400mf", 64, {}), ("regnet_x_400mf", 64, {}), ("efficientnet_b0", 64, {}),
     ("efficientnet_v2_s", 64, {}), ("shufflenet_v2_x0_5", 64, {}), ("mnasnet0_5", 64, {}),
-    ("googlenet", 64, dict(aux_logits=False, init_weights=True)),
-    ("inception_v3", 128, dict(aux_logits=False, init_weights=True)),
+    ("googlenet", 64, {"aux_logits": False, "init_weights": True}),
+    ("inception_v3", 128, {"aux_logits": False, "init_weights": True}),
     ("densenet121", 64, {}), ("convnext_tiny", 64, {}), ("squeezenet1_1", 64, {}),
 ]
 TIMM = [
@@ -107,7 +107,7 @@ def train_error(plain, fused, x) -> float:
     return max(errors)
 
 
-def survey(spec: str, timm_kw: dict | None = None) -> dict:
+def survey(spec: str, timm_kw: dict | None = None, batch: int = 2) -> dict:
     """One row: counts, errors per stage (None when the stage raised) and the first exception."""
     row, t0 = {"model": spec, "errors": {}, "exc": None}, time.perf_counter()
     size = _SIZES.get(spec, (64, {}))[0]
@@ -140,7 +140,7 @@ def survey(spec: str, timm_kw: dict | None = None) -> dict:
     except Exception as e:  # noqa: BLE001
         row["exc"] = row["exc"] or f"fusion_report: {type(e).__name__}: {e}"
     torch.manual_seed(0)
-    x = torch.randn(2, 3, size, size, dtype=F64)
+    x = torch.randn(batch, 3, size, size, dtype=F64)
     # Eval first, on the state both models start from (a training step moves the running statistics
     # of each by its own rounding); then one training step.
     with fused_resnet.use_backend("reference"):
@@ -188,6 +188,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--drop-path", type=float, default=0.0, help="timm models built with this drop_path_rate (the "
                    "training step draws the same random numbers for both models)")
     p.add_argument("--why", action="store_true", help="print why each BN that is not fused is not")
@@ -199,13 +200,13 @@ def main() -> None:
     import torchvision
 
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}; "
-          f"{args.threads} thread(s); drop_path_rate {args.drop_path} (timm); fp64 bar {BAR:g}; "
+          f"{args.threads} thread(s); batch {args.batch}; drop_path_rate {args.drop_path} (timm); fp64 bar {BAR:g}; "
           "native32: fused/eager fp32 error vs fp64")
     print("| model | BNs fused | " + " | ".join(stages) + " | s | exception |")
     print("|---" * (len(stages) + 4) + "|")
     rows = []
     for spec in args.models:
-        row = survey(spec, dict(drop_path_rate=args.drop_path) if args.drop_path else None)
+        row = survey(spec, {"drop_path_rate": args.drop_path} if args.drop_path else None, args.batch)
         rows.append(row)
         counts = f"{row['fused']}/{row['total']}" if "total" in row else "-"
         errs = " | ".join(_fmt(row["errors"].get(s, None)) if s in row["errors"] else "-" for s in stages)
