@@ -262,7 +262,8 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         if into is not None:
             bn_fused, act_fused = into.fused_state()
             act = _activation.NAMES[into.__dict__.get("fused_act", _activation.RELU)]
-            state = "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            state = "fusable: again (a module of its chain was replaced, or given a hook, or its BN's " \
+                "track_running_stats changed, since fuse)"
             if bn_fused:
                 state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
         else:

@@ -88,3 +88,29 @@ def test_timm_separable_conv_and_stems(name, size, biased):
     left = [k for k, v in report.items() if not v.startswith("fused")]
     assert len(left) == biased and all("its conv has a bias" in report[k] for k in left), left
     _parity(plain, fused, size)
+
+
+TRACKING = ["tv:resnet18", "tv:mobilenet_v2", "timm:efficientnet_b0", "timm:dla34", "tv:densenet121"]
+
+
+@pytest.mark.parametrize("spec", TRACKING)
+def test_track_running_stats_turned_off_after_fuse(spec):
+    """``bn.track_running_stats = False`` set after construction (buffers kept): PyTorch's BN then
+    neither updates the running statistics nor counts the batch in training, but reads them in eval.
+    Fused, the BNs updated and counted (num_batches_tracked differed); now such a BN runs unfused, and
+    set back, fused again."""
+    lib, name = spec.split(":")
+    model = torchvision.models.__dict__[name](num_classes=10) if lib == "tv" else timm.create_model(
+        name, pretrained=False, num_classes=10)
+    plain, fused = _pair(model)
+    bns = [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in (plain, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.track_running_stats = False
+    _parity(plain, fused)
+    assert not any(v.startswith("fused") for v in fused_resnet.fusion_report(fused).values())
+    for bn in bns:
+        bn.track_running_stats = True
+    report = fused_resnet.fusion_report(fused)
+    assert sum(v.startswith("fused") for v in report.values()) >= len(report) - 1  # densenet's norm5
