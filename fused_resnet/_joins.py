@@ -21,8 +21,10 @@ normalised output is neither written nor saved; in eval both BNs are folded and 
 adds the shortcut. An activation the kernels do not apply (``_activation.module_code``: ReLU, ReLU6,
 Hardtanh(0, 6), SiLU, Hardswish, LeakyReLU(0.01 / 0.1)) runs as its own module after the add. While a
 timm DropPath drops (training, drop rate > 0) its per-sample keep-scale, drawn by the module itself
-(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the modules are still where
-``fuse`` found them and have no hooks; if not, the block runs its own forward (``fuse`` called again
+(the same random numbers as unfused), is the join's gate (``_gates``). Every call checks that the modules
+are still where ``fuse`` found them and have no hooks, that the block's ``use_res_connect`` / ``has_skip``
+keep their values and that the activation after the add still computes the function fused (a
+LeakyReLU's slope); if not, the block runs its own forward (``fuse`` called again
 fuses a join whose module was replaced anew, with the modules it holds then).
 """
 
@@ -49,6 +51,9 @@ class Join:
     act: tuple[nn.Module, str] | None  # the activation after the add
     drop: tuple[nn.Module, str] | None  # timm's DropPath on the main branch
     other_shortcut: bool = False  # a shortcut that is neither the identity nor a conv -> BN
+    # The block's own attributes its forward branches on to add at all (``use_res_connect``, ``has_skip``)
+    # with their values at fuse time: a user who flips one gets the block's own forward (checked every call).
+    flags: tuple[tuple[str, object], ...] = ()
 
 
 def _seq(m) -> bool:
@@ -73,7 +78,8 @@ def spec(m: nn.Module) -> Join | None:
         if not m.use_res_connect or not _seq(seq) or len(seq) < 3:
             return None
         names = list(seq._modules)
-        return Join([(seq, n) for n in names[:-2]], [(seq, n) for n in names[-2:]], None, [(m, "conv")], None, None)
+        return Join([(seq, n) for n in names[:-2]], [(seq, n) for n in names[-2:]], None, [(m, "conv")], None, None,
+                    flags=_flags(m, "use_res_connect"))
     if tv3 is not None and _patterns.is_own(m, tv3.InvertedResidual, "forward"):
         seq = m._modules.get("block")
         if not m.use_res_connect or not _seq(seq) or len(seq) < 2:
@@ -83,7 +89,7 @@ def spec(m: nn.Module) -> Join | None:
         if not _seq(last) or len(last) != 2:  # the projection: conv -> BN and nothing after them
             return None
         return Join([(seq, n) for n in names[:-1]], [(last, n) for n in last._modules], None,
-                    [(m, "block"), (seq, names[-1])], None, None)
+                    [(m, "block"), (seq, names[-1])], None, None, flags=_flags(m, "use_res_connect"))
     if tvr is not None and _patterns.is_own(m, tvr.ResBottleneckBlock, "forward"):
         f = m._modules.get("f")
         c = f._modules.get("c") if _seq(f) else None
@@ -119,7 +125,17 @@ def _efficientnet_join(m: nn.Module, tme) -> Join | None:
     last = ["conv_pwl", "bn3"] if inverted else ["conv_pw", "bn2"]
     if any(n not in m._modules for n in names + last):
         return None
-    return Join([(m, n) for n in names], [(m, n) for n in last], None, [], None, (m, "drop_path"))
+    return Join([(m, n) for n in names], [(m, n) for n in last], None, [], None, (m, "drop_path"),
+                flags=_flags(m, "has_skip"))
+
+
+def _flags(m: nn.Module, *names: str) -> tuple[tuple[str, object], ...]:
+    return tuple((n, getattr(m, n)) for n in names)
+
+
+def flags_intact(m: nn.Module, join: Join) -> bool:
+    """Whether the block's attributes ``join.flags`` still have the values ``fuse`` found."""
+    return all(getattr(m, n, None) == v for n, v in join.flags)
 
 
 def _get(slot) -> nn.Module | None:
@@ -186,9 +202,10 @@ def restore(m: nn.Module) -> None:
 
 def release_broken(model: nn.Module) -> None:
     """Give every fused join one of whose modules was replaced since ``fuse`` (say by
-    ``convert_sync_batchnorm``) back its own class, so that ``find`` judges it anew."""
+    ``convert_sync_batchnorm``), or whose ``use_res_connect`` / ``has_skip`` was changed, back its own
+    class, so that ``find`` judges it anew."""
     for m in model.modules():
-        if isinstance(m, FusedResidualJoin) and not slots_intact(m.join_slots):
+        if isinstance(m, FusedResidualJoin) and not (slots_intact(m.join_slots) and flags_intact(m, m.fused_join)):
             restore(m)
 
 
@@ -247,6 +264,14 @@ class FusedResidualJoin(inference.Preparable):
         """Whether the modules are where ``fuse`` found them, hook-free and still fusable (checked on
         every call); an active DropPath is the join's gate."""
         if not slots_intact(self.join_slots) or any(has_hooks(m) for m in self.join_hooked):
+            return False
+        if not flags_intact(self, self.fused_join):
+            return False
+        # The activation after the add still the function whose code the kernels apply (a LeakyReLU's
+        # slope, a ReLU6's bounds may be set after fuse); one the kernels do not apply runs as itself.
+        act = _get(self.fused_join.act)
+        if self.join_act is None and act is not None and (_activation.module_code(act) or _activation.NONE) \
+                != self.join_code:
             return False
         return all(is_fusable_conv(c) and _plain_norm(b, c.out_channels)
                    for c, b in (self.join_last,) + ((self.join_shortcut,) if self.join_shortcut else ()))

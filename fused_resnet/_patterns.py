@@ -6,7 +6,8 @@ read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``Bottl
 MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
 timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet``
 (stem and head), ``MobileNetV3`` (stem; its head conv has a bias and no BN unless built with
-``head_norm``) and their ``ConvBnAct`` / ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks. For each such
+``head_norm``) and their ``ConvBnAct`` / ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks,
+timm's ``SeparableConvNormAct`` and the stems of its ``HighResolutionNet`` and ``GhostNet``. For each such
 class a *run* lists children the forward calls one after the other, each on the previous one's
 output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
 the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
@@ -105,12 +106,27 @@ def known_runs(m: nn.Module) -> list[Run] | None:
             return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "drop_block", "act2"), ("conv3", "bn3"))(m)
     if tml is not None and is_own(m, tml.ConvNormAct, "forward"):
         return _named(("conv", "bn"))(m)
+    runs = _timm_stem_runs(m)
+    if runs is not None:
+        return runs
     runs = _efficientnet_runs(m)
     if runs is not None:
         return runs
     if not isinstance(m, FusedConvBN2d) and isinstance(m._modules.get("conv1"), nn.Conv2d) and hasattr(m, "layer1"):
         # fuse's first rule, kept: a ResNet-like model (conv1, bn1, layer1) calls bn1 on conv1's output.
         return [Run([(m, "conv1"), (m, "bn1")])]
+    return None
+
+
+def _timm_stem_runs(m: nn.Module) -> list[Run] | None:
+    """timm's ``SeparableConvNormAct`` (``bn(conv_pw(conv_dw(x)))``), ``HighResolutionNet``'s and ``GhostNet``'s stems."""
+    tsc, thr, tgh = (loaded_module(f"timm.{n}") for n in ("layers.separable_conv", "models.hrnet", "models.ghostnet"))
+    if tsc is not None and is_own(m, tsc.SeparableConvNormAct, "forward"):
+        return _named(("conv_dw", "conv_pw", "bn"))(m)
+    if thr is not None and is_own(m, thr.HighResolutionNet, "forward", "forward_features"):
+        return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"))(m)
+    if tgh is not None and is_own(m, tgh.GhostNet, "forward", "forward_features"):
+        return _named(("conv_stem", "bn1", "act1"))(m)
     return None
 
 
@@ -136,7 +152,6 @@ def _efficientnet_runs(m: nn.Module) -> list[Run] | None:
     if _own_type(block, tmb.InvertedResidual, "forward"):
         return _named(("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))(m)
     return None
-
 
 
 def norm_act(bn: nn.Module) -> bool:

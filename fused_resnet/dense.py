@@ -32,7 +32,7 @@ from torch import nn
 from . import _dense_patterns, _foreign, dense_ops, ops
 from ._dense_patterns import DenseLayerModules, TransitionModules
 from ._layout import channel_view, output_memory_format, stat_dtype
-from .modules import _momentum, has_hooks
+from .modules import _momentum, has_hooks, tracks_as_built
 
 
 def _conv(conv: nn.Conv2d) -> dense_ops.Conv:
@@ -41,7 +41,9 @@ def _conv(conv: nn.Conv2d) -> dense_ops.Conv:
 
 def _batch_stats_mode(norms) -> bool | None:
     """True when every BN normalises with batch statistics, False when every one uses its running
-    statistics, None when they disagree."""
+    statistics, None when they disagree or one's ``track_running_stats`` was changed since it was built."""
+    if not all(tracks_as_built(bn) for bn in norms):
+        return None
     modes = {ops.uses_batch_stats(bn.training, bn.running_mean, bn.running_var) for bn in norms}
     return modes.pop() if len(modes) == 1 else None
 
@@ -204,9 +206,10 @@ def dense_report(model: nn.Module) -> dict[int, str]:
             for bn in m.modules() if why else []:
                 states.setdefault(id(bn), f"not fused: {why}")
             continue
+        ok = ok and all(tracks_as_built(bn) for bn in norms)
         state = (f"fused: in the dense module {name} (BN + ReLU in the next conv's prologue, batch statistics "
                  "shared per feature map)") if ok else \
-            f"not fused: a module of the fused dense module {name} was replaced or hooked since fuse, so it runs " \
-            "its own forward"
+            f"not fused: a module of the fused dense module {name} was replaced or hooked (or a BN's " \
+            "track_running_stats changed) since fuse, so it runs its own forward"
         states.update({id(bn): state for bn in norms})
     return states

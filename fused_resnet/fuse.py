@@ -102,6 +102,26 @@ def _block_class(module: nn.Module) -> type | None:
     return None
 
 
+class _BlockClasses:
+    """:func:`_block_class` memoised for one ``fuse`` / ``find_fusable`` / ``fusion_report`` call (a
+    module with torchvision's children but another forward is traced with torch.fx each time it is
+    asked, and every rule asks). Keyed by the module and its class, so that a module whose class
+    ``fuse`` changes in place is asked anew; it holds the module, so that its id is not reused. Made
+    afresh by each call: nothing outlives the call to go stale."""
+
+    def __init__(self):
+        self._memo: dict[tuple[int, type], tuple[nn.Module, type | None]] = {}
+
+    def __call__(self, module: nn.Module) -> type | None:
+        key = (id(module), type(module))
+        if key not in self._memo:
+            self._memo[key] = (module, _block_class(module))
+        return self._memo[key][1]
+
+    def is_block(self, module: nn.Module) -> bool:
+        return self(module) is not None
+
+
 def _known_forward(forward) -> bool:
     """torchvision's ``BasicBlock``/``Bottleneck`` forward, or ``resnet_arch``'s (the same computation)."""
     where = (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None))
@@ -148,11 +168,12 @@ def find_fusable(model: nn.Module) -> list[str]:
     Only conv -> BN chains carry an activation into a kernel: activations elsewhere run as their own
     modules, e.g. the ReLU / SiLU and Hardsigmoid inside squeeze-excitation modules (MobileNetV3's,
     EfficientNet's), whose convs have biases and no BN."""
-    blocks = [name for name, m in model.named_modules() if name and _block_class(m) is not None]
+    block_class = _BlockClasses()
+    blocks = [name for name, m in model.named_modules() if name and block_class(m) is not None]
     joins, _, taken = _joins.find(model)
-    traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
-    found = _patterns.scan(model, _block_class, taken | traced_taken)
-    zoo, _, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
+    traced, _, traced_taken = _traced_joins.find(model, block_class.is_block, taken)
+    found = _patterns.scan(model, block_class, taken | traced_taken)
+    zoo, _, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken, block_class)
     chains = [c.name for c in zoo_chains]
     broken = [name for name, m in model.named_modules() if _patterns.broken(m) and name not in chains]
     traced_names = [_traced_joins.label(name, m) for name, (m, _) in (traced | zoo).items()]
@@ -160,18 +181,15 @@ def find_fusable(model: nn.Module) -> list[str]:
             + dense.find_dense(model))
 
 
-def _is_block(m: nn.Module) -> bool:
-    return _block_class(m) is not None
-
-
-def _model_zoo_pass(model: nn.Module, joins: dict, found: _patterns.Scan, taken: set[int]):
+def _model_zoo_pass(model: nn.Module, joins: dict, found: _patterns.Scan, taken: set[int],
+                    block_class: _BlockClasses):
     """The last rule before the chains: the forwards of torchvision / timm modules that no rule
     knows (res2net's, DLA's, Xception's blocks...), traced as a user's own forward is
     (``_traced_joins.find``), outside the modules the other rules swap whole (blocks, joins, dense
     blocks and transitions). Returns ``_traced_joins.find``'s three values and the chains left to
     the chain rule (those whose conv and BN no traced plan applies)."""
     whole = [m for _, (m, _) in joins.items()] + list(found.blocks.values()) + list(found.preact.values()) + [
-        m for m in model.modules() if _is_block(m) or isinstance(m, (_FusedBlockMixin, *dense.FUSED))
+        m for m in model.modules() if block_class.is_block(m) or isinstance(m, (_FusedBlockMixin, *dense.FUSED))
         or dense.recognised(m)]
     inside = {id(sub) for m in whole for sub in m.modules()}
     zoo, notes, zoo_taken = _traced_joins.find(model, lambda m: id(m) in inside, taken, model_zoo=True)
@@ -199,8 +217,8 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
         state = f"fusable: with the residual add of {name}"
         if fused:
             state = f"fused: with the residual add of {name}" if m.fusable() else (
-                f"not fused: a module of the fused join {name} was replaced or has hooks, so it runs "
-                "its own forward")
+                f"not fused: a module of the fused join {name} was replaced or has hooks, or its "
+                "use_res_connect / has_skip changed, so it runs its own forward")
         for slots in (join.last, join.shortcut or ()):
             if slots:
                 states[id(slots[1][0]._modules.get(slots[1][1]))] = state
@@ -210,10 +228,11 @@ def _join_states(model: nn.Module, joins) -> dict[int, str]:
 def fusion_report(model: nn.Module) -> dict[str, str]:
     """For every BatchNorm of ``model``, by qualified name: ``"fused: ..."``, ``"fusable: ..."``
     (what :func:`fuse` would do now) or ``"not fused: <why>"``."""
+    block_class = _BlockClasses()
     joins, join_notes, taken = _joins.find(model)
-    traced, traced_notes, traced_taken = _traced_joins.find(model, _is_block, taken)
-    found = _patterns.scan(model, _block_class, taken | traced_taken)
-    zoo, zoo_notes, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
+    traced, traced_notes, traced_taken = _traced_joins.find(model, block_class.is_block, taken)
+    found = _patterns.scan(model, block_class, taken | traced_taken)
+    zoo, zoo_notes, _, zoo_chains = _model_zoo_pass(model, joins, found, taken | traced_taken, block_class)
     found.notes.update(join_notes)
     for key, note in (traced_notes | zoo_notes).items():  # an add in a traced forward not fused, and why
         found.notes.setdefault(key, note)
@@ -222,7 +241,7 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
     in_block = _join_states(model, joins)
     in_block.update(_traced_joins.states(model, traced | zoo))
     for name, m in model.named_modules():
-        fused_cls = _block_class(m) if not isinstance(m, _FusedBlockMixin) else None
+        fused_cls = block_class(m) if not isinstance(m, _FusedBlockMixin) else None
         pairs = m._chain() if isinstance(m, _FusedBlockMixin) else _patterns.tv_block_pairs(m) if fused_cls else []
         if name in found.blocks:
             pairs = [(m._modules[c], m._modules[b]) for c, b in _patterns.residual_block(m)[0]]
@@ -244,7 +263,8 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
         if into is not None:
             bn_fused, act_fused = into.fused_state()
             act = _activation.NAMES[into.__dict__.get("fused_act", _activation.RELU)]
-            state = "fusable: again (a module of its chain was replaced, or given a hook, since fuse)"
+            state = "fusable: again (a module of its chain was replaced, or given a hook, or its BN's " \
+                "track_running_stats changed, since fuse)"
             if bn_fused:
                 state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
                 note = note or into.__dict__.get("fused_note")
@@ -270,7 +290,8 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     is logged on the ``fused_resnet`` logger (INFO), and printed when ``verbose``; unrecognised
     modules are left as they are. A block passed as ``model`` itself cannot be swapped in place:
     the fused block (sharing its tensors) is returned instead."""
-    top = _block_class(model)
+    block_class = _BlockClasses()
+    top = block_class(model)
     if top is not None:
         fused = top.from_block(model)
         distributed.adopt_sync_batch_norms(fused)  # nn.SyncBatchNorm -> SyncBatchNorm2d: runs on CPU/DDP too
@@ -278,7 +299,7 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     swapped: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            fused_cls = _block_class(child)
+            fused_cls = block_class(child)
             if fused_cls is not None:
                 setattr(parent, child_name, fused_cls.from_block(child))
                 distributed.adopt_sync_batch_norms(getattr(parent, child_name))
@@ -292,11 +313,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     for name, (block, join) in joins.items():
         _joins.fuse_join(block, join)
         swapped.append(name)
-    traced, _, traced_taken = _traced_joins.find(model, _is_block, taken)
+    traced, _, traced_taken = _traced_joins.find(model, block_class.is_block, taken)
     for name, (module, plan) in traced.items():  # residual adds in a user's own forward
         swapped.append(_traced_joins.label(name, module))
         _traced_forward.fuse_traced(module, plan)
-    found = _patterns.scan(model, _block_class, taken | traced_taken)
+    found = _patterns.scan(model, block_class, taken | traced_taken)
     for name, block in found.blocks.items():
         names, acts = _patterns.residual_block(block)
         block.__class__ = _foreign.subclass(FusedResidualBlock, type(block))
@@ -308,7 +329,7 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         block.__class__ = _foreign.subclass(_preact.FusedPreActBlock, type(block))
         block.__dict__.update(fused_names=names)
         swapped.append(name)
-    zoo, _, _, chains = _model_zoo_pass(model, joins, found, taken | traced_taken)
+    zoo, _, _, chains = _model_zoo_pass(model, joins, found, taken | traced_taken, block_class)
     for name, (module, plan) in zoo.items():  # the forwards of torchvision / timm modules no rule knows
         swapped.append(_traced_joins.label(name, module))
         _traced_forward.fuse_traced(module, plan)

@@ -67,7 +67,15 @@ def is_fusable_bn(bn: nn.Module, channels: int) -> bool:
     channels (synchronised ones merge their statistics across their process group, see ``distributed.py``)."""
     plain = isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward
     synced = not plain and distributed.is_sync_batch_norm(bn) and type(bn).forward in _SYNC_FORWARDS
-    return (plain or synced) and bn.num_features == channels
+    return (plain or synced) and bn.num_features == channels and tracks_as_built(bn)
+
+
+def tracks_as_built(bn: nn.Module) -> bool:
+    """Whether ``bn.track_running_stats`` agrees with its buffers, as a BN is built. Set to False after
+    construction with the buffers kept, PyTorch's BN neither updates them nor counts the batch in
+    training but still reads them in eval; the fused ops do not model that state, so such a BN runs
+    unfused (checked on every call)."""
+    return bn.track_running_stats == (bn.running_mean is not None)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -340,7 +348,8 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them, none of them
         with hooks (a hook registered after ``fuse`` on the conv or the BN makes the three run
         unfused while it is there, on the ReLU the ReLU: each hook sees what it would unfused)."""
-        bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn))
+        bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn)) \
+            and tracks_as_built(self.fused_bn)
         return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots) and not any(
             has_hooks(m) for _, _, m in self.relu_slots) and self._act_unchanged()
 

@@ -122,6 +122,28 @@ def test_join_falls_back_when_changed(change):
             assert_step_matches(plain, fused, _x(), train)
 
 
+@pytest.mark.parametrize("edit", ["slope", "relu6_bounds"])
+def test_join_activation_parameters_set_after_fuse(edit):
+    """The activation after the add changed after ``fuse`` (a LeakyReLU's slope, a ReLU6's bound): the
+    join no longer applies the code it was fused with; the block runs its own forward (fp64)."""
+    from torchvision.models.regnet import ResBottleneckBlock
+
+    act = nn.LeakyReLU if edit == "slope" else nn.ReLU6
+    make = lambda: nn.Sequential(ResBottleneckBlock(3, 8, 2, nn.BatchNorm2d, act, 4, 1.0, None),  # noqa: E731
+                                 ResBottleneckBlock(8, 8, 1, nn.BatchNorm2d, act, 4, 1.0, None))
+    plain, fused = _pair(make)
+    assert fused[1].fusable()
+    for model in (plain, fused):
+        if edit == "slope":
+            model[1].activation.negative_slope = 0.2
+        else:
+            model[1].activation.max_val = 3.0
+    assert not fused[1].fusable() and fused[0].fusable()
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, _x(), train)
+
+
 def test_join_fp32_native_within_eager_error():
     if "native" not in fused_resnet.backends():
         pytest.skip("the native extension is not built for this torch")
