@@ -38,6 +38,9 @@ from ... import _activation
 _DEFAULT_MIN_MACS = 1 << 23
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
+# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM where the image has more pixels than
+# this: below, oneDNN's blocked weight beats BLAS's narrow product (ResNet-50's 7x7 stage).
+_GEMM_MIN_NCHW_PIXELS = 64
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
              _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", []),
@@ -88,8 +91,15 @@ class PackedConv:
         # shape, made on its first call, a few at most. Part of the preparation, like the fold: it
         # cannot go stale apart from it.
         self.packed: dict[tuple, torch.Tensor] = {}
-        self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten" or None
+        self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten", "gemm" or None
         self.aten_conv = (self.conv[1], self.conv[0], self.conv[2], self.conv[3])  # stride, padding, dilation, groups
+        # A 1x1 conv of stride 1, unpadded and ungrouped, is a matrix product over the channels: the
+        # "gemm" route's operands (dilation does not matter to a 1x1 kernel).
+        pointwise = tuple(self.kernel) == (1, 1) and self.conv[0] == [0, 0] and self.conv[1] == [1, 1] \
+            and self.conv[3] == 1
+        self.matrix = self.dense.reshape(weight.shape[0], -1) if pointwise else None  # [Cout, Cin]
+        self.bias_column = None if self.bias is None else self.bias[:, None]  # added along NCHW's rows
+        self.depthwise = self.conv[3] > 1 and weight.shape[0] == self.conv[3] and weight.shape[1] == 1
         self.generic: Callable | None = None  # set by enable_autotune
 
     def _packed_for(self, shape: tuple) -> torch.Tensor:
@@ -119,16 +129,39 @@ class PackedConv:
         return not ((self.nhwc is not None and nhwc != self.nhwc and not either) or (
             residual is not None and residual.dtype != torch.float32))
 
+    def _can_gemm(self, x: torch.Tensor) -> bool:
+        """Whether the "gemm" route takes this input (one that ``_can_onednn`` takes): a 1x1 conv of
+        stride 1, unpadded, ungrouped, on an input dense in NCHW or channels_last (a view as a matrix)."""
+        return self.matrix is not None and (x.is_contiguous() or _is_nhwc(x))
+
     def _route(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
-        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``
-        or None (the generic op)."""
+        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``,
+        ``"gemm"`` or None (the generic op)."""
         if not self._can_onednn(x, residual):
             return None
         nhwc = _is_nhwc(x)
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
-        if (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs:
+        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs
+        if self._can_gemm(x) and (not onednn or (not nhwc and x.shape[2] * x.shape[3] > _GEMM_MIN_NCHW_PIXELS)):
+            # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
+            # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
+            # oneDNN (which converts to channels_last and back) and ATen's conv everywhere but on
+            # ResNet-50's 7x7 stage (1024->256 at 14x14 420 vs 560 us oneDNN, MobileNetV2's 96->24
+            # at 56x56 65 vs 260 us ATen; 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last
+            # below the oneDNN threshold (MobileNetV2's 192->32 at 28x28 with a residual 60 vs
+            # 105 us the op, 144->32 45 vs 80 us ATen), oneDNN above it.
+            return "gemm"
+        if onednn:
             return "onednn"
+        if self.depthwise:
+            # Depthwise, below the threshold (batch 1, 224px, ReLU6, min of 40 interleaved runs): in
+            # channels_last oneDNN's prepacked conv beats ATen's by a fifth (3x3 576 channels at 14x14
+            # 58 vs 76 us, 144 at 56x56 140 vs 171 us, 5x5 240 at 28x28 104 vs 124 us); in NCHW the op
+            # (ATen's conv, then bias and activation in one pass) beats ATen's conv with the bias inside,
+            # whose depthwise kernel adds it by a broadcast pass (144 at 56x56 354 vs 378 us, 5x5 32 at
+            # 112x112 401 vs 437 us).
+            return "onednn" if nhwc else None
         # Too small for the reorder to pay: ATen's conv with the bias inside (oneDNN's own bias
         # post-op) and the activation in place beat the op's conv + epilogue pass on these (MobileNetV2 at
         # batch 1, 224px: depthwise 3x3 66 vs 85 us, 1x1 32->192 at 28x28 105 vs 118 us); with a
@@ -139,8 +172,7 @@ class PackedConv:
         """The conv's output, or None where this path does not apply (autograd on, another dtype or
         layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
         caller then runs the generic ``conv_bias_act``."""
-        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or (
-                residual is not None and act not in _BINARY_ACTS):
+        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
             return None
         # The static part of the decision, once per input signature: on a small model the checks
         # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).
@@ -151,7 +183,7 @@ class PackedConv:
                 self.routes.clear()
             route = self._route(x, residual) if self.generic is None else self._tune(x, residual, act)
             self.routes[key] = route
-        if route is None:
+        if route is None or (route == "onednn" and residual is not None and act not in _BINARY_ACTS):
             return None
         return self._run(route, x, residual, act)
 
@@ -169,7 +201,7 @@ class PackedConv:
         """The fastest route for this signature (see ``enable_autotune``)."""
         candidates: list[str | None] = [None]
         if self._can_onednn(x, residual):
-            candidates += ["onednn"] + (["aten"] if residual is None else [])
+            candidates += ["onednn"] + (["aten"] if residual is None else []) + (["gemm"] if self._can_gemm(x) else [])
         if len(candidates) == 1:
             return None
         run = {route: (lambda r=route: self._run(r, x, residual, act)) for route in candidates if route}
@@ -184,7 +216,40 @@ class PackedConv:
                 best[route] = min(best[route], time.perf_counter() - start)
         return min(candidates, key=best.__getitem__)
 
+    def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        """The 1x1 conv as a matrix product in the input's own layout (``_can_gemm``): NCHW
+        ``out[n] = W @ x[n].view(Cin, H*W)``, channels_last ``x.view(N*H*W, Cin) @ W.t()``; the bias
+        (or the residual, then the bias by one pass) as the GEMM's accumulate input, the activation in
+        place. The output is in the input's layout."""
+        n, c, h, w = x.shape
+        weight, bias, cout = self.matrix, self.bias, self.matrix.shape[0]
+        if _is_nhwc(x):
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last is [N*H*W, C]
+            if residual is None:
+                out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+            else:
+                out = torch.addmm(residual.permute(0, 2, 3, 1).reshape(n * h * w, cout), rows, weight.t())
+                if bias is not None:
+                    out.add_(bias)
+            out = out.view(n, h, w, cout).permute(0, 3, 1, 2)
+        else:
+            # The accumulate input: the residual, else the bias as a column that addmm / baddbmm broadcast.
+            if n == 1:  # a plain 2-D product (bmm's batching costs host time at batch 1)
+                acc = self.bias_column if residual is None else residual.reshape(cout, h * w)
+                cols = x.view(c, h * w)
+                out = torch.mm(weight, cols) if acc is None else torch.addmm(acc, weight, cols)
+            else:
+                acc = self.bias_column if residual is None else residual.reshape(n, cout, h * w)
+                cols = x.view(n, c, h * w)
+                out = torch.matmul(weight, cols) if acc is None else torch.baddbmm(acc, weight.expand(n, cout, c), cols)
+            if residual is not None and bias is not None:
+                out.add_(self.bias_column)
+            out = out.view(n, cout, h, w)
+        return _activation.apply(out, act, inplace=True)
+
     def _run(self, route: str, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        if route == "gemm":
+            return self._gemm(x, residual, act)
         nhwc = _is_nhwc(x)
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         if route == "aten":
