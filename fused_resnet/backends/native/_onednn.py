@@ -8,12 +8,32 @@ one oneDNN primitive (bias, residual add and activation as post-ops: ReLU, ReLU6
 SiLU as ``swish``, Hardswish as ``hardswish``): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
-A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
-runs as ATen's conv with the folded bias inside and the activation in place, which beat the op's conv +
-epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs. That rule
-of thumb misjudges some shapes (oneDNN's per-call cost and ATen's im2col vary with the spatial size
-and channel counts, not with the multiply-adds alone): ``prepare_for_inference(model, autotune=True)``
-times the routes instead, on the first call of each input signature (``PackedConv.enable_autotune``).
+Not every conv is best served so; ``PackedConv._route`` picks one of four routes per input
+signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-50 at batch 1,
+224px, two threads (per-conv timings in the comments there):
+
+- ``"gemm"``: a 1x1 conv of stride 1, unpadded and ungrouped, is a matrix product over the
+  channels, run as one BLAS call in the input's own layout (NCHW ``W @ x[n].view(Cin, H*W)``,
+  channels_last ``x.view(N*H*W, Cin) @ W.t()``), the bias or residual as the GEMM's accumulate input
+  and the activation in place: no layout conversion, no reorder. oneDNN on an NCHW input converts it
+  to channels_last and the output back (MobileNetV2's 25 copies a forward), and ATen's conv of a 1x1
+  NCHW input adds the bias by a broadcast pass: the GEMM took MobileNetV2's 96->24 conv at 56x56 from
+  260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
+  every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer (ResNet-50's
+  7x7 stage, where oneDNN's blocked weight wins: 550 vs 640 us), and in channels_last below it
+  (oneDNN wins above). It also serves a residual with an activation oneDNN's binary op cannot apply.
+- ``"onednn"``: the prepacked conv, for a conv of at least ``FUSED_RESNET_ONEDNN_MIN_MACS``
+  multiply-adds (below, its per-call setup costs about what it saves) whose input is channels_last
+  or not much larger than the weight; and for every depthwise conv in channels_last (a fifth faster
+  than ATen's: 576 channels at 14x14 58 vs 76 us).
+- ``"aten"``: below the threshold, without a residual, ATen's conv with the folded bias inside and
+  the activation in place.
+- None: the generic ``conv_bias_act`` op (ATen's conv and one epilogue pass): small convs with a
+  residual, and depthwise convs in NCHW (ATen's depthwise kernel adds a bias by a separate broadcast
+  pass: the op's epilogue, which applies the activation in the same pass, was 5-10% faster).
+
+That rule of thumb may misjudge other shapes: ``prepare_for_inference(model, autotune=True)`` times
+the routes instead, on the first call of each input signature (``PackedConv.enable_autotune``).
 
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
 as the convolution in the deep stages. The reorders belong to the preparation and to nothing
@@ -160,17 +180,17 @@ class PackedConv:
             # 58 vs 76 us, 144 at 56x56 140 vs 171 us, 5x5 240 at 28x28 104 vs 124 us); in NCHW the op
             # (ATen's conv, then bias and activation in one pass) beats ATen's conv with the bias inside,
             # whose depthwise kernel adds it by a broadcast pass (144 at 56x56 354 vs 378 us, 5x5 32 at
-            # 112x112 401 vs 437 us).
+            # 112x112 401 vs 437 us; 5-10% on most shapes, in two runs on a loaded machine).
             return "onednn" if nhwc else None
         # Too small for the reorder to pay: ATen's conv with the bias inside (oneDNN's own bias
-        # post-op) and the activation in place beat the op's conv + epilogue pass on these (MobileNetV2 at
-        # batch 1, 224px: depthwise 3x3 66 vs 85 us, 1x1 32->192 at 28x28 105 vs 118 us); with a
+        # post-op) and the activation in place beat the op's conv + epilogue pass on dense convs (a
+        # session before the gemm route: MobileNetV2's 1x1 32->192 at 28x28 105 vs 118 us); with a
         # residual the op's single epilogue pass stays (ATen would need two).
         return "aten" if residual is None else None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor | None:
         """The conv's output, or None where this path does not apply (autograd on, another dtype or
-        layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
+        layout than prepared for, oneDNN disabled, a route of None: see the module docstring): the
         caller then runs the generic ``conv_bias_act``."""
         if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
             return None
@@ -189,8 +209,8 @@ class PackedConv:
 
     def enable_autotune(self, generic: Callable) -> None:
         """Choose each input signature's route by timing instead of by the static rule: on the first
-        call with a new signature, every route that can take it (``"onednn"``, ``"aten"``, and the
-        generic op, run by ``generic(x, residual, act)``) runs a few times and the fastest is kept
+        call with a new signature, every route that can take it (``"onednn"``, ``"aten"``, ``"gemm"``
+        and the generic op, run by ``generic(x, residual, act)``) runs a few times and the fastest is kept
         for that signature. As ``torch.backends.cudnn.benchmark``: the first call of each input
         size costs a few convolutions more, and the route (so the last bits of the output, all
         routes being fp32 convolutions of the same operands) may differ from one process to the next."""
