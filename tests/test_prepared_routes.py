@@ -106,14 +106,18 @@ RULE_CASES = [
     (32, 192, 1, 1, 1, 28, False, "gemm", "gemm"),
     (576, 96, 1, 1, 1, 14, True, "gemm", "onednn"),  # 10.8 M multiply-adds: above the threshold
     (960, 160, 1, 1, 1, 7, True, "gemm", "gemm"),
-    (320, 1280, 1, 1, 1, 7, False, "onednn", "onednn"),  # above the threshold, 49 pixels
+    (320, 1280, 1, 1, 1, 7, False, "gemm", "onednn"),  # above the threshold, 49 pixels, a 410K weight
     (144, 144, 3, 1, 144, 56, False, None, "onednn"),  # depthwise
     (960, 960, 3, 1, 960, 7, False, None, "onednn"),
     (3, 32, 3, 2, 1, 224, False, "aten", "onednn"),  # the stem: NCHW input much larger than the weight
+    # EfficientNet-B0 at 224px
+    (1152, 192, 1, 1, 1, 7, True, "gemm", "onednn"),
+    (1152, 1152, 5, 1, 1152, 7, False, None, "onednn"),
     # ResNet-50 at 224px
     (1024, 256, 1, 1, 1, 14, False, "gemm", "onednn"),
     (256, 1024, 1, 1, 1, 14, True, "gemm", "onednn"),
-    (2048, 512, 1, 1, 1, 7, False, "onednn", "onednn"),
+    (2048, 512, 1, 1, 1, 7, False, "onednn", "onednn"),  # 49 pixels, a 1M weight
+    (512, 2048, 1, 1, 1, 7, True, "onednn", "onednn"),
     (1024, 512, 1, 2, 1, 14, False, "onednn", "onednn"),  # strided 1x1: not a plain product
     (256, 256, 3, 1, 1, 14, False, "onednn", "onednn"),
 ]

@@ -19,9 +19,9 @@ signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-
   to channels_last and the output back (MobileNetV2's 25 copies a forward), and ATen's conv of a 1x1
   NCHW input adds the bias by a broadcast pass: the GEMM took MobileNetV2's 96->24 conv at 56x56 from
   260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
-  every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer (ResNet-50's
-  7x7 stage, where oneDNN's blocked weight wins: 550 vs 640 us), and in channels_last below it
-  (oneDNN wins above). It also serves a residual with an activation oneDNN's binary op cannot apply.
+  every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer with
+  weights of 512K elements or more (ResNet-50's 7x7 stage, where oneDNN's blocked weight wins: 550 vs
+  640 us), and in channels_last below it (oneDNN wins above). It also serves a residual with an activation oneDNN's binary op cannot apply.
 - ``"onednn"``: the prepacked conv, for a conv of at least ``FUSED_RESNET_ONEDNN_MIN_MACS``
   multiply-adds (below, its per-call setup costs about what it saves) whose input is channels_last
   or not much larger than the weight; and for every depthwise conv in channels_last (a fifth faster
@@ -58,9 +58,12 @@ from ... import _activation
 _DEFAULT_MIN_MACS = 1 << 23
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
-# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM where the image has more pixels than
-# this: below, oneDNN's blocked weight beats BLAS's narrow product (ResNet-50's 7x7 stage).
-_GEMM_MIN_NCHW_PIXELS = 64
+# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM unless its map has at most this many
+# pixels and its weight at least this many elements: there oneDNN's blocked weight beats BLAS's narrow
+# product (ResNet-50's 7x7 stage, 2048x512 weights); with weights up to 410K elements it did not
+# (EfficientNet-B0's and MobileNetV2's 7x7 stages).
+_GEMM_NARROW_PIXELS = 64
+_GEMM_NARROW_MIN_WEIGHT = 1 << 19
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
              _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", []),
@@ -163,12 +166,14 @@ class PackedConv:
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
         onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs
-        if self._can_gemm(x) and (not onednn or (not nhwc and x.shape[2] * x.shape[3] > _GEMM_MIN_NCHW_PIXELS)):
+        narrow = x.shape[2] * x.shape[3] <= _GEMM_NARROW_PIXELS and self.weight_numel >= _GEMM_NARROW_MIN_WEIGHT
+        if self._can_gemm(x) and (not onednn or not (nhwc or narrow)):
             # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
             # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
             # oneDNN (which converts to channels_last and back) and ATen's conv everywhere but on
             # ResNet-50's 7x7 stage (1024->256 at 14x14 420 vs 560 us oneDNN, MobileNetV2's 96->24
-            # at 56x56 65 vs 260 us ATen; 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last
+            # at 56x56 65 vs 260 us ATen, EfficientNet-B0's 1152->192 at 7x7 160 vs 220 us oneDNN;
+            # ResNet-50's 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last
             # below the oneDNN threshold (MobileNetV2's 192->32 at 28x28 with a residual 60 vs
             # 105 us the op, 144->32 45 vs 80 us ATen), oneDNN above it.
             return "gemm"
