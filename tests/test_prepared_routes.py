@@ -77,6 +77,22 @@ def test_gemm_route_serves_small_pointwise_convs_and_residuals_with_any_activati
     assert set(packed.routes.values()) == {"gemm"} and not packed.packed  # no oneDNN reorder made
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_gemm_route_takes_a_residual_of_the_other_layout(layout, n):
+    """``PreparedConv`` checks a residual's shape and dtype, not its strides: one in the other layout
+    (or not dense) is read by its logical indices; the output follows the input's layout."""
+    x, w, b, r = _pointwise(layout, n)
+    other = r.contiguous() if layout == "nhwc" else r.contiguous(memory_format=torch.channels_last)
+    packed = _onednn.prepack_conv(w, b, *POINTWISE)
+    with torch.no_grad():
+        for residual in (other, act((n, 24, 5, 14), F32, "nchw", "cpu")[..., ::2]):
+            out = packed._run("gemm", x, residual, _activation.RELU)
+            assert_close(out, reference.conv_bias_act(x, w, b, residual, *POINTWISE, _activation.RELU), F32,
+                         name="out")
+            assert out.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("case", ["strided", "padded", "grouped", "3x3", "sliced_input"])
 def test_gemm_route_declines_what_is_not_a_plain_matrix_product(case):
     x, w, b, _ = _pointwise("nchw", 2)
