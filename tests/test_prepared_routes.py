@@ -118,19 +118,19 @@ RULE_CASES = [
     # MobileNetV2 at 224px
     (32, 16, 1, 1, 1, 112, False, "gemm", "gemm"),
     (96, 24, 1, 1, 1, 56, False, "gemm", "gemm"),
-    (144, 24, 1, 1, 1, 56, True, "gemm", "onednn"),
+    (144, 24, 1, 1, 1, 56, True, "gemm", "gemm"),
     (32, 192, 1, 1, 1, 28, False, "gemm", "gemm"),
-    (576, 96, 1, 1, 1, 14, True, "gemm", "onednn"),  # 10.8 M multiply-adds: above the threshold
+    (576, 96, 1, 1, 1, 14, True, "gemm", "gemm"),  # 10.8 M multiply-adds: above the oneDNN threshold
     (960, 160, 1, 1, 1, 7, True, "gemm", "gemm"),
-    (320, 1280, 1, 1, 1, 7, False, "gemm", "onednn"),  # above the threshold, 49 pixels, a 410K weight
+    (320, 1280, 1, 1, 1, 7, False, "gemm", "gemm"),  # 20 M, 49 pixels, a 410K weight
     (144, 144, 3, 1, 144, 56, False, None, "onednn"),  # depthwise
     (960, 960, 3, 1, 960, 7, False, None, "onednn"),
     (3, 32, 3, 2, 1, 224, False, "aten", "onednn"),  # the stem: NCHW input much larger than the weight
     # EfficientNet-B0 at 224px
-    (1152, 192, 1, 1, 1, 7, True, "gemm", "onednn"),
+    (1152, 192, 1, 1, 1, 7, True, "gemm", "gemm"),
     (1152, 1152, 5, 1, 1152, 7, False, None, "onednn"),
     # ResNet-50 at 224px
-    (1024, 256, 1, 1, 1, 14, False, "gemm", "onednn"),
+    (1024, 256, 1, 1, 1, 14, False, "gemm", "onednn"),  # 51 M
     (256, 1024, 1, 1, 1, 14, True, "gemm", "onednn"),
     (2048, 512, 1, 1, 1, 7, False, "onednn", "onednn"),  # 49 pixels, a 1M weight
     (512, 2048, 1, 1, 1, 7, True, "onednn", "onednn"),

@@ -21,7 +21,8 @@ signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-
   260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
   every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer with
   weights of 512K elements or more (ResNet-50's 7x7 stage, where oneDNN's blocked weight wins: 550 vs
-  640 us), and in channels_last below it (oneDNN wins above). It also serves a residual with an activation oneDNN's binary op cannot apply.
+  640 us), and in channels_last below 4x that threshold (oneDNN wins on ResNet-50's 51 M
+  multiply-add 1x1 convs, the GEMM on EfficientNet-B0's 10.8 M ones). It also serves a residual with an activation oneDNN's binary op cannot apply.
 - ``"onednn"``: the prepacked conv, for a conv of at least ``FUSED_RESNET_ONEDNN_MIN_MACS``
   multiply-adds (below, its per-call setup costs about what it saves) whose input is channels_last
   or not much larger than the weight; and for every depthwise conv in channels_last (a fifth faster
@@ -63,6 +64,9 @@ _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up 
 # product (ResNet-50's 7x7 stage, 2048x512 weights); with weights up to 410K elements it did not
 # (EfficientNet-B0's and MobileNetV2's 7x7 stages).
 _GEMM_NARROW_PIXELS = 64
+# In channels_last (oneDNN's own layout: no conversion) a 1x1 conv runs as a GEMM below this many times
+# the oneDNN threshold: MobileNetV2's and EfficientNet-B0's (10-20 M multiply-adds) yes, ResNet-50's (51 M) no.
+_GEMM_NHWC_MACS_FACTOR = 4
 _GEMM_NARROW_MIN_WEIGHT = 1 << 19
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
@@ -165,17 +169,23 @@ class PackedConv:
         nhwc = _is_nhwc(x)
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
-        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs
-        narrow = x.shape[2] * x.shape[3] <= _GEMM_NARROW_PIXELS and self.weight_numel >= _GEMM_NARROW_MIN_WEIGHT
-        if self._can_gemm(x) and (not onednn or not (nhwc or narrow)):
+        macs = self._macs(x)
+        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and macs >= self.min_macs
+        if nhwc:
+            gemm = macs < _GEMM_NHWC_MACS_FACTOR * self.min_macs
+        else:
+            gemm = not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS \
+                or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT
+        if gemm and self._can_gemm(x):
             # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
             # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
             # oneDNN (which converts to channels_last and back) and ATen's conv everywhere but on
             # ResNet-50's 7x7 stage (1024->256 at 14x14 420 vs 560 us oneDNN, MobileNetV2's 96->24
             # at 56x56 65 vs 260 us ATen, EfficientNet-B0's 1152->192 at 7x7 160 vs 220 us oneDNN;
-            # ResNet-50's 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last
-            # below the oneDNN threshold (MobileNetV2's 192->32 at 28x28 with a residual 60 vs
-            # 105 us the op, 144->32 45 vs 80 us ATen), oneDNN above it.
+            # ResNet-50's 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last below 4x the
+            # oneDNN threshold (MobileNetV2's 192->32 at 28x28 with a residual 60 vs 105 us the op,
+            # 144->32 45 vs 80 us ATen; EfficientNet-B0's 10.8 M multiply-add 1x1 convs 140-300 us,
+            # 5-30% under oneDNN's, with SiLU), oneDNN above it (ResNet-50's 51 M: 10-20% faster).
             return "gemm"
         if onednn:
             return "onednn"
