@@ -153,10 +153,6 @@ def test_rule_chooses_the_measured_route(case, layout):
     assert packed._route(x, residual) == (nhwc_route if layout == "nhwc" else nchw_route)
 
 
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
-
-
 @pytest.mark.parametrize("spec", ["tv:mobilenet_v2", "timm:efficientnet_b0", "timm:dla34"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("n", [1, 2])
@@ -164,8 +160,9 @@ def test_prepared_models_within_eager_error_in_both_layouts(spec, layout, n):
     """Real models, fused and prepared (every route the rule takes on them), in fp32: within 3x eager
     fp32's own error vs fp64, in the input's layout; the gemm route served some convs."""
     lib, name = spec.split(":")
+    library = pytest.importorskip("torchvision.models" if lib == "tv" else "timm")  # the rest of the file runs without
     torch.manual_seed(0)
-    plain = getattr(torchvision.models, name)() if lib == "tv" else timm.create_model(name, pretrained=False)
+    plain = getattr(library, name)() if lib == "tv" else library.create_model(name, pretrained=False)
     plain = randomize_bns(plain).eval()
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     gold = copy.deepcopy(plain).double()
