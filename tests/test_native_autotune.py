@@ -1,6 +1,7 @@
 """``prepare_for_inference(model, autotune=True)`` on the native CPU backend: each prepared conv times
-the routes that can take an input signature (oneDNN's prepacked conv, ATen's conv, the generic op)
-on its first call and keeps the fastest; results stay the reference's whichever route wins."""
+the routes that can take an input signature (oneDNN's prepacked conv, ATen's conv, a 1x1 conv as
+one GEMM, the generic op) on its first call and keeps the fastest; results stay the reference's
+whichever route wins."""
 
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ def _slowed(monkeypatch, slow: set):
 
     def generic(x, residual, act_code):
         now[0] += None in slow
-        return reference.conv_bias_act(x, generic.w, generic.b, residual, *CONV, act_code)
+        return reference.conv_bias_act(x, generic.w, generic.b, residual, *generic.conv, act_code)
 
+    generic.conv = CONV
     return generic
 
 
@@ -73,6 +75,31 @@ def test_autotune_keeps_the_fastest_route(fast, layout, monkeypatch):
         assert out is None  # the caller (PreparedConv) runs the generic op
     else:
         assert_close(out, reference.conv_bias_act(x, w, b, None, *CONV, 1), F32, name="out")
+
+
+# ATen's conv is a candidate only without a residual (its epilogue cannot add one).
+POINTWISE_CASES = [(fast, False) for fast in ("onednn", "aten", "gemm", None)] + [
+    (fast, True) for fast in ("onednn", "gemm", None)]
+
+
+@pytest.mark.parametrize("fast, with_residual", POINTWISE_CASES,
+                         ids=lambda v: {None: "generic", True: "residual", False: "plain"}.get(v, v))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_autotune_times_the_gemm_route_of_a_pointwise_conv(fast, with_residual, layout, monkeypatch):
+    """A 1x1 conv of stride 1 can also run as one matrix product: one more candidate."""
+    x = act((2, 8, 7, 6), F32, layout, "cpu")
+    w, b, conv = torch.randn(12, 8, 1, 1) / 3, torch.randn(12), ([1, 1], [0, 0], [1, 1], 1)
+    residual = act((2, 12, 7, 6), F32, layout, "cpu") if with_residual else None
+    generic = _slowed(monkeypatch, {"onednn", "aten", "gemm", None} - {fast})
+    generic.w, generic.b, generic.conv = w, b, conv
+    packed = _onednn.prepack_conv(w, b, *conv)
+    packed.enable_autotune(generic)
+    with torch.no_grad():
+        for _ in range(2):
+            out = packed(x, residual, 1)
+    assert list(packed.routes.values()) == [fast]
+    if fast is not None:
+        assert_close(out, reference.conv_bias_act(x, w, b, residual, *conv, 1), F32, name="out")
 
 
 @pytest.mark.parametrize("slow", ["onednn", "generic"])

@@ -8,12 +8,33 @@ one oneDNN primitive (bias, residual add and activation as post-ops: ReLU, ReLU6
 SiLU as ``swish``, Hardswish as ``hardswish``): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
-A conv too small for the reorder to pay (``FUSED_RESNET_ONEDNN_MIN_MACS``) and without a residual
-runs as ATen's conv with the folded bias inside and the activation in place, which beat the op's conv +
-epilogue pass on MobileNetV2's depthwise and small 1x1 convs; with a residual the op runs. That rule
-of thumb misjudges some shapes (oneDNN's per-call cost and ATen's im2col vary with the spatial size
-and channel counts, not with the multiply-adds alone): ``prepare_for_inference(model, autotune=True)``
-times the routes instead, on the first call of each input signature (``PackedConv.enable_autotune``).
+Not every conv is best served so; ``PackedConv._route`` picks one of four routes per input
+signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-50 at batch 1,
+224px, two threads (per-conv timings in the comments there):
+
+- ``"gemm"``: a 1x1 conv of stride 1, unpadded and ungrouped, is a matrix product over the
+  channels, run as one BLAS call in the input's own layout (NCHW ``W @ x[n].view(Cin, H*W)``,
+  channels_last ``x.view(N*H*W, Cin) @ W.t()``), the bias or residual as the GEMM's accumulate input
+  and the activation in place: no layout conversion, no reorder. oneDNN on an NCHW input converts it
+  to channels_last and the output back (MobileNetV2's 25 copies a forward), and ATen's conv of a 1x1
+  NCHW input adds the bias by a broadcast pass: the GEMM took MobileNetV2's 96->24 conv at 56x56 from
+  260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
+  every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer with
+  weights of 512K elements or more (ResNet-50's 7x7 stage, where oneDNN's blocked weight wins: 550 vs
+  640 us), and in channels_last below 4x that threshold (oneDNN wins on ResNet-50's 51 M
+  multiply-add 1x1 convs, the GEMM on EfficientNet-B0's 10.8 M ones). It also serves a residual with an activation oneDNN's binary op cannot apply.
+- ``"onednn"``: the prepacked conv, for a conv of at least ``FUSED_RESNET_ONEDNN_MIN_MACS``
+  multiply-adds (below, its per-call setup costs about what it saves) whose input is channels_last
+  or not much larger than the weight; and for every depthwise conv in channels_last (a fifth faster
+  than ATen's: 576 channels at 14x14 58 vs 76 us).
+- ``"aten"``: below the threshold, without a residual, ATen's conv with the folded bias inside and
+  the activation in place.
+- None: the generic ``conv_bias_act`` op (ATen's conv and one epilogue pass): small convs with a
+  residual, and depthwise convs in NCHW (ATen's depthwise kernel adds a bias by a separate broadcast
+  pass: the op's epilogue, which applies the activation in the same pass, was 5-10% faster).
+
+That rule of thumb may misjudge other shapes: ``prepare_for_inference(model, autotune=True)`` times
+the routes instead, on the first call of each input signature (``PackedConv.enable_autotune``).
 
 Why: eager PyTorch reorders every conv weight on every call, which on small batches costs as much
 as the convolution in the deep stages. The reorders belong to the preparation and to nothing
@@ -38,6 +59,15 @@ from ... import _activation
 _DEFAULT_MIN_MACS = 1 << 23
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
+# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM unless its map has at most this many
+# pixels and its weight at least this many elements: there oneDNN's blocked weight beats BLAS's narrow
+# product (ResNet-50's 7x7 stage, 2048x512 weights); with weights up to 410K elements it did not
+# (EfficientNet-B0's and MobileNetV2's 7x7 stages).
+_GEMM_NARROW_PIXELS = 64
+# In channels_last (oneDNN's own layout: no conversion) a 1x1 conv runs as a GEMM below this many times
+# the oneDNN threshold: MobileNetV2's and EfficientNet-B0's (10-20 M multiply-adds) yes, ResNet-50's (51 M) no.
+_GEMM_NHWC_MACS_FACTOR = 4
+_GEMM_NARROW_MIN_WEIGHT = 1 << 19
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
              _activation.RELU6: ("hardtanh", [0.0, 6.0]), _activation.SILU: ("swish", []),
@@ -89,8 +119,15 @@ class PackedConv:
         # shape, made on its first call, a few at most. Part of the preparation, like the fold: it
         # cannot go stale apart from it.
         self.packed: dict[tuple, torch.Tensor] = {}
-        self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten" or None
+        self.routes: dict[tuple, str | None] = {}  # input signature -> "onednn", "aten", "gemm" or None
         self.aten_conv = (self.conv[1], self.conv[0], self.conv[2], self.conv[3])  # stride, padding, dilation, groups
+        # A 1x1 conv of stride 1, unpadded and ungrouped, is a matrix product over the channels: the
+        # "gemm" route's operands (dilation does not matter to a 1x1 kernel).
+        pointwise = tuple(self.kernel) == (1, 1) and self.conv[0] == [0, 0] and self.conv[1] == [1, 1] \
+            and self.conv[3] == 1
+        self.matrix = self.dense.reshape(weight.shape[0], -1) if pointwise else None  # [Cout, Cin]
+        self.bias_column = None if self.bias is None else self.bias[:, None]  # added along NCHW's rows
+        self.depthwise = self.conv[3] > 1 and weight.shape[0] == self.conv[3] and weight.shape[1] == 1
         self.generic: Callable | None = None  # set by enable_autotune
 
     def _packed_for(self, shape: tuple) -> torch.Tensor:
@@ -120,28 +157,58 @@ class PackedConv:
         return not ((self.nhwc is not None and nhwc != self.nhwc and not either) or (
             residual is not None and residual.dtype != torch.float32))
 
+    def _can_gemm(self, x: torch.Tensor) -> bool:
+        """Whether the "gemm" route takes this input (one that ``_can_onednn`` takes): a 1x1 conv of
+        stride 1, unpadded, ungrouped, on an input dense in NCHW or channels_last (a view as a matrix)."""
+        return self.matrix is not None and (x.is_contiguous() or _is_nhwc(x))
+
     def _route(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
-        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``
-        or None (the generic op)."""
+        """What the shapes, strides and dtypes alone decide (see ``__call__``): ``"onednn"``, ``"aten"``,
+        ``"gemm"`` or None (the generic op)."""
         if not self._can_onednn(x, residual):
             return None
         nhwc = _is_nhwc(x)
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
-        if (nhwc or self.weight_numel * 4 >= x.numel()) and self._macs(x) >= self.min_macs:
+        macs = self._macs(x)
+        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and macs >= self.min_macs
+        if nhwc:
+            gemm = macs < _GEMM_NHWC_MACS_FACTOR * self.min_macs
+        else:
+            gemm = not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS \
+                or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT
+        if gemm and self._can_gemm(x):
+            # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
+            # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
+            # oneDNN (which converts to channels_last and back) and ATen's conv everywhere but on
+            # ResNet-50's 7x7 stage (1024->256 at 14x14 420 vs 560 us oneDNN, MobileNetV2's 96->24
+            # at 56x56 65 vs 260 us ATen, EfficientNet-B0's 1152->192 at 7x7 160 vs 220 us oneDNN;
+            # ResNet-50's 2048->512 at 7x7 640 vs 550 us oneDNN); in channels_last below 4x the
+            # oneDNN threshold (MobileNetV2's 192->32 at 28x28 with a residual 60 vs 105 us the op,
+            # 144->32 45 vs 80 us ATen; EfficientNet-B0's 10.8 M multiply-add 1x1 convs 140-300 us,
+            # 5-30% under oneDNN's, with SiLU), oneDNN above it (ResNet-50's 51 M: 10-20% faster).
+            return "gemm"
+        if onednn:
             return "onednn"
+        if self.depthwise:
+            # Depthwise, below the threshold (batch 1, 224px, ReLU6, min of 40 interleaved runs): in
+            # channels_last oneDNN's prepacked conv beats ATen's by a fifth (3x3 576 channels at 14x14
+            # 58 vs 76 us, 144 at 56x56 140 vs 171 us, 5x5 240 at 28x28 104 vs 124 us); in NCHW the op
+            # (ATen's conv, then bias and activation in one pass) beats ATen's conv with the bias inside,
+            # whose depthwise kernel adds it by a broadcast pass (144 at 56x56 354 vs 378 us, 5x5 32 at
+            # 112x112 401 vs 437 us; 5-10% on most shapes, in two runs on a loaded machine).
+            return "onednn" if nhwc else None
         # Too small for the reorder to pay: ATen's conv with the bias inside (oneDNN's own bias
-        # post-op) and the activation in place beat the op's conv + epilogue pass on these (MobileNetV2 at
-        # batch 1, 224px: depthwise 3x3 66 vs 85 us, 1x1 32->192 at 28x28 105 vs 118 us); with a
+        # post-op) and the activation in place beat the op's conv + epilogue pass on dense convs (a
+        # session before the gemm route: MobileNetV2's 1x1 32->192 at 28x28 105 vs 118 us); with a
         # residual the op's single epilogue pass stays (ATen would need two).
         return "aten" if residual is None else None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor | None:
         """The conv's output, or None where this path does not apply (autograd on, another dtype or
-        layout than prepared for, oneDNN disabled, a conv with a residual too small to gain): the
+        layout than prepared for, oneDNN disabled, a route of None: see the module docstring): the
         caller then runs the generic ``conv_bias_act``."""
-        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled or (
-                residual is not None and act not in _BINARY_ACTS):
+        if torch.is_grad_enabled() or not torch.backends.mkldnn.enabled:
             return None
         # The static part of the decision, once per input signature: on a small model the checks
         # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).
@@ -152,14 +219,14 @@ class PackedConv:
                 self.routes.clear()
             route = self._route(x, residual) if self.generic is None else self._tune(x, residual, act)
             self.routes[key] = route
-        if route is None:
+        if route is None or (route == "onednn" and residual is not None and act not in _BINARY_ACTS):
             return None
         return self._run(route, x, residual, act)
 
     def enable_autotune(self, generic: Callable) -> None:
         """Choose each input signature's route by timing instead of by the static rule: on the first
-        call with a new signature, every route that can take it (``"onednn"``, ``"aten"``, and the
-        generic op, run by ``generic(x, residual, act)``) runs a few times and the fastest is kept
+        call with a new signature, every route that can take it (``"onednn"``, ``"aten"``, ``"gemm"``
+        and the generic op, run by ``generic(x, residual, act)``) runs a few times and the fastest is kept
         for that signature. As ``torch.backends.cudnn.benchmark``: the first call of each input
         size costs a few convolutions more, and the route (so the last bits of the output, all
         routes being fp32 convolutions of the same operands) may differ from one process to the next."""
@@ -170,7 +237,7 @@ class PackedConv:
         """The fastest route for this signature (see ``enable_autotune``)."""
         candidates: list[str | None] = [None]
         if self._can_onednn(x, residual):
-            candidates += ["onednn"] + (["aten"] if residual is None else [])
+            candidates += ["onednn"] + (["aten"] if residual is None else []) + (["gemm"] if self._can_gemm(x) else [])
         if len(candidates) == 1:
             return None
         run = {route: (lambda r=route: self._run(r, x, residual, act)) for route in candidates if route}
@@ -185,7 +252,40 @@ class PackedConv:
                 best[route] = min(best[route], time.perf_counter() - start)
         return min(candidates, key=best.__getitem__)
 
+    def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        """The 1x1 conv as a matrix product in the input's own layout (``_can_gemm``): NCHW
+        ``out[n] = W @ x[n].view(Cin, H*W)``, channels_last ``x.view(N*H*W, Cin) @ W.t()``; the bias
+        (or the residual, then the bias by one pass) as the GEMM's accumulate input, the activation in
+        place. The output is in the input's layout."""
+        n, c, h, w = x.shape
+        weight, bias, cout = self.matrix, self.bias, self.matrix.shape[0]
+        if _is_nhwc(x):
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels_last is [N*H*W, C]
+            if residual is None:
+                out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+            else:
+                out = torch.addmm(residual.permute(0, 2, 3, 1).reshape(n * h * w, cout), rows, weight.t())
+                if bias is not None:
+                    out.add_(bias)
+            out = out.view(n, h, w, cout).permute(0, 3, 1, 2)
+        else:
+            # The accumulate input: the residual, else the bias as a column that addmm / baddbmm broadcast.
+            if n == 1:  # a plain 2-D product (bmm's batching costs host time at batch 1)
+                acc = self.bias_column if residual is None else residual.reshape(cout, h * w)
+                cols = x.view(c, h * w)
+                out = torch.mm(weight, cols) if acc is None else torch.addmm(acc, weight, cols)
+            else:
+                acc = self.bias_column if residual is None else residual.reshape(n, cout, h * w)
+                cols = x.view(n, c, h * w)
+                out = torch.matmul(weight, cols) if acc is None else torch.baddbmm(acc, weight.expand(n, cout, c), cols)
+            if residual is not None and bias is not None:
+                out.add_(self.bias_column)
+            out = out.view(n, cout, h, w)
+        return _activation.apply(out, act, inplace=True)
+
     def _run(self, route: str, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        if route == "gemm":
+            return self._gemm(x, residual, act)
         nhwc = _is_nhwc(x)
         fmt = torch.channels_last if nhwc else torch.contiguous_format  # the output's: _layout.py's rule
         if route == "aten":
