@@ -18,8 +18,11 @@ reference and is only valid while the module looks as it did when traced, so eve
 (:meth:`FusedTracedForward.fusable`) that the containers on the traced paths hold the same
 children (``if self.downsample is not None`` was specialised on them), that the module's plain
 attributes (``bool``/``int``/``float``/``str``/``None``) are unchanged, that the join's modules are
-still plain, fusable and hook-free; if not, or when called with other arguments than traced, the
-module runs its own forward.
+still plain, fusable and hook-free; if not, or when called with other arguments than traced (keywords,
+a None where the trace had a value), the module runs its own forward. A call that leaves trailing
+arguments to their plain defaults (or passes None for those that default to None) runs the plan
+traced with those defaults (``Plan.variants``: timm's DLA trees call a block with one or two of its
+three arguments).
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class Plan:
     owners: list  # (container, names, children) of every container on a traced path
     attrs: list  # (name, value) of the traced module's plain attributes
     notes: dict = field(default_factory=dict)  # id(BN) -> why the trace found it not fusable (fusion_report)
+    # Plans of the forward called with fewer positional arguments, by that count (``_traced_joins.
+    # _shorter_calls``); a shorter call's ``pad``: the defaults of the arguments it leaves out.
+    variants: dict = field(default_factory=dict)
+    pad: tuple = ()
 
     def __post_init__(self):
         self.pairs = [p for j in self.joins for p in j.pairs]  # eval_pairs, when fusable
@@ -207,9 +214,10 @@ class FusedTracedForward(inference.Preparable):
 
     traced_plan: Plan
 
-    def fusable(self) -> bool:
-        """Whether the plan still describes this module's forward and its joins can run fused (every call)."""
-        plan = self.__dict__["traced_plan"]
+    def fusable(self, plan: Plan | None = None) -> bool:
+        """Whether the plan (default: the one of a call with every argument) still describes this module's
+        forward and its joins can run fused (every call)."""
+        plan = plan or self.__dict__["traced_plan"]
         d = self.__dict__
         for name, value in plan.attrs:
             now = d.get(name, _PLAIN)
@@ -232,13 +240,26 @@ class FusedTracedForward(inference.Preparable):
                 "(fuse replaced it to fuse its residual adds); trace with fused_resnet.fx.symbolic_trace or "
                 "fused_resnet.fx.FusedTracer (which trace its own forward), or fused_resnet.unfuse(model) first")
         plan = self.__dict__["traced_plan"]
-        if kwargs or len(args) != plan.inputs or not self.fusable():
+        run_args = args
+        if not kwargs:
+            # Trailing Nones passed for arguments that default to None: the call that leaves them out.
+            variants = plan.variants
+            while run_args and run_args[-1] is None and (v := variants.get(len(run_args) - 1)) and v.pad[0] is None:
+                run_args = run_args[:-1]
+            if len(run_args) != plan.inputs:  # trailing arguments left to their defaults: that call's plan
+                plan = variants.get(len(run_args))
+                run_args = run_args + plan.pad if plan is not None else run_args
+            # The trace took every given argument for a value (``if shortcut is None`` was False): a None
+            # among them gets the module's own forward.
+            if plan is not None and any(a is None for a in run_args[:len(run_args) - len(plan.pad)]):
+                plan = None
+        if kwargs or plan is None or not self.fusable(plan):
             return super().forward(*args, **kwargs)
         warn_if_global_hooks()
         prepared = None
         if "_prepared" in self.__dict__:
             prepared = self.prepared_convs(plan.pairs)
-        return run(self, plan, args, prepared)
+        return run(self, plan, run_args, prepared)
 
 
 def fuse_traced(module: nn.Module, plan: Plan) -> None:

@@ -21,6 +21,7 @@ fuse time and checked on every call (``_traced_forward``).
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections import Counter
@@ -81,7 +82,9 @@ def _plain(v) -> bool:
     return isinstance(v, _PLAIN) or (type(v) is tuple and all(isinstance(x, _PLAIN) for x in v))
 
 
-def _trace(m: nn.Module) -> tuple[fx.Graph | None, str | None]:
+def _trace(m: nn.Module, concrete: dict | None = None) -> tuple[fx.Graph | None, str | None]:
+    """``m``'s forward traced (in training and eval: the same graph), or None and why not.
+    ``concrete``: trailing parameters left to their defaults (``_shorter_calls``)."""
     graphs, training = [], m.training
     saved = {k: v for k, v in m.__dict__.items() if _plain(v)}  # a forward that counts its calls
     try:
@@ -89,7 +92,7 @@ def _trace(m: nn.Module) -> tuple[fx.Graph | None, str | None]:
             warnings.simplefilter("ignore")
             for mode in (True, False):  # the module's own flag only: its children are leaves
                 m.training = mode
-                graphs.append(_LeafTracer().trace(m))
+                graphs.append(_LeafTracer().trace(m, concrete_args=concrete))
     except Exception as e:  # noqa: BLE001 - any failure leaves the module as it is, with the reason
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return None, f"its forward cannot be traced by torch.fx ({type(e).__name__}: {first})"
@@ -347,9 +350,41 @@ def find(model: nn.Module, skip, taken: set[int] = frozenset(), model_zoo: bool 
         if ids & (reserved | set(taken)):
             continue
         plan.notes = join_notes
+        plan.variants = _shorter_calls(m, plan, uses)
         found[name] = (m, plan)
         reserved |= ids
     return found, notes, reserved
+
+
+def _shorter_calls(m: nn.Module, plan: Plan, uses) -> dict[int, Plan]:
+    """Plans of ``m``'s forward called with fewer positional arguments than ``plan`` was traced with
+    (timm's DLA trees call a block ``(x, shortcut)`` or ``(x)``), by that count: the trailing ones
+    left to their plain defaults, which the trace specialises on (``if shortcut is None``). Kept only
+    where the joins fuse the same (conv, BN) pairs in the same order as ``plan``, so that its prepared
+    convs and ``fusion_report`` states hold for them too."""
+    try:
+        params = list(inspect.signature(type(m).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) != plan.inputs or any(p.kind not in positional for p in params):
+        return {}
+    want = [(id(c), id(b)) for c, b in plan.pairs]
+    variants = {}
+    for given in range(len(params) - 1, 0, -1):
+        tail = params[given:]
+        if tail[0].default is inspect.Parameter.empty or not _plain(tail[0].default):
+            break
+        graph, _ = _trace(m, {p.name: p.default for p in tail})
+        joins = _find_joins(m, graph, uses)[0] if graph is not None else []
+        try:
+            variant = _plan(m, graph, joins) if joins else None
+        except KeyError:
+            continue
+        if variant is not None and variant.inputs == plan.inputs and [(id(c), id(b)) for c, b in variant.pairs] == want:
+            variant.pad = tuple(p.default for p in tail)
+            variants[given] = variant
+    return variants
 
 
 def states(model: nn.Module, found: dict) -> dict[int, str]:

@@ -13,7 +13,9 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet import FusedBasicBlock
+from fused_resnet import _traced_forward
 from fused_resnet._tolerances import relative_error
+from fused_resnet._traced_forward import FusedTracedForward, run
 
 timm = pytest.importorskip("timm")
 
@@ -46,13 +48,23 @@ def _xception41_small() -> nn.Module:
 
 
 @pytest.mark.parametrize("name, before", ZOO)
-def test_model_zoo_forwards_fused_exactly(name, before):
+def test_model_zoo_forwards_fused_exactly(name, before, monkeypatch):
     model = _xception41_small() if name == "xception41_small" else timm.create_model(name, pretrained=False)
     plain = randomize_bns(model.to(F64))
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     n, of = _fused_share(fused)
     assert n == of > before, f"{name}: {n}/{of} BatchNorms fused"
     assert list(fused.state_dict()) == list(plain.state_dict())
+    # Every traced module runs its plan, not its own forward (DLA's trees call DlaBasic with one or two
+    # of its three arguments: each call count has its plan).
+    traced = [m for m in fused.modules() if isinstance(m, FusedTracedForward)]
+    runs = []
+    monkeypatch.setattr(_traced_forward, "run", lambda module, *a: runs.append(module) or run(module, *a))
+    with torch.no_grad():
+        fused.eval()(_x())  # eval: the running statistics stay as they are for the steps below
+    fused.train()
+    assert traced and sorted(map(id, runs)) == sorted(map(id, traced)), f"{len(runs)} of {len(traced)} plans ran"
+    monkeypatch.undo()
     with fused_resnet.use_backend("reference"):
         for train in (True, True, False):  # the second step sees the running statistics updated
             assert_step_matches(plain, fused, _x(), train)

@@ -319,3 +319,58 @@ def test_fx_traces_the_fused_model_through_its_own_forward():
         assert_step_matches(plain, graph_module, _x(), train)
     with pytest.raises(RuntimeError, match="fused_resnet.fx.symbolic_trace"):
         torch.fx.symbolic_trace(fused)
+
+
+_OWN_FORWARDS: dict[int, int] = {}  # runs of _OptionalShortcut's own forward, by instance
+
+
+class _OptionalShortcut(nn.Module):
+    """A block called with one, two or three arguments (as timm's DLA trees call ``DlaBasic``):
+    ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut ``x`` when not given."""
+
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut=None, children=None):
+        _OWN_FORWARDS[id(self)] = _OWN_FORWARDS.get(id(self), 0) + 1  # not an attribute: the plan does not repeat it
+        if shortcut is None:
+            shortcut = x
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += shortcut
+        return F.relu(out)
+
+
+class _Tree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.proj = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.a, self.b, self.c = _OptionalShortcut(6), _OptionalShortcut(6), _OptionalShortcut(6)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.a(x, self.proj(x))
+        return self.c(self.b(y), None, None)
+
+
+def test_calls_with_fewer_arguments_run_fused():
+    """A forward called with its trailing arguments left to their defaults (one, two or all three
+    given) runs its fused plan for that call (traced with those defaults), not its own forward; fp64
+    parity in training and eval, prepared too."""
+    plain, fused = _pair(_Tree())
+    assert all(isinstance(m, FusedTracedForward) for m in (fused.a, fused.b, fused.c))
+    x = _x()
+    blocks = [id(m) for m in (fused.a, fused.b, fused.c)]
+    own = lambda: [_OWN_FORWARDS.get(b, 0) for b in blocks]  # noqa: E731
+    before = own()
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, x, train)
+        plain.eval()
+        prepared = fused_resnet.prepare_for_inference(fused.eval())
+        with torch.no_grad():
+            assert relative_error(prepared(x), plain(x)) <= FP64_MODEL_TOL
+    assert own() == before, "a fused block ran its own forward"
