@@ -82,3 +82,37 @@ def assert_fp32_within_eager(plain: nn.Module, fused: nn.Module, gold: nn.Module
     eager, ours = grad_errors(gold, plain), grad_errors(gold, fused)
     for name, err in ours.items():
         assert err <= factor * eager[name] + slack, name
+
+
+def assert_native_fp32_train_and_eval(plain: nn.Module, x: torch.Tensor) -> None:
+    """``plain`` (fp32) fused, on the native backend: a training step within 3x eager fp32's error vs
+    fp64 (output, every gradient), then eval and prepared eval within the same bound on the output."""
+    import copy
+
+    import fused_resnet
+
+    fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(torch.float64)
+    with fused_resnet.use_backend("native"):
+        assert_fp32_within_eager(plain, fused, gold, x)
+    for model in (plain, fused, gold):
+        model.eval()
+    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
+    with fused_resnet.use_backend("native"), torch.no_grad():
+        want, eager_out = gold(x.double()), plain(x)
+        bound = 3 * relative_error(eager_out, want) + tolerance(torch.float32)
+        for name, model in (("eval", fused), ("prepared", prepared)):
+            assert relative_error(model(x), want) <= bound, name
+
+
+def assert_fp64_train_eval_prepared(plain: nn.Module, fused: nn.Module, x: torch.Tensor) -> None:
+    """fp64 on the reference backend: a training step and an eval step match (``assert_step_matches``),
+    then ``fused`` prepared for inference matches ``plain`` in eval."""
+    import fused_resnet
+
+    with fused_resnet.use_backend("reference"):
+        for train in (True, False):
+            assert_step_matches(plain, fused, x, train)
+        plain.eval()
+        prepared = fused_resnet.prepare_for_inference(fused.eval())
+        with torch.no_grad():
+            assert relative_error(prepared(x), plain(x)) <= FP64_MODEL_TOL

@@ -12,13 +12,12 @@ import copy
 
 import pytest
 import torch
+from _parity import assert_native_fp32_train_and_eval, assert_step_matches, randomize_bns
 from torch import nn
 
 import fused_resnet
 from fused_resnet import modules
-from fused_resnet._tolerances import relative_error, tolerance
-
-from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
+from fused_resnet._tolerances import relative_error
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -106,19 +105,7 @@ def test_fp32_native_within_eager_error(spec):
     error vs fp64; eval and prepared eval (oneDNN post-ops: hardtanh, swish, hardswish) within the same bound."""
     if "native" not in fused_resnet.backends():
         pytest.skip("the native extension is not built for this torch")
-    plain = randomize_bns(build(spec))
-    fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(F64)
-    x = _x(torch.float32)
-    with fused_resnet.use_backend("native"):
-        assert_fp32_within_eager(plain, fused, gold, x)
-    for model in (plain, fused, gold):
-        model.eval()
-    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
-    with fused_resnet.use_backend("native"), torch.no_grad():
-        want, eager_out = gold(x.double()), plain(x)
-        bound = 3 * relative_error(eager_out, want) + tolerance(torch.float32)
-        for name, model in (("eval", fused), ("prepared", prepared)):
-            assert relative_error(model(x), want) <= bound, name
+    assert_native_fp32_train_and_eval(randomize_bns(build(spec)), _x(torch.float32))
 
 
 def test_replaced_activation_falls_back():

@@ -14,12 +14,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _parity import assert_fp32_within_eager, assert_step_matches, randomize_bns
+from _parity import assert_native_fp32_train_and_eval, assert_step_matches, randomize_bns
 from torch import nn
 
 import fused_resnet
 from fused_resnet import _activation, modules
-from fused_resnet._tolerances import relative_error, tolerance
+from fused_resnet._tolerances import relative_error
 
 timm = pytest.importorskip("timm")
 
@@ -83,25 +83,9 @@ def _require_native():
         pytest.skip("the native extension is not built for this torch")
 
 
-def _fp32_checks(plain: nn.Module, x: torch.Tensor) -> None:
-    """fp32 on the native backend: a training step within 3x eager's error vs fp64 (output, gradients,
-    running statistics), eval and prepared eval (oneDNN's leaky_relu post-op) within the same bound."""
-    fused, gold = fused_resnet.fuse(copy.deepcopy(plain)), copy.deepcopy(plain).to(F64)
-    with fused_resnet.use_backend("native"):
-        assert_fp32_within_eager(plain, fused, gold, x)
-    for model in (plain, fused, gold):
-        model.eval()
-    prepared = fused_resnet.prepare_for_inference(copy.deepcopy(fused))
-    with fused_resnet.use_backend("native"), torch.no_grad():
-        want, eager_out = gold(x.double()), plain(x)
-        bound = 3 * relative_error(eager_out, want) + tolerance(torch.float32)
-        for name, model in (("eval", fused), ("prepared", prepared)):
-            assert relative_error(model(x), want) <= bound, name
-
-
 def test_cspdarknet53_fp32_native_within_eager_error():
     _require_native()
-    _fp32_checks(randomize_bns(timm.create_model("cspdarknet53", pretrained=False)), _x(torch.float32))
+    assert_native_fp32_train_and_eval(randomize_bns(timm.create_model("cspdarknet53", pretrained=False)), _x(torch.float32))
 
 
 def _cbl(c_in: int, c_out: int, k: int, slope: float, stride: int = 1, inplace: bool = False) -> nn.Sequential:
@@ -179,7 +163,7 @@ def test_yolo_style_fp64_parity(train):
 def test_yolo_style_fp32_native_within_eager_error():
     _require_native()
     torch.manual_seed(0)
-    _fp32_checks(randomize_bns(_yolo_style()), _x(torch.float32, n=3, size=32))
+    assert_native_fp32_train_and_eval(randomize_bns(_yolo_style()), _x(torch.float32, n=3, size=32))
 
 
 def test_slope_changed_to_another_one_is_not_fused():
@@ -210,7 +194,7 @@ def test_timm_resnet_blocks_with_leaky_relu_fused_whole():
 def test_timm_resnet_leaky_relu_fp32_native_within_eager_error():
     _require_native()
     torch.manual_seed(0)
-    _fp32_checks(randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer="leaky_relu")),
+    assert_native_fp32_train_and_eval(randomize_bns(timm.create_model("resnet18", pretrained=False, act_layer="leaky_relu")),
                  _x(torch.float32))
 
 

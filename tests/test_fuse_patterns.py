@@ -7,15 +7,13 @@ import io
 
 import pytest
 import torch
+from _parity import FP64_MODEL_TOL, assert_fp64_train_eval_prepared, assert_step_matches, randomize_bns
 from torch import nn
 
 import fused_resnet
 from fused_resnet import _activation
-from fused_resnet._tolerances import relative_error
 from fused_resnet.distributed import FusedAwaySyncBatchNorm2d
 from fused_resnet.modules import FusedAwayActivation, FusedAwayBatchNorm2d, FusedAwayReLU, FusedConvBN2d
-
-from _parity import FP64_MODEL_TOL, assert_step_matches, randomize_bns
 
 F64 = torch.float64
 
@@ -217,11 +215,4 @@ def test_activation_parameters_set_after_fuse_are_honoured(edit):
             model[3].min_val, model[3].max_val = -1.0, 2.0
         else:
             model[6].max_val = 3.0
-    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
-    with fused_resnet.use_backend("reference"):
-        for train in (True, False):
-            assert_step_matches(plain, fused, x, train)
-        plain.eval()
-        prepared = fused_resnet.prepare_for_inference(fused.eval())
-        with torch.no_grad():
-            assert relative_error(prepared(x), plain(x)) <= FP64_MODEL_TOL
+    assert_fp64_train_eval_prepared(plain, fused, torch.randn(3, 3, 12, 12, dtype=torch.float64))

@@ -9,13 +9,18 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from _parity import (
+    FP64_MODEL_TOL,
+    assert_fp32_within_eager,
+    assert_fp64_train_eval_prepared,
+    assert_step_matches,
+    randomize_bns,
+)
 from torch import nn
 
 import fused_resnet
 from fused_resnet._tolerances import relative_error, tolerance
 from fused_resnet._traced_forward import FusedTracedForward
-
-from _parity import FP64_MODEL_TOL, assert_fp32_within_eager, assert_step_matches, randomize_bns
 
 F64 = torch.float64
 ACTS = ["functional", "torch", "module", "inplace", "method", "none"]
@@ -364,13 +369,7 @@ def test_calls_with_fewer_arguments_run_fused():
     assert all(isinstance(m, FusedTracedForward) for m in (fused.a, fused.b, fused.c))
     x = _x()
     blocks = [id(m) for m in (fused.a, fused.b, fused.c)]
-    own = lambda: [_OWN_FORWARDS.get(b, 0) for b in blocks]  # noqa: E731
+    own = lambda: [_OWN_FORWARDS.get(b, 0) for b in blocks]
     before = own()
-    with fused_resnet.use_backend("reference"):
-        for train in (True, False):
-            assert_step_matches(plain, fused, x, train)
-        plain.eval()
-        prepared = fused_resnet.prepare_for_inference(fused.eval())
-        with torch.no_grad():
-            assert relative_error(prepared(x), plain(x)) <= FP64_MODEL_TOL
+    assert_fp64_train_eval_prepared(plain, fused, x)
     assert own() == before, "a fused block ran its own forward"
