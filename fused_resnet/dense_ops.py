@@ -247,3 +247,13 @@ def bn_relu_conv(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, gamma, 
     x, weight = ops._autocast(x, weight)
     scale, shift = _ops.bn_finalize(mean, var, gamma, beta, eps)
     return _ops.conv_stats(x, scale, shift, _RELU, weight, *conv)[0]
+
+
+def relu_conv_prologue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                       conv: Conv) -> torch.Tensor:
+    """``conv(relu(x * scale + shift), weight)`` (``scale``/``shift``: per-channel fp32, a BN's from its
+    running statistics) with the affine map and ReLU applied in the conv's prologue, reading a
+    channel prefix of a feature buffer in place (a DenseNet layer in eval: the normalised input is
+    written once as the conv's operand, not in three passes); the ``conv_stats`` op, its statistics unused."""
+    x, weight = ops._autocast(x, weight)
+    return _ops.conv_stats(x, scale, shift, _RELU, weight, *conv)[0]

@@ -314,3 +314,21 @@ def test_prepared_and_exported_eval_emit_plain_aten():
     exported = torch.export.export(fused, (x,))
     assert not [n for n in exported.graph.nodes if "fused_resnet" in str(n.target)]
     assert relative_error(exported.module()(x), plain(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eval_block_without_grad_matches(channels_last):
+    """The dense block in eval without autograd (one feature buffer; in NCHW each layer's BN + ReLU in
+    its 1x1 conv's prologue, in channels_last plain ATen ops): fp64 on the reference backend equal to
+    the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain, fused = _pair(small_densenet())
+    plain, fused = plain.to(memory_format=fmt).eval(), fused.to(memory_format=fmt).eval()
+    x = _x().to(memory_format=fmt)
+    with torch.no_grad():
+        with fused_resnet.use_backend("reference"):
+            assert relative_error(fused(x), plain(x)) <= FP64_MODEL_TOL
+        want = plain(x)
+        plain32, fused32 = copy.deepcopy(plain).float(), copy.deepcopy(fused).float()
+        eager_err = relative_error(plain32(x.float()), want)
+        assert relative_error(fused32(x.float()), want) <= 3 * eager_err + 1e-6
