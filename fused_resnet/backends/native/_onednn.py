@@ -5,7 +5,8 @@
 reorders it into oneDNN's blocked layout once per input shape (oneDNN's choice of layout depends on
 it), on the first call with that shape, and then runs ``act(conv(x, w) + bias + residual)`` as
 one oneDNN primitive (bias, residual add and activation as post-ops: ReLU, ReLU6 as ``hardtanh``,
-SiLU as ``swish``, Hardswish as ``hardswish``): ATen's
+SiLU as ``swish``, Hardswish as ``hardswish``, LeakyReLU as ``leaky_relu``; with a residual only
+ReLU or none, ``_BINARY_ACTS``): ATen's
 ``mkldnn::_convolution_pointwise`` ops, the ones inductor's CPU freezing pass uses.
 
 Not every conv is best served so; ``PackedConv._route`` picks one of four routes per input
