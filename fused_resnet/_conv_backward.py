@@ -4,7 +4,8 @@ ATen's CPU convolution backward (oneDNN) corrupts memory (SIGSEGV, abort) for so
 convolutions of channels_last inputs (torch 2.13 and 2.14; e.g. a 3x8x10x10 input, 4 output
 channels, stride 2: eager ``conv2d``'s backward crashes there too). With NCHW operands it is right,
 so such a backward runs in NCHW (a copy of the input and the incoming gradient: these are the
-downsample convs, a few per network). The native kernels do the same (``csrc/fused_ops.cpp``).
+downsample convs, a few per network). The native kernels run the common case (unpadded, ungrouped)
+as two matrix products on every s-th pixel instead, without the layout copies (``csrc/fused_ops.cpp``).
 """
 
 from __future__ import annotations
