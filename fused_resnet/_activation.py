@@ -24,6 +24,9 @@ CODES = {None: NONE, "none": NONE, "relu": RELU, "relu6": RELU6, "silu": SILU, "
          "leaky_relu": LEAKY_RELU, "leaky_relu_0.1": LEAKY_RELU_0_1}
 NAMES = {NONE: None, RELU: "relu", RELU6: "relu6", SILU: "silu", HARDSWISH: "hardswish", LEAKY_RELU: "leaky_relu",
          LEAKY_RELU_0_1: "leaky_relu_0.1"}
+# How reports name each activation (as the modules print).
+LABELS = {RELU: "ReLU", RELU6: "ReLU6", SILU: "SiLU", HARDSWISH: "Hardswish", LEAKY_RELU: "LeakyReLU(0.01)",
+          LEAKY_RELU_0_1: "LeakyReLU(0.1)"}
 # LeakyReLU's negative slope for each of its codes (the kernels' constants: csrc/kernels.h, _act.py).
 SLOPES = {LEAKY_RELU: 0.01, LEAKY_RELU_0_1: 0.1}
 # The codes whose backward needs the pre-activation (the output does not give their derivative).

@@ -34,8 +34,15 @@ from torch import nn
 from torch.fx import _symbolic_trace
 
 from . import _activation, _foreign, _joins, _preact, distributed, inference, ops
-from .modules import _uses_batch_stats, conv_bn, eval_conv, has_hooks, is_fusable_conv, slots_intact, \
-    warn_if_global_hooks
+from .modules import (
+    _uses_batch_stats,
+    conv_bn,
+    eval_conv,
+    has_hooks,
+    is_fusable_conv,
+    slots_intact,
+    warn_if_global_hooks,
+)
 
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -49,7 +56,7 @@ class Ref:
 
 @dataclass
 class TracedJoin:
-    """``relu?(bn(conv(h)) + shortcut)``: ``main``/``short`` are the (conv, BN) slots; ``main_seq`` /
+    """``act(bn(conv(h)) + shortcut)``: ``main``/``short`` are the (conv, BN) slots; ``main_seq`` /
     ``short_seq`` the Sequential whose last two children they are (its other children run first, on
     the branch's input), or None when the forward calls the conv and the BN itself."""
 
@@ -57,8 +64,8 @@ class TracedJoin:
     main_seq: nn.Module | None
     short: tuple | None  # the same for a conv -> BN shortcut; None: any tensor (the module's input...)
     short_seq: nn.Module | None
-    relu: bool
-    relu_module: nn.Module | None  # an nn.ReLU child applied after the add (checked for hooks)
+    act: int  # the activation after the add (an ``_activation`` code; NONE: none)
+    act_module: nn.Module | None  # the activation child applied after the add (checked on every call)
     add: bool = True  # False: a conv -> BN (-> ReLU) chain written out in the forward, no add
     # A chain's only reader, a plain conv (owner, name, conv): in training it applies the chain's BN (and
     # ReLU) in its prologue (a "conv_in" step), so the chain's output is never written (pre-activation).
@@ -70,7 +77,7 @@ class TracedJoin:
         self.pairs = tuple(([(self.short[0][2], self.short[1][2])] if self.short else []) + [main])
         self.slots = tuple(self.main) + tuple(self.short or ()) + ((self.consumer,) if self.consumer else ())
         self.covered = tuple(s[2] for s in self.slots) + tuple(
-            m for m in (self.main_seq, self.short_seq, self.relu_module) if m is not None)
+            m for m in (self.main_seq, self.short_seq, self.act_module) if m is not None)
 
     # pairs: (conv, BN) in the order join_forward folds them (shortcut first); slots: where the model
     # holds them; covered: the modules the fused join does not call (a hook on one: own forward).
@@ -124,7 +131,7 @@ def _conv_out(h: torch.Tensor, conv: nn.Conv2d) -> tuple[int, ...]:
 
 def _join(join: TracedJoin, h, short, prepared):
     conv, bn = join.main[0][2], join.main[1][2]
-    act = _activation.RELU if join.relu else _activation.NONE  # the traced joins recognise ReLU only
+    act = join.act
     if not join.add:  # as FusedConvBN2d does
         if not _uses_batch_stats(bn):
             return eval_conv(h, conv, bn, None, act, prepared[0] if prepared else None)
@@ -136,7 +143,7 @@ def _join(join: TracedJoin, h, short, prepared):
             isinstance(short, torch.Tensor) and short.dtype == h.dtype and tuple(short.shape) == _conv_out(h, conv)):
         # A residual the one-pass join cannot take as it is (broadcast, another dtype): the add as written.
         out = bn(conv(h)) + (short if pair is None else pair[1](pair[0](short)))
-        return torch.relu(out) if join.relu else out
+        return _activation.apply(out, act)
     return _joins.join_forward(short, h, (conv, bn), pair, act, prepared)
 
 
@@ -198,6 +205,10 @@ def _join_intact(join: TracedJoin) -> bool:
     for m in join.covered:
         if has_hooks(m):
             return False
+    # An activation child's parameters (a LeakyReLU's slope, a Hardtanh's bounds) set since the trace:
+    # the join would apply the old function.
+    if join.act_module is not None and _activation.module_code(join.act_module) != join.act:
+        return False
     for seq, slots in ((join.main_seq, join.main), (join.short_seq, join.short)):
         if seq is not None and list(seq._modules)[-2:] != [slots[0][1], slots[1][1]]:
             return False

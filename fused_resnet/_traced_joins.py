@@ -7,8 +7,10 @@ whose classes are recognised by identity elsewhere) and that has a child ending 
 some models; nothing but this forward is traced, and a failure only leaves the module as it is).
 
 A *join* is ``add(a, b)`` (``+``, ``+=``, ``torch.add``, ``.add``; no ``alpha``), optionally followed
-by a ReLU (``F.relu``, ``torch.relu``, ``.relu()``/``.relu_()``, an ``nn.ReLU`` child; in place or
-not) that reads only the add, where ``a`` is the main branch: the output of a child ``nn.Sequential``
+by an activation the kernels apply (``_activation``'s: ReLU, ReLU6, SiLU, Hardswish, LeakyReLU of
+slope 0.01 or 0.1; as ``F.relu`` / ``torch.relu`` / ``.relu()`` / ``.relu_()``, ``F.relu6``,
+``F.hardtanh(x, 0, 6)``, ``F.silu``, ``F.hardswish``, ``F.leaky_relu``, or such a module child; in
+place or not) that reads only the add, where ``a`` is the main branch: the output of a child ``nn.Sequential``
 ending in conv -> BN, or of ``self.bn(self.conv(h))``, read by nothing but the add. ``b`` is a
 conv -> BN shortcut of the same kinds, or any other tensor (the module's input, a pooled shortcut).
 A chain ``bn(conv(h))`` (-> ReLU) written out in the forward whose one reader is a plain conv is
@@ -27,19 +29,16 @@ import warnings
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _activation, _joins, _patterns
+from ._traced_acts import act_after
 from ._traced_forward import _PLAIN, FusedTracedForward, Plan, Ref, TracedJoin
 from .modules import has_hooks, is_fusable_conv
 
 _LIBRARIES = ("torch", "torchvision", "timm", "fused_resnet")
 _ADDS = (operator.add, operator.iadd, torch.add)
-_RELUS = (torch.relu, torch.relu_, F.relu, F.relu_)
-
-
 class _LeafTracer(fx.Tracer):
     """Traces one module's own forward: every submodule call is a leaf (``call_module``)."""
 
@@ -158,24 +157,6 @@ def _add_operands(node: fx.Node) -> tuple | None:
     return None
 
 
-def _relu_after(node: fx.Node, root: nn.Module) -> tuple[fx.Node, nn.Module | None] | None:
-    """The ReLU that alone reads ``node`` (and its nn.ReLU module, if it is one), else None."""
-    if len(node.users) != 1:
-        return None
-    r = next(iter(node.users))
-    if not r.args or r.args[0] is not node:
-        return None
-    if r.op == "call_function" and r.target in _RELUS and len(r.args) <= 2 and set(r.kwargs) <= {"inplace"}:
-        return r, None
-    if r.op == "call_method" and r.target in ("relu", "relu_") and len(r.args) == 1 and not r.kwargs:
-        return r, None
-    if r.op == "call_module" and len(r.args) == 1 and not r.kwargs:
-        mod = root.get_submodule(r.target)
-        if type(mod) is nn.ReLU and not has_hooks(mod):
-            return r, mod
-    return None
-
-
 def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     joins, notes = [], {}
@@ -194,7 +175,7 @@ def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
             main, short, a, b = short, None, b, a
         if main is None or (inplace and node.args[0] is not a and short is None):
             continue  # no conv -> BN branch, or an add into a tensor that others may read
-        joins.append((node, _relu_after(node, root), a, main, b, short, None))
+        joins.append((node, act_after(node, root), a, main, b, short, None))
     taken = {n for j in joins for n in (j[2], j[4]) if n is not None}
     # bn(conv(h)) (-> ReLU) written out in the forward, not an add's branch; a ResNet-like model's stem
     # (conv1 -> bn1, _patterns.known_runs) is left to the chain rule, as before.
@@ -206,7 +187,7 @@ def _find_joins(root, graph, uses) -> tuple[list, dict[int, str]]:
                 notes.setdefault(id(root.get_submodule(node.target)), "its input is not a conv's output in this "
                                  "forward (a pre-activation BN: fused only in timm's ResNetV2 blocks)")
             if chain is not None and chain[1] is None:
-                relu = _relu_after(node, root)
+                relu = act_after(node, root)
                 joins.append((node, relu, node, chain, None, None, _consumer(relu[0] if relu else node, root, uses,
                                                                              calls)))
     # A conv that another join or chain runs itself (bn(conv(h)) written out) is no "conv_in" consumer.
@@ -260,9 +241,10 @@ def _plan(root: nn.Module, graph: fx.Graph, found: list) -> Plan:
     for node, relu, a, main, b, short, consumer in found:
         adds[node] = (len(joins), a, b)
         if consumer is not None:
-            consumers[consumer] = _activation.RELU if relu is not None else _activation.NONE
+            consumers[consumer] = relu[2] if relu is not None else _activation.NONE
         joins.append(TracedJoin(main[0], main[1], short[0] if short else None, short[1] if short else None,
-                                relu is not None, relu[1] if relu else None, add=b is not None,
+                                relu[2] if relu is not None else _activation.NONE, relu[1] if relu else None,
+                                add=b is not None,
                                 consumer=_slot(root, consumer.target) if consumer is not None else None))
         if relu is not None:
             relus[relu[0]] = node
@@ -403,6 +385,7 @@ def states(model: nn.Module, found: dict) -> dict[int, str]:
         for join in plan.joins:
             for slots in (join.main, join.short or ()):
                 if slots:
-                    out[id(slots[1][2])] = state if join.add else state.replace(
-                        "with the residual add", "with its conv" + (" and ReLU" if join.relu else ""))
+                    act = f" and {_activation.LABELS[join.act]}" if join.act else ""
+                    out[id(slots[1][2])] = state if join.add else state.replace("with the residual add",
+                                                                                f"with its conv{act}")
     return out

@@ -172,8 +172,9 @@ def test_adds_in_user_forwards_are_fused_and_match(act_kind):
     # act(b1(c1(x))) written out in DownBlock's forward: a chain, fused from the same trace
     assert report["down.b1"] == "fused: with its conv and ReLU in the forward of down"
     joins = [fused.block.traced_plan.joins[0], next(j for j in fused.down.traced_plan.joins if j.add)]
-    assert joins[0].relu == (act_kind != "none") and joins[1].short is not None and joins[1].relu
-    assert not fused.traced_plan.joins[0].relu  # x + f(x)
+    relu = fused_resnet._activation.RELU
+    assert joins[0].act == (relu if act_kind != "none" else 0) and joins[1].short is not None and joins[1].act == relu
+    assert not fused.traced_plan.joins[0].act  # x + f(x)
     for train in (True, True, False):  # the second step sees the running statistics the first updated
         assert_step_matches(plain, fused, _x(), train)
 
@@ -181,7 +182,7 @@ def test_adds_in_user_forwards_are_fused_and_match(act_kind):
 def test_a_shortcut_sequential_with_a_pool_before_its_conv_and_bn():
     plain, fused = _pair(AvgDownBlock(8, 16))
     join = fused.traced_plan.joins[0]
-    assert join.short_seq is fused.short and join.short[1][2] is fused.short[2] and join.relu
+    assert join.short_seq is fused.short and join.short[1][2] is fused.short[2] and join.act
     assert [s[0] for s in fused.traced_plan.steps] == ["prefix", "prefix", "join", "output"]
     for train in (True, True, False):
         assert_step_matches(plain, fused, torch.randn(2, 8, 8, 8, dtype=F64), train)
