@@ -150,7 +150,13 @@ class Preparable(nn.Module):
 
     def prepare_for_inference(self, autotune: bool = False) -> None:
         """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
-        self.__dict__["_prepared"] = [PreparedConv(conv, bn, autotune) for conv, bn in self.eval_pairs()]
+        pairs = self.eval_pairs()
+        if any(ops.uses_batch_stats(False, bn.running_mean, bn.running_var) for _, bn in pairs):
+            # A BN that keeps no running statistics normalises with the batch's in eval too: there is
+            # nothing to fold (folding crashed on its None buffers); the module runs unprepared.
+            self.drop_prepared()
+            return
+        self.__dict__["_prepared"] = [PreparedConv(conv, bn, autotune) for conv, bn in pairs]
 
     def prepared_convs(self, pairs: list | None = None) -> list[PreparedConv] | None:
         """The prepared convs if they may serve this call (eager, no autograd, nothing changed);
