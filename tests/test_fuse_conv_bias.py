@@ -19,6 +19,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet._tolerances import relative_error
+from fused_resnet.inference import Preparable
 from fused_resnet.modules import FusedConvBN2d
 
 from _parity import FP64_MODEL_TOL, assert_native_fp32_train_and_eval, randomize_bns, step_errors
@@ -86,8 +87,16 @@ def _pair(model: nn.Module, dtype=F64) -> tuple[nn.Module, nn.Module]:
     return plain, fused_resnet.fuse(copy.deepcopy(plain))
 
 
-def _conv_biases(model: nn.Module) -> set[str]:
-    return {f"{n}.bias" for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.bias is not None}
+def _fused_pairs(fused: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BN) names of every pair a fused module of ``fused`` runs fused, the conv with a bias."""
+    names = {id(m): n for n, m in fused.named_modules()}
+    return sorted((names[id(conv)], names[id(bn)]) for m in fused.modules() if isinstance(m, Preparable)
+                  for conv, bn in m.eval_pairs() if conv.bias is not None)
+
+
+def _conv_biases(fused: nn.Module) -> set[str]:
+    """The biases that a BN absorbs (their convs fused with the BN)."""
+    return {f"{conv}.bias" for conv, _ in _fused_pairs(fused)}
 
 
 def _assert_step(plain: nn.Module, fused: nn.Module, x: torch.Tensor, train: bool = True,
@@ -96,7 +105,7 @@ def _assert_step(plain: nn.Module, fused: nn.Module, x: torch.Tensor, train: boo
     BNs normalise with batch statistics (``batch_stats``: by default in training) the gradient of the
     convs' biases is zero in exact arithmetic: the fused one must be an exact zero tensor (not None),
     eager's is rounding noise (checked against the largest gradient)."""
-    biases = _conv_biases(plain) if (train if batch_stats is None else batch_stats) else set()
+    biases = _conv_biases(fused) if (train if batch_stats is None else batch_stats) else set()
     errors = step_errors(plain, fused, x, train)
     errors = {k: v for k, v in errors.items() if k.removeprefix("grad ") not in biases}
     worst = max(errors, key=errors.get)
@@ -138,6 +147,7 @@ def test_user_model_fp64_exact():
     model's forward and a biased projection); three training steps, eval and prepared eval exact."""
     plain, fused = _pair(UserNet())
     assert _fused_fraction(fused) == (9, 9), fused_resnet.fusion_report(fused)
+    assert len(_fused_pairs(fused)) == 9  # every conv before a BN has a bias
     assert isinstance(fused.stem[0], FusedConvBN2d) and isinstance(fused.stem[3], FusedConvBN2d)
     assert list(fused.state_dict()) == list(plain.state_dict())
     with fused_resnet.use_backend("reference"):
@@ -200,7 +210,7 @@ def test_weight_decay_moves_the_biases_as_unfused():
                 opt.step()
                 opt.zero_grad()
     params = dict(plain.named_parameters())
-    for name in _conv_biases(plain):
+    for name in _conv_biases(fused):
         p = dict(fused.named_parameters())[name]
         assert not torch.equal(p, start[name]), name
         assert relative_error(p, params[name]) <= FP64_MODEL_TOL, name
@@ -249,3 +259,22 @@ def test_bias_added_after_fuse_is_absorbed():
     with fused_resnet.use_backend("reference"):
         _assert_train_step(plain, fused, torch.randn(2, 3, 8, 8, dtype=F64))
         _assert_eval_and_prepared(plain, fused, torch.randn(2, 3, 8, 8, dtype=F64))
+
+
+# (timm model, BNs after a biased conv: unfused before, "its conv has a bias" or left in a traced forward)
+TIMM = [("rexnet_100", 62, 13), ("resnest14d", 23, 4), ("hrnet_w18_small", 91, 4)]
+
+
+@pytest.mark.parametrize("name, total, biased", TIMM, ids=[n for n, _, _ in TIMM])
+def test_timm_models_with_biased_convs(name, total, biased):
+    """ReXNet's SE (fc1 -> bn -> act), ResNeSt's split attention (fc1 -> bn1 -> act1) and HRNet's
+    downsampling head: every BN fused now (their biased-conv BNs were not), exact in fp64 (two
+    training steps, eval, prepared eval)."""
+    timm = pytest.importorskip("timm")
+    plain, fused = _pair(timm.create_model(name, pretrained=False, num_classes=10))
+    assert _fused_fraction(fused) == (total, total)
+    assert len(_fused_pairs(fused)) == biased, _fused_pairs(fused)
+    with fused_resnet.use_backend("reference"):
+        for _ in range(2):
+            _assert_train_step(plain, fused, torch.randn(4, 3, 64, 64, dtype=F64))
+        _assert_eval_and_prepared(plain, fused, torch.randn(4, 3, 64, 64, dtype=F64))
