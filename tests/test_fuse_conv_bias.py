@@ -278,3 +278,35 @@ def test_timm_models_with_biased_convs(name, total, biased):
         for _ in range(2):
             _assert_train_step(plain, fused, torch.randn(4, 3, 64, 64, dtype=F64))
         _assert_eval_and_prepared(plain, fused, torch.randn(4, 3, 64, 64, dtype=F64))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_conv_bn_relu_with_bias(training):
+    """``ops.conv_bn_relu(bias=b)`` is ``relu(batch_norm(conv2d(x, w, b)))`` (running statistics updated
+    alike in training), and fp64 ``gradcheck`` passes for x, w, b and the BN's affine parameters."""
+    from torch.nn import functional as F
+
+    from fused_resnet import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 6, dtype=F64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=F64, requires_grad=True)
+    b = torch.randn(5, dtype=F64).mul(2.0).requires_grad_()
+    gamma = torch.rand(5, dtype=F64).add(0.5).requires_grad_()
+    beta = torch.randn(5, dtype=F64, requires_grad=True)
+    stats = [torch.randn(5, dtype=F64), torch.rand(5, dtype=F64).add(0.5)]
+    ours, theirs = [t.clone() for t in stats], [t.clone() for t in stats]
+    count = torch.zeros((), dtype=torch.long)
+    with fused_resnet.use_backend("reference"):
+        out = ops.conv_bn_relu(x, w, gamma, beta, *ours, count, padding=1, training=training, momentum=0.2, bias=b)
+        want = F.relu(F.batch_norm(F.conv2d(x, w, b, padding=1), *theirs, gamma, beta, training, 0.2, 1e-5))
+        assert relative_error(out, want) <= 1e-12
+        for a, e in zip(ours, theirs):
+            assert relative_error(a, e) <= 1e-12
+        (grad_b,) = torch.autograd.grad(out.square().sum(), b)
+        assert training == (not grad_b.any())  # zero with batch statistics, a real gradient in eval
+
+        def f(x, w, b, gamma, beta):
+            return ops.conv_bn_relu(x, w, gamma, beta, *[t.clone() for t in stats], padding=1, training=training,
+                                    bias=b)
+        assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
