@@ -310,3 +310,24 @@ def test_functional_conv_bn_relu_with_bias(training):
             return ops.conv_bn_relu(x, w, gamma, beta, *[t.clone() for t in stats], padding=1, training=training,
                                     bias=b)
         assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
+
+
+def test_torch_export_eval_folds_the_bias_and_training_keeps_the_ops():
+    """Under torch.export a fused biased chain and block in eval are plain ATen (each BN folded with
+    ``running_mean - b``), equal to the unfused model; in training the fused ops stay, and the exported
+    program updates the running mean as the unfused model does."""
+    plain, fused = _pair(nn.Sequential(*UserNet().stem, TvLikeBlock(8)))
+    x = torch.randn(2, 3, 10, 10, dtype=F64)
+    program = torch.export.export(fused.eval(), (x,))
+    assert not any("fused_resnet" in str(n.target) for n in program.graph.nodes)
+    with torch.no_grad():
+        assert relative_error(program.module()(x), plain.eval()(x)) <= FP64_MODEL_TOL
+    program = torch.export.export(fused.train(), (x,))
+    assert any("fused_resnet.conv_bn" in str(n.target) for n in program.graph.nodes)
+    with fused_resnet.use_backend("reference"):
+        exported = program.module()
+        out, want = exported(x), plain.train()(x)
+    assert relative_error(out, want) <= FP64_MODEL_TOL
+    for (name, b), c in zip(plain.named_buffers(), exported.buffers()):
+        if b.is_floating_point():
+            assert relative_error(c, b) <= FP64_MODEL_TOL, name
