@@ -7,7 +7,8 @@ decay and momentum move it as unfused). Checked on a user model written with bia
 residual blocks, the add in the model's forward), in fp64 against the unfused model (outputs, every
 gradient, running statistics, several steps, eval, prepared eval), fp32 within eager's error, BN
 variants (momentum=None, no running statistics, no affine), an optimizer with weight decay, the
-prepared state's guard, unfuse, real timm models and torch.compile."""
+prepared state's guard, unfuse, real timm models, the functional op (gradcheck) and torch.export;
+torch.compile (inductor) in tests/test_compile_inductor.py, synchronised BN in tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import copy
 
 import pytest
 import torch
+from _parity import FP64_MODEL_TOL, assert_native_fp32_train_and_eval, randomize_bns, step_errors
 from torch import nn
 
 import fused_resnet
 from fused_resnet._tolerances import relative_error
 from fused_resnet.inference import Preparable
 from fused_resnet.modules import FusedConvBN2d
-
-from _parity import FP64_MODEL_TOL, assert_native_fp32_train_and_eval, randomize_bns, step_errors
 
 F64 = torch.float64
 
@@ -163,10 +163,10 @@ def test_user_model_fp32_native_within_eager():
 
 
 BN_VARIANTS = {
-    "momentum=None": dict(momentum=None),
-    "no running stats": dict(track_running_stats=False),
-    "no affine": dict(affine=False),
-    "momentum=0.3, eps=1e-3": dict(momentum=0.3, eps=1e-3),
+    "momentum=None": {"momentum": None},
+    "no running stats": {"track_running_stats": False},
+    "no affine": {"affine": False},
+    "momentum=0.3, eps=1e-3": {"momentum": 0.3, "eps": 1e-3},
 }
 
 
