@@ -117,6 +117,7 @@ def test_biased_conv_chain_training_step_and_eval_match_reference(layout):
     target = torch.randint(0, 10, (4,), device=DEVICE)
     out, log = _train_step(model, "triton", x, target)
     expected, ref_log = _train_step(expected_model, "reference", x, target)
+    assert [k for k, _ in log] == [k for k, _ in ref_log]
     assert {b for _, b in log} == {"triton"} and ("update_running_stats_", "triton") in log, sorted(set(log))
     assert_close(out, expected, tol=MODEL_TOL, name="logits")
     params = dict(expected_model.named_parameters())
