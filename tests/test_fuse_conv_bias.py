@@ -331,3 +331,27 @@ def test_torch_export_eval_folds_the_bias_and_training_keeps_the_ops():
     for (name, b), c in zip(plain.named_buffers(), exported.buffers()):
         if b.is_floating_point():
             assert relative_error(c, b) <= FP64_MODEL_TOL, name
+
+
+@pytest.mark.parametrize("spec, joins", [("timm:resnet18", 0), ("tv:mobilenet_v2", 10)])
+def test_blocks_and_joins_with_biased_convs(spec, joins):
+    """timm's ResNet blocks (fused whole, ``_foreign.FusedResidualBlock``) and torchvision's
+    InvertedResidual joins (``_joins``) with a bias given to every conv: every BN still fused (with the
+    residual add where it was), exact in fp64."""
+    lib = pytest.importorskip("timm" if spec.startswith("timm") else "torchvision")
+    name = spec.split(":")[1]
+    model = lib.create_model(name, pretrained=False, num_classes=10) if spec.startswith("timm") else \
+        lib.models.__dict__[name](num_classes=10)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.bias = nn.Parameter(torch.zeros(m.out_channels))
+    plain, fused = _pair(model)
+    n, total = _fused_fraction(fused)
+    report = fused_resnet.fusion_report(fused)
+    assert n == total and sum(v.startswith("fused: with the residual add") for v in report.values()) == joins
+    if spec.startswith("timm"):
+        assert sum(type(m).__name__.startswith("FusedResidualBlock") for m in fused.modules()) == 8
+    assert len(_fused_pairs(fused)) == total
+    with fused_resnet.use_backend("reference"):
+        _assert_train_step(plain, fused, torch.randn(2, 3, 64, 64, dtype=F64))
+        _assert_eval_and_prepared(plain, fused, torch.randn(2, 3, 64, 64, dtype=F64))
