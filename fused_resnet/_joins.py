@@ -161,8 +161,8 @@ def why_not(join: Join) -> str | None:
         if slots is None:
             continue
         conv, bn = _pair(slots)
-        if not (is_fusable_conv(conv) and _plain_norm(bn, conv.out_channels)):
-            return f"its {what} conv -> BN is not a plain Conv2d(bias=False) -> BatchNorm2d (no act)"
+        if not (is_fusable_conv(conv, bias=True) and _plain_norm(bn, conv.out_channels)):
+            return f"its {what} conv -> BN is not a plain zero-padded Conv2d -> BatchNorm2d (no act)"
     if join.drop is not None and not _patterns.droppable(_get(join.drop), "DropPath"):
         return "its drop_path is not timm's"
     if any(m is not None and has_hooks(m) for m in _modules(join)):
@@ -273,7 +273,7 @@ class FusedResidualJoin(inference.Preparable):
         if self.join_act is None and act is not None and (_activation.module_code(act) or _activation.NONE) \
                 != self.join_code:
             return False
-        return all(is_fusable_conv(c) and _plain_norm(b, c.out_channels)
+        return all(is_fusable_conv(c, bias=True) and _plain_norm(b, c.out_channels)
                    for c, b in (self.join_last,) + ((self.join_shortcut,) if self.join_shortcut else ()))
 
     def eval_pairs(self):

@@ -198,7 +198,7 @@ def why_not_residual(m: nn.Module, names, acts) -> str | None:
     """Why the timm block ``m`` cannot run fused as a whole (None: it can)."""
     pairs = [(m._modules.get(c), m._modules.get(b)) for c, b in names]
     if not all(fusable_pair(c, b) for c, b in pairs):
-        return "a conv or BN of the block is not a plain Conv2d(bias=False) / BatchNorm2d"
+        return "a conv or BN of the block is not a plain zero-padded Conv2d / BatchNorm2d"
     activations = [m._modules.get(a) for a in acts]
     codes = {_activation.module_code(a) for a in activations}
     if len(codes) != 1 or None in codes or len({id(a) for a in activations}) != len(acts):
@@ -313,9 +313,9 @@ def _why_not_pair(conv: nn.Module | None, bn: nn.Module) -> str | None:
         return "first in its container's run: its input is not a conv output fuse can see"
     if not isinstance(conv, nn.Conv2d):
         return f"follows a {type(conv).__name__}, not a Conv2d (pre-activation or another op first)"
-    if not is_fusable_conv(conv, conv.__dict__["class_before_fuse"] if broken(conv) else None):
-        return "its conv has a bias" if conv.bias is not None else f"its conv ({type(conv).__name__}, " \
-            f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}) is not a plain zero-padded nn.Conv2d"
+    if not is_fusable_conv(conv, conv.__dict__["class_before_fuse"] if broken(conv) else None, bias=True):
+        return f"its conv ({type(conv).__name__}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}) " \
+            "is not a plain zero-padded nn.Conv2d"
     if not fusable_norm(bn, conv.out_channels):
         return f"a {type(bn).__name__}, not nn.BatchNorm2d / SyncBatchNorm / timm BatchNormAct2d (with running stats)"
     return None

@@ -213,7 +213,7 @@ def _join_intact(join: TracedJoin) -> bool:
         if seq is not None and list(seq._modules)[-2:] != [slots[0][1], slots[1][1]]:
             return False
     for c, b in join.pairs:
-        if not (is_fusable_conv(c) and _joins._plain_norm(b, c.out_channels)):
+        if not (is_fusable_conv(c, bias=True) and _joins._plain_norm(b, c.out_channels)):
             return False
     return join.consumer is None or is_fusable_conv(join.consumer[2])
 

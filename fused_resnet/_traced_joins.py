@@ -137,8 +137,8 @@ def _branch(node, root, uses, calls, operand=True) -> tuple[tuple | None, str | 
     conv, bn = slots[0][2], slots[1][2]
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BatchNorm):
         return None, None
-    if not (is_fusable_conv(conv) and _joins._plain_norm(bn, conv.out_channels)):
-        return None, "its conv -> BN is not a plain Conv2d(bias=False) -> BatchNorm2d"
+    if not (is_fusable_conv(conv, bias=True) and _joins._plain_norm(bn, conv.out_channels)):
+        return None, "its conv -> BN is not a plain zero-padded Conv2d -> BatchNorm2d"
     if (operand and len(node.users) != 1) or calls[node.target] != 1 or any(uses[id(x)] > 1 for x in (mod, conv, bn)):
         return None, "the branch's output or modules are used elsewhere too"
     if any(has_hooks(x) for x in (mod, conv, bn)):

@@ -44,7 +44,7 @@ def _get(module: nn.Module, store: dict, name: str):
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
     params, buffers = bn._parameters, bn._buffers
     return (_get(conv, conv._parameters, "weight"), _get(bn, params, "weight"), _get(bn, params, "bias"),
-            _get(bn, buffers, "running_mean"), _get(bn, buffers, "running_var"))
+            _get(bn, buffers, "running_mean"), _get(bn, buffers, "running_var"), _get(conv, conv._parameters, "bias"))
 
 
 class PreparedConv:
@@ -54,14 +54,14 @@ class PreparedConv:
         self.sources = _sources(conv, bn)
         self.versions = tuple(None if t is None else t._version for t in self.sources)
         # (registry dict, name, tensor, version) of each source, for ``current``'s fast check.
-        stores = (conv._parameters, bn._parameters, bn._parameters, bn._buffers, bn._buffers)
-        names = ("weight", "weight", "bias", "running_mean", "running_var")
+        stores = (conv._parameters, bn._parameters, bn._parameters, bn._buffers, bn._buffers, conv._parameters)
+        names = ("weight", "weight", "bias", "running_mean", "running_var", "bias")  # the last: the conv's
         self.guard = tuple(zip(stores, names, self.sources, self.versions))
         self.eps = bn.eps
         # Made outside inference_mode: an inference tensor could not be used later with autograd on.
         with torch.inference_mode(False), torch.no_grad():
             self.weight, self.bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                 bn.eps)
+                                                 bn.eps, conv.bias)
             args = (self.weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             device = self.weight.device.type
             self.backend, prepack = _backend.select("prepack_conv", device, args)
@@ -76,7 +76,7 @@ class PreparedConv:
         """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
         if bn.eps != self.eps:
             return False
-        # The registry dicts read directly (getattr costs ~0.5 us a tensor, five a conv, every call);
+        # The registry dicts read directly (getattr costs ~0.5 us a tensor, six a conv, every call);
         # where a module's dict is not the one prepared from, the general comparison. A source that
         # is not a registered tensor (a parametrization's property) reads as None here: not current.
         fast = conv._parameters is self.guard[0][0] and bn._parameters is self.guard[1][0] \
@@ -150,7 +150,13 @@ class Preparable(nn.Module):
 
     def prepare_for_inference(self, autotune: bool = False) -> None:
         """Fold (and prepack) every conv+BN of this module now; see :func:`prepare_for_inference`."""
-        self.__dict__["_prepared"] = [PreparedConv(conv, bn, autotune) for conv, bn in self.eval_pairs()]
+        pairs = self.eval_pairs()
+        if any(ops.uses_batch_stats(False, bn.running_mean, bn.running_var) for _, bn in pairs):
+            # A BN that keeps no running statistics normalises with the batch's in eval too: there is
+            # nothing to fold (folding crashed on its None buffers); the module runs unprepared.
+            self.drop_prepared()
+            return
+        self.__dict__["_prepared"] = [PreparedConv(conv, bn, autotune) for conv, bn in pairs]
 
     def prepared_convs(self, pairs: list | None = None) -> list[PreparedConv] | None:
         """The prepared convs if they may serve this call (eager, no autograd, nothing changed);

@@ -5,8 +5,9 @@ A block is a chain of conv+BN layers with ReLUs between them and a residual add 
 end. Fused, in training it runs as ``conv_bn`` ops that apply the previous BN+ReLU as their
 prologue and compute their own BN statistics, closed by one ``bn_add_relu`` pass that also
 applies the downsample branch's BN; in eval every BN is folded into its conv and each conv
-applies bias, residual and ReLU in its epilogue. Anything the fused path does not cover (another
-norm layer, a conv with bias, a custom downsample) runs exactly as the ``nn`` block would.
+applies bias, residual and ReLU in its epilogue. A conv's own bias (``nn.Conv2d(bias=True)``) is
+absorbed by its BN (``ops.conv_bn``, ``ops.fold_bn``). Anything the fused path does not cover (another
+norm layer, a custom downsample) runs exactly as the ``nn`` block would.
 Serving state (BN folded once) is explicit: see ``inference.prepare_for_inference``.
 """
 
@@ -38,13 +39,13 @@ from ._fused_away import (  # noqa: F401  (re-exported: the chain's pass-through
 _SYNC_FORWARDS = (nn.SyncBatchNorm.forward, distributed.SyncBatchNorm2d.forward)
 
 
-def is_fusable_conv(conv: nn.Module, cls: type | None = None) -> bool:
-    """A plain ``nn.Conv2d`` without bias and with numeric zero padding (``cls``: the class to judge
-    it by, by default its own)."""
+def is_fusable_conv(conv: nn.Module, cls: type | None = None, bias: bool = False) -> bool:
+    """A plain ``nn.Conv2d`` with numeric zero padding, and without bias unless ``bias`` (a conv whose
+    BN absorbs its bias: ``conv_bn``, ``eval_conv``); ``cls``: the class to judge it by, by default its own."""
     return (
         (cls or type(conv)).forward is nn.Conv2d.forward
         and isinstance(conv, nn.Conv2d)
-        and child(conv, "bias", "_parameters") is None
+        and (bias or child(conv, "bias", "_parameters") is None)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
     )
@@ -105,7 +106,8 @@ def warn_if_global_hooks() -> None:
 
 
 def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
-    return is_fusable_conv(conv) and is_fusable_bn(bn, conv.out_channels)
+    """A conv -> BN pair the fused ops run (the conv's bias, if any, absorbed by the BN)."""
+    return is_fusable_conv(conv, bias=True) and is_fusable_bn(bn, conv.out_channels)
 
 
 def downsample_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
@@ -145,7 +147,7 @@ def conv_bn(x: torch.Tensor | ops.DeferredBN, conv: nn.Conv2d, bn: nn.BatchNorm2
     return ops.conv_bn(
         x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
         training=bn.training, momentum=_momentum(bn), eps=bn.eps, process_group=group,
-        in_activation=in_act, **_conv_kwargs(conv),
+        in_activation=in_act, bias=child(conv, "bias", "_parameters"), **_conv_kwargs(conv),
     )
 
 
@@ -157,7 +159,8 @@ def eval_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, residual: torch.T
     else by ``conv_bias_act``."""
     if prepared is not None:
         return prepared(x, residual, act)
-    weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                               child(conv, "bias", "_parameters"))
     if not inference.emits_aten():
         return ops.conv_bias_act(x, weight, bias, residual, activation=act, **_conv_kwargs(conv))
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)

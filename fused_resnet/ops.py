@@ -90,6 +90,7 @@ def conv_bn(
     in_relu: bool | None = None,
     process_group=None,
     in_activation: str | None = "relu",
+    bias: torch.Tensor | None = None,
 ) -> DeferredBN:
     """``conv2d`` then ``batch_norm`` with the BN left deferred (see :class:`DeferredBN`).
 
@@ -102,6 +103,11 @@ def conv_bn(
     those of the whole batch across its ranks, as ``nn.SyncBatchNorm`` computes them (see
     :mod:`fused_resnet._sync_stats`: one all-gather of ``2C + 1`` values forward, one all-reduce
     of ``2C`` backward).
+
+    ``bias``: the conv's own bias ``b`` (``nn.Conv2d(bias=True)``), which the BN absorbs exactly: with
+    batch statistics ``bn(conv(x) + b) == bn(conv(x))`` (the batch mean takes ``b`` away) and the
+    running mean is updated with the batch mean of ``conv(x) + b``; with running statistics the BN
+    normalises ``conv(x)`` with ``running_mean - b``. The schemas are unchanged.
     """
     in_scale = in_shift = None
     if isinstance(x, DeferredBN):
@@ -114,27 +120,46 @@ def conv_bn(
     sdt = stat_dtype(x.dtype)
     if not uses_batch_stats(training, running_mean, running_var):
         y, _, _ = _ops.conv_stats(x, in_scale, in_shift, in_act, weight, *conv)
-        return DeferredBN(y, *_ops.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps))
+        return DeferredBN(y, *_ops.bn_finalize(_absorb(running_mean.to(sdt), bias), running_var.to(sdt), bn_weight,
+                                               bn_bias, eps))
     update = training and running_mean is not None and running_var is not None
     if update and num_batches_tracked is None:
         if momentum is None:
             raise ValueError("fused_resnet: momentum=None (cumulative average) needs num_batches_tracked")
         num_batches_tracked = torch.zeros((), dtype=torch.long, device=x.device)
-    if not (training and process_group is not None):
+    synced = training and process_group is not None
+    # The op updates the running statistics itself unless the conv has a bias: then from the batch
+    # statistics it returns, below (its mean is that of conv(x), without b).
+    in_op = update and bias is None and not synced
+    if not synced:
         # One op forward and one backward: conv, statistics, running-statistics update, finalize.
-        if not update:
-            running_mean = running_var = num_batches_tracked = None
-        y, scale, shift, _, _ = _ops.conv_bn(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias, running_mean,
-                                             running_var, num_batches_tracked, momentum, eps, *conv)
-        return DeferredBN(y, scale, shift)
-    # Synchronised BN: local statistics, their merge across ranks (an all-gather), then the finalize.
-    y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_act, weight, *conv)
-    count = y.shape[0] * y.shape[2] * y.shape[3]
-    mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
-    if update:
-        _sync_stats.update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
-                                          count, momentum)
-    return DeferredBN(y, *_ops.bn_finalize(mean, var, bn_weight, bn_bias, eps))
+        y, scale, shift, mean, var = _ops.conv_bn(x, in_scale, in_shift, in_act, weight, bn_weight, bn_bias,
+                                                  *((running_mean, running_var, num_batches_tracked) if in_op
+                                                    else (None, None, None)), momentum, eps, *conv)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+    else:
+        # Synchronised BN: local statistics, their merge across ranks (an all-gather), then the finalize.
+        y, mean, var = _ops.conv_stats(x, in_scale, in_shift, in_act, weight, *conv)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        mean, var, count = _sync_stats.merge_batch_stats(mean, var, count, process_group)  # count: 0-d tensor
+        scale, shift = _ops.bn_finalize(mean, var, bn_weight, bn_bias, eps)
+    if update and not in_op:
+        # The batch mean of conv(x) + b is the op's mean + b; the variance does not move.
+        update_ = _sync_stats.update_running_stats_ if synced else _ops.update_running_stats_
+        mean = mean.detach() if bias is None else mean.detach() + bias.detach().to(mean.dtype)
+        update_(running_mean, running_var, num_batches_tracked, mean, var.detach(), count, momentum)
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        # With batch statistics the BN's output does not depend on b (its exact gradient is zero); "+ b * 0"
+        # on the per-channel shift gives it as a zero tensor, as unfused, not None (an optimizer skips a
+        # parameter without a gradient: no weight decay, no momentum). A NaN / inf b still poisons the output.
+        shift = shift + (bias * 0).to(shift.dtype)
+    return DeferredBN(y, scale, shift)
+
+
+def _absorb(running_mean: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The running mean a BN after a conv with bias ``bias`` normalises the bias-free ``conv(x)`` with:
+    ``running_mean - bias`` (differentiable in ``bias``), in ``running_mean``'s dtype."""
+    return running_mean if bias is None else running_mean - bias.to(running_mean.dtype)
 
 
 def bn_add_relu(
@@ -168,12 +193,14 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return bn_add_relu(x, residual, activation="relu")
 
 
-def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
-    """Conv weight and bias with an eval-mode BN folded in: ``bn(conv(x, w)) == conv(x, w') + b'``.
-    The folding runs in fp32 (fp64 for fp64 weights); ``w'`` keeps ``weight``'s dtype."""
+def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps: float, conv_bias=None):
+    """Conv weight and bias with an eval-mode BN folded in: ``bn(conv(x, w) + conv_bias) == conv(x, w') + b'``
+    (``conv_bias``: the conv's own bias, or None; folded as ``b' = (conv_bias - running_mean) * scale +
+    bn_bias``). The folding runs in fp32 (fp64 for fp64 weights); ``w'`` keeps ``weight``'s dtype."""
     # The reference's formulas as plain ATen ops, not the op bn_finalize: this is what exporters see.
     sdt = stat_dtype(weight.dtype)
-    scale, shift = reference.bn_finalize(running_mean.to(sdt), running_var.to(sdt), bn_weight, bn_bias, eps)
+    scale, shift = reference.bn_finalize(_absorb(running_mean.to(sdt), conv_bias), running_var.to(sdt), bn_weight,
+                                         bn_bias, eps)
     return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift
 
 
@@ -225,20 +252,22 @@ def conv_bn_relu(
     relu: bool | None = None,
     process_group=None,
     activation: str | None = "relu",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(batch_norm(conv2d(x, weight)))`` with ``nn.Conv2d(bias=False)`` +
+    """``act(batch_norm(conv2d(x, weight, bias)))`` with ``nn.Conv2d`` +
     ``nn.BatchNorm2d`` + ``nn.ReLU`` (``ReLU6``, ``SiLU``, ``Hardswish``, ``LeakyReLU``: ``activation`` as in
     :func:`bn_add_relu`)
     semantics, running statistics updated in place in training. In eval (running statistics) the BN
     is folded into the conv: one conv with a bias+activation epilogue. ``process_group``:
-    synchronised statistics, as in :func:`conv_bn`."""
+    synchronised statistics, as in :func:`conv_bn`; ``bias``: the conv's own bias, absorbed by the BN
+    (:func:`conv_bn`)."""
     act = _activation.from_flag(activation, relu)
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if not uses_batch_stats(training, running_mean, running_var):
-        folded_weight, bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        return conv_bias_act(x, folded_weight, bias, activation=act, **conv)
+        folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, bias)
+        return conv_bias_act(x, folded_weight, folded_bias, activation=act, **conv)
     deferred = conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                       training=training, momentum=momentum, eps=eps, process_group=process_group, **conv)
+                       training=training, momentum=momentum, eps=eps, process_group=process_group, bias=bias, **conv)
     return bn_add_relu(deferred, activation=act)
 
 

@@ -39,8 +39,12 @@ def force_onednn(monkeypatch):
     monkeypatch.setenv("FUSED_RESNET_ONEDNN_MIN_MACS", "0")  # every conv takes the oneDNN path
 
 
-def _models(width=8, train=False):
+def _models(width=8, train=False, biased=False):
     plain = tv_resnet18(width=width).to(memory_format=CL).train(train)
+    if biased:  # every conv with a bias, absorbed by its BN (nn.Conv2d's default, common in users' models)
+        for m in plain.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias = torch.nn.Parameter(torch.empty(m.out_channels).uniform_(-1.0, 1.0))
     fused = fused_resnet.fuse(copy.deepcopy(plain))
     gold = copy.deepcopy(plain).double()
     return fused, plain, gold
@@ -143,3 +147,38 @@ def test_compiled_training_steps_then_eval(force_onednn):
         oracle = gold(x.double())
     check(out, expected, oracle, torch.float32, "compiled eval after compiled training")
     assert relative_error(out, expected) < 1e-3  # not merely a NaN-free result
+
+
+def test_compiled_biased_convs_train_step_then_eval(force_onednn):
+    """Every conv of the ResNet with a bias (absorbed by its BN): a compiled training step (output, every
+    gradient, the biases' an exact zero tensor, running statistics), then compiled eval (each BN folded
+    with ``running_mean - bias`` in the ATen graph)."""
+    fused, plain, gold = _models(train=True, biased=True)
+    biases = {f"{n}.bias" for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    compiled = torch.compile(fused, fullgraph=True)
+    x = _x(4, 32)
+    with fused_resnet.use_backend("native"):
+        out = compiled(x)
+        g = torch.randn_like(out)
+        out.backward(g)
+    expected, oracle = plain(x), gold(x.double())
+    expected.backward(g), oracle.backward(g.double())
+    check(out, expected, oracle, torch.float32, "train output")
+    for (name, p), q, r in zip(fused.named_parameters(), plain.parameters(), gold.parameters()):
+        if name in biases:  # zero in exact arithmetic: the BN's batch mean takes the bias away
+            assert p.grad is not None and not p.grad.any(), name
+            continue
+        check(p.grad, q.grad, r.grad, torch.float32, f"grad {name}")
+    for (name, b), c, d in zip(fused.named_buffers(), plain.buffers(), gold.buffers()):
+        if b.is_floating_point():
+            check(b, c, d, torch.float32, name)
+        else:
+            assert torch.equal(b, c), name
+    for m in (fused, plain, gold):
+        m.eval()
+    x = _x(4, 32)
+    with torch.no_grad(), fused_resnet.use_backend("native"):
+        out, expected = compiled(x), plain(x)
+        oracle = gold(x.double())
+    check(out, expected, oracle, torch.float32, "compiled eval")
+    assert relative_error(out, expected) < 1e-3

@@ -117,7 +117,8 @@ def test_fuse_leaves_unrecognised_modules_alone():
     model = nn.Sequential(
         PreAct(),
         TVBasicBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c)),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        # a reflect-padded conv (a biased one fuses: tests/test_fuse_conv_bias.py)
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU()),
     )
     kinds = [type(m) for m in model.modules()]
     fused_resnet.fuse(model)

@@ -127,11 +127,13 @@ def test_fusion_report_says_why():
 
     hooked = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
     hooked[1].register_forward_hook(lambda *a: None)
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU(),
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4),
+                          nn.ReLU(),
                           nn.MaxPool2d(2), nn.BatchNorm2d(4), Unknown(), hooked, nn.Sequential(nn.GroupNorm(2, 4)))
     report = fused_resnet.fusion_report(model)
     assert report["0"].startswith("not fused: first")
-    assert report["2"] == "not fused: its conv has a bias"
+    assert report["2"] == "not fused: its conv (Conv2d, padding_mode='reflect', padding=(1, 1)) is not a plain " \
+        "zero-padded nn.Conv2d"
     assert report["5"].startswith("not fused: follows a MaxPool2d")
     assert "in the forward of 6: its forward cannot be traced by torch.fx" in report["6.bn"]
     assert report["7.1"] == "not fused: its conv or BN has hooks"

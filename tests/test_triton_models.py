@@ -95,3 +95,42 @@ def test_fused_resnet18_eval_matches_reference():
     with torch.no_grad(), fused_resnet.use_backend("reference"):
         expected = model(x)
     assert_close(out, expected, tol=MODEL_TOL, name="logits")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_biased_conv_chain_training_step_and_eval_match_reference(layout):
+    """Convs with biases before their BNs (absorbed: ``ops.conv_bn(bias=)``): a training step on Triton
+    matches the reference (output, every gradient, the biases' an exact zero tensor, the running
+    statistics updated with the mean of conv(x) + b by the ``update_running_stats_`` kernel), then eval."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias.uniform_(-2.0, 2.0)
+    fused_resnet.fuse(model)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    model = model.to(DEVICE, memory_format=fmt).train()
+    expected_model = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16, device=DEVICE).contiguous(memory_format=fmt)
+    target = torch.randint(0, 10, (4,), device=DEVICE)
+    out, log = _train_step(model, "triton", x, target)
+    expected, ref_log = _train_step(expected_model, "reference", x, target)
+    assert [k for k, _ in log] == [k for k, _ in ref_log]
+    assert {b for _, b in log} == {"triton"} and ("update_running_stats_", "triton") in log, sorted(set(log))
+    assert_close(out, expected, tol=MODEL_TOL, name="logits")
+    params = dict(expected_model.named_parameters())
+    for pname, p in model.named_parameters():
+        if pname in ("0.bias", "3.bias"):
+            assert p.grad is not None and not p.grad.any(), pname
+        assert_close(p.grad, params[pname].grad, tol=MODEL_TOL, name=f"grad {pname}")
+    buffers = dict(expected_model.named_buffers())
+    for bname, b in model.named_buffers():
+        assert_close(b.float(), buffers[bname].float(), tol=MODEL_TOL, name=bname)
+    model.eval(), expected_model.eval()
+    with torch.no_grad(), fused_resnet.use_backend("triton"):
+        out = model(x)
+    with torch.no_grad(), fused_resnet.use_backend("reference"):
+        expected = expected_model(x)
+    assert_close(out, expected, tol=MODEL_TOL, name="eval logits")
