@@ -76,7 +76,7 @@ def tracks_as_built(bn: nn.Module) -> bool:
     construction with the buffers kept, PyTorch's BN neither updates them nor counts the batch in
     training but still reads them in eval; the fused ops do not model that state, so such a BN runs
     unfused (checked on every call)."""
-    return bn.track_running_stats == (bn.running_mean is not None)
+    return bn.track_running_stats == (child(bn, "running_mean", "_buffers") is not None)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -284,10 +284,12 @@ class _FusedBlockMixin(inference.Preparable):
             return super().forward(x)
         warn_if_global_hooks()
         chain, ds = pairs
-        prepared = None
+        prepared, gate = None, self._join_gate()
         if "_prepared" in self.__dict__:  # the pairs of eval_pairs(), without checking fusable() again
             prepared = self.prepared_convs(_eval_pairs(chain, ds))
-        return residual_forward(x, chain, child(self, "downsample"), prepared, ds, self._act_code(), self._join_gate())
+            if prepared is not None and gate is None and inference.all_eval(chain, ds):
+                return inference.serve_block(x, prepared, ds is not None, child(self, "downsample"), self._act_code())
+        return residual_forward(x, chain, child(self, "downsample"), prepared, ds, self._act_code(), gate)
 
     def _act_code(self) -> int:
         """The block's activation (torchvision's blocks: ReLU, checked by ``_fused_pairs``)."""
@@ -376,5 +378,5 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         act = self.__dict__.get("fused_act", _activation.RELU) if relu else _activation.NONE
         if not _uses_batch_stats(bn):
             prepared = self.prepared_convs([(self, bn)]) if "_prepared" in self.__dict__ else None
-            return eval_conv(x, self, bn, None, act, prepared[0] if prepared else None)
+            return prepared[0](x, None, act) if prepared else eval_conv(x, self, bn, None, act)
         return ops.bn_add_relu(conv_bn(x, self, bn), activation=act)
