@@ -135,6 +135,12 @@ def get_backend() -> str:
     return _override.get() or _check_name(_default)
 
 
+def in_force() -> str:
+    """:func:`get_backend` without validating the name (both were validated when set): for per-call
+    checks on hot paths (a prepared conv's)."""
+    return _override.get() or _default
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: run fused ops with backend ``name`` inside the block (thread/task local)."""

@@ -22,6 +22,7 @@ again, with the right numbers, until :func:`prepare_for_inference` is called aga
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -69,6 +70,7 @@ class PreparedConv:
             if autotune and self.packed is not None and hasattr(self.packed, "enable_autotune"):
                 self.packed.enable_autotune(self._generic)
         self.fits: dict[tuple, bool] = {}  # input signature -> _fits, decided once per signature
+        self.runs: dict[tuple, object] = {}  # input signature -> how __call__ runs it (usual state)
         self.conv_args = ([int(v) for v in conv.stride], [int(v) for v in conv.padding],
                           [int(v) for v in conv.dilation], int(conv.groups))
 
@@ -94,7 +96,51 @@ class PreparedConv:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
         """``act(conv(x) + bias + residual)`` (``act``: an ``_activation`` code); called without autograd
-        (``Preparable.prepared_convs``)."""
+        (``Preparable.prepared_convs``). How to run it is decided once per input signature (shapes,
+        strides, dtypes, devices, activation) in the usual state (autograd off, the backend in force
+        "auto" or the one prepared with, oneDNN enabled, no autocast): a small model at batch 1 spends
+        as much host time on these calls as in its convolutions. Any other state takes ``_general``."""
+        backend = _backend.in_force()
+        if (backend == "auto" or backend == self.backend) and not torch.is_grad_enabled() \
+                and torch._C._get_mkldnn_enabled() and not torch.is_autocast_enabled(self.device_type):
+            if residual is None:
+                key = (x.shape, x.stride(), x.dtype, x.device, act)
+            else:
+                key = (x.shape, x.stride(), x.dtype, x.device, act, residual.shape, residual.stride(), residual.dtype,
+                       residual.device)
+            run = self.runs.get(key)
+            if run is None:
+                if len(self.runs) >= 16:  # serving sees few input sizes; a stream of new ones starts over
+                    self.runs.clear()
+                run = self.runs[key] = self._runner(x, residual, act)
+            return run(x, residual, act)
+        return self._general(x, residual, act)
+
+    def _runner(self, x: torch.Tensor, residual: torch.Tensor | None, act: int):
+        """``run(x, residual, act)`` for this signature in the usual state: the prepacked form's route,
+        or the op."""
+        if self.packed is not None and self._fits(x, residual):
+            route_for = getattr(self.packed, "route_for", None)
+            if route_for is None:  # a prepacked form that decides on every call
+                return self._general
+            route = route_for(x, residual, act)
+            if route is not None:
+                return functools.partial(self._packed_route, route)
+        return self._op if residual is None or residual.dtype == x.dtype else self._generic
+
+    def _packed_route(self, route: str, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        if _backend._traces:  # trace_dispatch is open
+            _backend.record("conv_bias_act", self.backend)
+        return self.packed._run(route, x, residual, act)
+
+    def _op(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        # The op itself (argument checks and backend choice in C++), not the functional layer: the
+        # prepared weight and bias are already in the dtypes it takes.
+        return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, act)
+
+    def _general(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> torch.Tensor:
+        """``__call__`` in any state: the prepacked form where the backend in force and the input allow
+        it (it returns None where it does not apply), else the op."""
         if (self.packed is not None and _backend.get_backend() in ("auto", self.backend)
                 and self._fits_once(x, residual)):
             out = self.packed(x, residual, act)
@@ -110,9 +156,7 @@ class PreparedConv:
             stride, padding, dilation, groups = self.conv_args
             return ops.conv_bias_act(x, self.weight, self.bias, residual, stride=stride, padding=padding,
                                      dilation=dilation, groups=groups, activation=act)
-        # The op itself (argument checks and backend choice in C++), not the functional layer: the
-        # prepared weight and bias are already in the dtypes it takes.
-        return _conv_bias_act(x, self.weight, self.bias, residual, *self.conv_args, act)
+        return self._op(x, residual, act)
 
     def _fits_once(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         key = (x.shape, x.dtype, x.device)

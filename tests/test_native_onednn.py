@@ -151,15 +151,17 @@ def _prepared_convs(model):
 
 
 def _count_packed_calls(monkeypatch):
+    """A list to which every conv the prepacked form runs (one of its routes: ``PackedConv._run``, reached
+    through ``__call__`` or a prepared conv's per-signature runner) appends True."""
     calls = []
-    original = _onednn.PackedConv.__call__
+    original = _onednn.PackedConv._run
 
     def counting(self, *args):
         out = original(self, *args)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(_onednn.PackedConv, "__call__", counting)
+    monkeypatch.setattr(_onednn.PackedConv, "_run", counting)
     return calls
 
 

@@ -212,6 +212,13 @@ class PackedConv:
         # torch.backends.mkldnn.enabled read without its descriptor (~0.2 us, every call).
         if torch.is_grad_enabled() or not torch._C._get_mkldnn_enabled():
             return None
+        route = self.route_for(x, residual, act)
+        return None if route is None else self._run(route, x, residual, act)
+
+    def route_for(self, x: torch.Tensor, residual: torch.Tensor | None, act: int) -> str | None:
+        """The route of this input signature (``"onednn"``, ``"aten"``, ``"gemm"``; None: the generic op),
+        decided on its first call (``_route``'s rule, or timed when autotuning) and kept; for an input
+        ``_can_onednn`` takes, with autograd off and oneDNN enabled (``__call__`` checks those)."""
         # The static part of the decision, once per input signature: on a small model the checks
         # cost as much host time as the conv (a few us per conv, measured on MobileNetV2 at batch 1).
         key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.dtype)
@@ -223,7 +230,7 @@ class PackedConv:
             self.routes[key] = route
         if route is None or (route == "onednn" and residual is not None and act not in _BINARY_ACTS):
             return None
-        return self._run(route, x, residual, act)
+        return route
 
     def enable_autotune(self, generic: Callable) -> None:
         """Choose each input signature's route by timing instead of by the static rule: on the first
