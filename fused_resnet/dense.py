@@ -65,8 +65,9 @@ def _intact(module: nn.Module, children: tuple[nn.Module, ...]) -> bool:
 def _eval_block(x: torch.Tensor, layers: list[DenseLayerModules]) -> torch.Tensor:
     """The block with running statistics on one feature buffer (no autograd): in NCHW each layer's BN +
     ReLU applied to the buffer's channel prefix in the 1x1 conv's prologue (one pass, the ``conv_stats``
-    op; its statistics unused), ``norm2`` folded into that conv; in plain ATen ops (three passes for
-    the prologue) in channels_last and under ``torch.compile`` / export (which fuse them themselves)."""
+    op; its statistics unused), ``norm2`` folded into that conv; in plain ATen ops in channels_last (the
+    prologue in one ``addcmul`` pass and a ReLU in place) and under ``torch.compile`` / export (which
+    fuse them themselves)."""
     sdt = stat_dtype(x.dtype)
     c0 = x.shape[1]
     total = c0 + sum(m.conv2.out_channels for m in layers)
@@ -87,8 +88,11 @@ def _eval_block(x: torch.Tensor, layers: list[DenseLayerModules]) -> torch.Tenso
             h = dense_ops.relu_conv_prologue(buf[:, :channels], scale, shift, w1, _conv(m.conv1))
             h = torch.relu_(h.add_(channel_view(b1.to(h.dtype))))
         else:
-            a = torch.relu(buf[:, :channels].to(sdt) * channel_view(scale) + channel_view(shift)).to(x.dtype)
-            h = torch.relu(F.conv2d(a, w1, b1.to(w1.dtype), m.conv1.stride, m.conv1.padding, m.conv1.dilation))
+            # addcmul: one pass, where ``x * scale + shift`` took two, and ATen's mul was slow on a
+            # channels_last prefix (strided per pixel): 224 of 256 channels at 56x56, one thread, 0.3 ms
+            # against 2.1 ms for mul + add + relu (the relu below runs in place on the dense result).
+            a = torch.addcmul(channel_view(shift), buf[:, :channels].to(sdt), channel_view(scale)).relu_().to(x.dtype)
+            h = F.conv2d(a, w1, b1.to(w1.dtype), m.conv1.stride, m.conv1.padding, m.conv1.dilation).relu_()
         c2 = m.conv2
         new = F.conv2d(h, c2.weight, None, c2.stride, c2.padding, c2.dilation, c2.groups)
         buf[:, channels:channels + new.shape[1]].copy_(new)
