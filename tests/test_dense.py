@@ -319,9 +319,9 @@ def test_prepared_and_exported_eval_emit_plain_aten():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_eval_block_without_grad_matches(channels_last):
-    """The dense block in eval without autograd (one feature buffer; in NCHW each layer's BN + ReLU in
-    its 1x1 conv's prologue, in channels_last plain ATen ops): fp64 on the reference backend equal to
-    the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64."""
+    """The dense block and the transition in eval without autograd (one feature buffer; in NCHW each
+    BN + ReLU in its 1x1 conv's prologue, in channels_last plain ATen ops): fp64 on the reference backend
+    equal to the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     plain, fused = _pair(small_densenet())
     plain, fused = plain.to(memory_format=fmt).eval(), fused.to(memory_format=fmt).eval()
