@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 import fused_resnet
 
 sys.path.insert(0, "benchmarks/scripts")
-from fuse_models_eval import build  # noqa: E402
+from fuse_models_eval import build
 
 spec, threads, layout = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 by_shape = len(sys.argv) > 4
