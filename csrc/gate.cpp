@@ -2,8 +2,9 @@
 // out = act(gate * (y * scale + shift) + residual * res_scale + res_shift). The gate folds into
 // per-(sample, channel) vectors gate*scale and gate*shift, and the device's per-channel kernels run
 // unchanged (fused_ops.cpp's bn_add_relu and its backward, called as they are): on an NCHW tensor
-// viewed as [1, N*C, H, W] (the same memory, one call; the residual's vectors tiled N times), and
-// on channels_last sample by sample (each sample [1, C, H, W] is dense; the outputs concatenated).
+// viewed as [1, N*C, H, W] (the same memory, one call; the residual's vectors tiled N times), on a
+// single sample as it is (either layout: the kernels keep it), and on channels_last with more samples
+// sample by sample (each sample [1, C, H, W] is dense; the outputs concatenated).
 #include "fused_ops.h"
 
 #include <vector>
@@ -41,8 +42,13 @@ Folded fold(const Tensor& y, const OptTensor& scale, const OptTensor& shift, con
   return f;
 }
 
-// [N, C, H, W] NCHW as [1, N*C, H, W] (a view of the dense tensor).
-Tensor wide(const Tensor& t) { return t.contiguous().view({1, t.size(0) * t.size(1), t.size(2), t.size(3)}); }
+// [N, C, H, W] NCHW as [1, N*C, H, W] (a view of the dense tensor); one sample as it is: made NCHW, a
+// channels_last one was copied twice and the output came back NCHW, against _layout.py's rule (at batch 1
+// timm's SE-ResNet-50 in channels_last then ran NCHW from its first SE join on).
+Tensor wide(const Tensor& t) {
+  if (t.size(0) == 1) return t;
+  return t.contiguous().view({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
+}
 
 OptTensor slice(const Tensor& t, int64_t i, int64_t c) {
   return t.defined() ? OptTensor(t.narrow(0, i * c, c)) : std::nullopt;

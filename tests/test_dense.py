@@ -3,6 +3,7 @@ models in fp64 (outputs, every gradient, running statistics over several steps, 
 eager fp32's own error, the fallbacks, what fuse() reports, saved memory, and torch.compile."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -318,9 +319,9 @@ def test_prepared_and_exported_eval_emit_plain_aten():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_eval_block_without_grad_matches(channels_last):
-    """The dense block in eval without autograd (one feature buffer; in NCHW each layer's BN + ReLU in
-    its 1x1 conv's prologue, in channels_last plain ATen ops): fp64 on the reference backend equal to
-    the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64."""
+    """The dense block and the transition in eval without autograd (one feature buffer; in NCHW each
+    BN + ReLU in its 1x1 conv's prologue, in channels_last plain ATen ops): fp64 on the reference backend
+    equal to the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     plain, fused = _pair(small_densenet())
     plain, fused = plain.to(memory_format=fmt).eval(), fused.to(memory_format=fmt).eval()
@@ -332,3 +333,60 @@ def test_eval_block_without_grad_matches(channels_last):
         plain32, fused32 = copy.deepcopy(plain).float(), copy.deepcopy(fused).float()
         eager_err = relative_error(plain32(x.float()), want)
         assert relative_error(fused32(x.float()), want) <= 3 * eager_err + 1e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_prepared_eval_block_folds_once_and_guards(channels_last):
+    """prepare_for_inference folds each dense layer's norm1 (scale, shift) and conv1 + norm2 once (in
+    channels_last conv1 then runs as a prepared conv: the native routes): fp64 on the reference backend
+    equal to the unfused model, fp32 on the native backend within 3x eager fp32's own error vs fp64, at
+    batch 3 and 1; a norm1 or norm2 changed in place afterwards warns and the block folds again (still
+    right); train(), a deep copy and unfuse drop the prepared state."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain, fused = _pair(small_densenet())
+    plain, fused = plain.to(memory_format=fmt).eval(), fused.to(memory_format=fmt)
+    fused_resnet.prepare_for_inference(fused)
+    blocks = [m for m in fused.modules() if isinstance(m, fused_resnet.dense.FusedDenseBlock)]
+    assert blocks and all("_prepared_norms" in b.__dict__ and b.__dict__["_prepared"] for b in blocks)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stale: the prepared folds serve
+        for n in (3, 1):
+            x = _x(n).to(memory_format=fmt)
+            with fused_resnet.use_backend("reference"):
+                assert relative_error(fused(x), plain(x)) <= FP64_MODEL_TOL
+        plain32, fused32 = copy.deepcopy(plain).float(), fused_resnet.prepare_for_inference(
+            copy.deepcopy(fused).float())
+        blocks32 = [b for b in fused32.modules() if isinstance(b, fused_resnet.dense.FusedDenseBlock)]
+        assert all("_prepared_norms" in b.__dict__ for b in blocks32)
+        for n in (3, 1):
+            x = _x(n).to(memory_format=fmt)
+            want = plain(x)
+            assert fused32.features(x.float()).is_contiguous(memory_format=fmt)  # the block keeps the layout
+            out = fused32(x.float())
+            assert relative_error(out, want) <= 3 * relative_error(plain32(x.float()), want) + 1e-6
+        assert all("_prepared_norms" in b.__dict__ for b in blocks + blocks32)  # still prepared: they served
+        # ... and what runs: a prepared fold changed behind the model's back shows in the output.
+        prepared = copy.copy(blocks[0].__dict__["_prepared_norms"][1])
+        prepared.scale = prepared.scale * 2
+        blocks[0].__dict__["_prepared_norms"][1] = prepared
+        x = _x().to(memory_format=fmt)
+        with fused_resnet.use_backend("reference"):
+            assert relative_error(fused(x), plain(x)) > 1e-3
+        fused_resnet.prepare_for_inference(fused)
+    with torch.no_grad():
+        x = _x().to(memory_format=fmt)
+        for path in ("features.denseblock1.denselayer2.norm1.running_var",
+                     "features.denseblock2.denselayer1.norm2.weight"):
+            for model in (plain, fused):
+                model.get_parameter(path).mul_(1.5) if path.endswith("weight") else model.get_buffer(path).mul_(1.5)
+            with pytest.warns(UserWarning, match="changed since prepare_for_inference"):
+                out = fused(x)
+            assert relative_error(out, plain(x)) <= FP64_MODEL_TOL
+            fused_resnet.prepare_for_inference(fused)
+            assert relative_error(fused(x), plain(x)) <= FP64_MODEL_TOL
+    assert not [k for b in copy.deepcopy(fused).modules() for k in b.__dict__ if k.startswith("_prepared")]
+    fused.train()
+    assert not [k for b in fused.modules() for k in b.__dict__ if k.startswith("_prepared")]
+    fused_resnet.prepare_for_inference(fused)
+    fused_resnet.unfuse(fused)
+    assert not [k for b in fused.modules() for k in b.__dict__ if k.startswith("_prepared")]

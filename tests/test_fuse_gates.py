@@ -125,3 +125,30 @@ def test_se_fp32_native_within_eager_error(layout):
     mid = len(ours) // 2  # the typical gradient: its median error
     assert sorted(ours.values())[mid] <= 3 * sorted(eager.values())[mid] + tolerance(torch.float32)
     assert not any(v != v for v in ours.values())  # no NaN
+
+
+def test_se_prepared_eval_keeps_channels_last(monkeypatch):
+    """Serving in channels_last (prepared, native fp32), batch 1 and 2: every gated join's output stays
+    channels_last (at batch 1 the join once returned NCHW, and the rest of the network ran NCHW against
+    channels_last weights), and the output is within 3x eager fp32's own error against fp64."""
+    if "native" not in fused_resnet.backends():
+        pytest.skip("the native extension is not built for this torch")
+    cl = torch.channels_last
+    plain = randomize_bns(timm.create_model("seresnet50", pretrained=False)).eval().to(memory_format=cl)
+    fused = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(plain)))
+    gold = copy.deepcopy(plain).to(F64)
+    layouts = []
+    real = ops.bn_add_relu
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        layouts.append(out.is_contiguous(memory_format=cl))
+        return out
+
+    monkeypatch.setattr(ops, "bn_add_relu", spy)
+    for n in (1, 2):
+        x = _x(torch.float32, n).to(memory_format=cl)
+        with fused_resnet.use_backend("native"), torch.no_grad():
+            out, eager, want = fused(x), plain(x), gold(x.to(F64))
+        assert relative_error(out, want) <= 3 * relative_error(eager, want) + tolerance(torch.float32)
+    assert len(layouts) == 2 * 16 and all(layouts), layouts

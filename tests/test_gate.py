@@ -31,8 +31,10 @@ def _oracle(y, s, t, r, rs, rt, gate, act):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["downsample", "identity", "gate_only"])
-def test_gate_forward_backward(case, dtype, layout, backend):
-    _check_gated(case, dtype, layout, backend, "relu")
+@pytest.mark.parametrize("n", [3, 1])
+def test_gate_forward_backward(n, case, dtype, layout, backend):
+    """Several samples and one (batch-1 serving: a channels_last sample stays channels_last)."""
+    _check_gated(case, dtype, layout, backend, "relu", n)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,15 +46,16 @@ def test_gate_other_activations(act, dtype, layout, backend):
     _check_gated("downsample", dtype, layout, backend, act)
 
 
-def _check_gated(case, dtype, layout, backend, act):
-    n, c = 3, 10
+def _check_gated(case, dtype, layout, backend, act, n=3):
+    c = 10
     y, r = activation((n, c, 5, 7), dtype, layout), activation((n, c, 5, 7), dtype, layout)
     if act == "relu6":  # values on both sides of 6 too
         y, r = y * 4, r * 4
     s, t, rs, rt = (per_channel(c, dtype) for _ in range(4))
     # (N, C, 1, 1) in the activation dtype, as SE gives it; (N, C) in the statistics dtype
     gate = (torch.rand(n, c, 1, 1, dtype=dtype) + 0.5) if case != "identity" else torch.rand(n, c, dtype=s.dtype)
-    gate[0] = 0.0  # a dropped sample (DropPath)
+    if n > 1:
+        gate[0] = 0.0  # a dropped sample (DropPath)
     if case != "downsample":
         rs = rt = None
     inputs = [y, s, t, r, rs, rt, gate]
@@ -77,11 +80,12 @@ def _check_gated(case, dtype, layout, backend, act):
 
 @pytest.mark.parametrize("act", [1, 2, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gate_masks_native_matches_reference(layout, act):
+@pytest.mark.parametrize("n", [4, 1])
+def test_gate_masks_native_matches_reference(n, layout, act):
     """The backward op with each output_mask: native (csrc/gate.cpp) against the reference."""
     if "native" not in fused_resnet.backends():
         pytest.skip("the native extension is not built for this torch")
-    n, c = 4, 6
+    c = 6
     y, r, go = (activation((n, c, 3, 5), torch.float32, layout) for _ in range(3))
     s, t, rs, rt = (per_channel(c, torch.float32) for _ in range(4))
     gate = torch.rand(n, c, 1, 1) + 0.5
@@ -93,6 +97,8 @@ def test_gate_masks_native_matches_reference(layout, act):
                                                                            gate)
         for i, (a, b) in enumerate(zip(got["native"], got["reference"])):
             assert a.shape == b.shape, (mask, i)
+            if i in (0, 3) and b.numel():  # the gradients of y and residual: laid out as y
+                assert a.is_contiguous(memory_format=LAYOUTS[layout]), (mask, i)
             if b.numel():
                 assert_close(a, b.to(a.dtype), torch.float32, name=f"{mask} output {i}")
 

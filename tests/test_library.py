@@ -47,6 +47,11 @@ def _op_samples(dtype=torch.float64, layout="nchw"):
         samples.append(("bn_add_relu", tail))
         samples.append(("bn_add_relu_backward", (torch.randn_like(y), *tail[:7], [True, True, True, True], "",
                                                  tail[7])))
+    # ... and one sample (batch-1 serving; a channels_last one stays channels_last).
+    y1, r1 = activation((1, 6, 5, 7), dtype, layout), activation((1, 6, 5, 7), dtype, layout)
+    tail = (y1, s, t, r1, rs, rt, True, torch.rand(1, 6, 1, 1, dtype=dtype) + 0.5)
+    samples.append(("bn_add_relu", tail))
+    samples.append(("bn_add_relu_backward", (torch.randn_like(y1), *tail[:7], [True, True, True, True], "", tail[7])))
     x, _, _, _, w, stride, padding, dilation, groups = conv_case(CONV_SHAPES[0], dtype, layout)
     bias = per_channel(w.shape[0], dtype)
     out_shape = OPS.conv_bias_act(x, w, None, None, stride, padding, dilation, groups, False).shape

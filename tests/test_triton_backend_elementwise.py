@@ -167,10 +167,12 @@ def test_int64_offsets_huge_tensor_cuda():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bn_add_relu_gate(dtype, layout, device):
-    """The per-(sample, channel) gate (``_gate``: NCHW as [1, N*C, H, W], channels_last per sample):
-    forward and every gradient, the gate's included, against the reference."""
-    n, c, h, w = 3, 67, 7, 5
+@pytest.mark.parametrize("n", [3, 1])
+def test_bn_add_relu_gate(n, dtype, layout, device):
+    """The per-(sample, channel) gate (``_gate``: NCHW as [1, N*C, H, W], channels_last per sample, one
+    sample as it is): forward and every gradient, the gate's included, against the reference (layouts
+    too: a channels_last sample stays channels_last)."""
+    c, h, w = 67, 7, 5
     y, residual = _act((n, c, h, w), dtype, layout, device), _act((n, c, h, w), dtype, layout, device)
     for gate, affine in ((torch.rand(n, c, 1, 1, device=device).to(dtype) + 0.5, True),
                          (torch.rand(n, c, device=device) + 0.5, False)):

@@ -4,9 +4,10 @@ interleaved round by round in one process, with the share of BatchNorms fused. R
 are deep copies, fused in place).
 
     python benchmarks/scripts/fuse_models_eval.py [--models tv:resnet50 timm:resnet18 ...]
-        [--batches 1 8] [--image 64] [--rounds 15] [--channels-last] [--prepared-only]
+        [--batches 1 8] [--image 64] [--rounds 15] [--channels-last] [--prepared-only] [--threads 2]
 
-``--prepared-only``: eager against fused + prepared alone (the serving ratio), more rounds in the same time.
+``--prepared-only``: eager against fused + prepared alone (the serving ratio), more rounds in the same time
+(the autotuned model is not even built). ``--threads``: ``torch.set_num_threads`` (default: torch's).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--prepared-only", action="store_true", help="time only eager and fused + prepared")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"torch {torch.__version__}, fused_resnet {fused_resnet.__version__}, backends {fused_resnet.backends()}, "
           f"{platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, fp32, "
@@ -76,11 +80,12 @@ def main() -> None:
         report = fused_resnet.fusion_report(unprepared)
         share = f"{sum(v.startswith('fused') for v in report.values())}/{len(report)}"
         prepared = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(eager)))
-        tuned = fused_resnet.prepare_for_inference(fused_resnet.fuse(copy.deepcopy(eager)), autotune=True)
+        tuned = None if args.prepared_only else fused_resnet.prepare_for_inference(
+            fused_resnet.fuse(copy.deepcopy(eager)), autotune=True)
         for batch in args.batches:
             x = torch.randn(batch, 3, args.image, args.image).to(memory_format=fmt)
             with torch.inference_mode():
-                diff = max((m(x) - eager(x)).abs().max().item() for m in (prepared, tuned))
+                diff = max((m(x) - eager(x)).abs().max().item() for m in (prepared, tuned) if m is not None)
             if args.prepared_only:
                 (med_e, min_e), (med_f, min_f) = timings_ms([eager, prepared], x, args.rounds)
                 (med_u, min_u), (med_t, min_t) = (float("nan"),) * 2, (float("nan"),) * 2

@@ -26,7 +26,11 @@ def _fold(y, scale, shift, res_scale, res_shift, gate):
 
 
 def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous().view(1, t.shape[0] * t.shape[1], *t.shape[2:])
+    # One sample as it is (either layout): made NCHW, a channels_last one was copied and its output came
+    # back NCHW, against _layout.py's rule (csrc/gate.cpp likewise).
+    if t is None or t.shape[0] == 1:
+        return t
+    return t.contiguous().view(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
 def _slices(y, residual, folded, i: int):
