@@ -247,6 +247,45 @@ def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, con
     return history
 
 
+def interleaved_step_ms(models: list[nn.Module], train_set: ImageDataset, config: TrainConfig,
+                        place: _torchrun.Place, rounds: int = 9, steps: int = 4) -> list[float]:
+    """Milliseconds of one training step (forward, loss, backward, SGD step, as :func:`train` runs
+    them) of each model on one batch of ``train_set``, best of ``rounds`` rounds of ``steps`` steps in
+    which the models take turns: a speed comparison that the machine's drift does not bias, unlike
+    the per-epoch images/s of two trainings run one after the other. Each model is timed on a deep
+    copy (the models themselves are left as trained)."""
+    x, y = _to_device(*train_set.__getitems__(list(range(min(config.batch_size, len(train_set))))), config, place)
+    runs = []
+    for model in models:
+        copy_ = copy.deepcopy(unwrap(model)).train()
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scaler = torch.amp.GradScaler(place.device.type, enabled=config.dtype == "fp16")
+
+        def step(model=copy_, optimizer=optimizer, scaler=scaler):
+            with _autocast(config, place.device):
+                loss = F.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        runs.append(step)
+    best = [math.inf] * len(runs)
+    with use_backend(config.backend):
+        for step in runs:  # warm-up: allocator, oneDNN's primitive caches
+            step()
+            step()
+        for _ in range(rounds):
+            for i, step in enumerate(runs):
+                _sync(place.device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(place.device)
+                best[i] = min(best[i], (time.perf_counter() - start) / steps * 1e3)
+    return best
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -4,6 +4,7 @@ CIFAR-10 folder), ``--compare``, ``--init-from`` checkpoints, and the loop's det
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,6 +59,9 @@ def test_one_epoch_on_digits_with_compare(tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "epoch   1/1" in text and "test accuracy" in text and "loss curves agree" in text
+    speed = re.search(r"--compare: speed, .* fused ([\d.]+) ms, unfused ([\d.]+) ms: fused images/s ([\d.]+)x", text)
+    assert speed and float(speed[1]) > 0 and float(speed[2]) > 0
+    assert abs(float(speed[3]) - float(speed[2]) / float(speed[1])) <= 0.01
     fused, plain = json.loads((out / "history.json").read_text())["histories"]
     assert fused["fused"] and not plain["fused"]
     assert len(fused["epoch_loss"]) == 1 and len(fused["step_loss"]) == -(-1437 // 256)

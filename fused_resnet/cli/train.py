@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import _torchrun
 from .._backend import BACKEND_NAMES
 from ..data import DatasetError, load_dataset
-from ..training import MODELS, TrainConfig, initial_state, prepare_model, train, unwrap
+from ..training import MODELS, TrainConfig, initial_state, interleaved_step_ms, prepare_model, train, unwrap
 from . import positive_int
 
 # --compare. Both runs start from the same weights and see the same batches, but the fused kernels
@@ -157,6 +157,11 @@ def _run(args: argparse.Namespace, place: _torchrun.Place) -> int:
         verdict = "agree" if ok else "DISAGREE"
         log(f"--compare: fused and unfused loss curves {verdict}: {account}; test accuracy fused {100 * histories[0].test_accuracy[-1]:.2f}% vs "
             f"unfused {100 * histories[1].test_accuracy[-1]:.2f}%")
+        if place.world_size == 1:
+            fused_ms, plain_ms = interleaved_step_ms([fused_model, plain], train_set, config, place)
+            log(f"--compare: speed, a training step on {min(config.batch_size, len(train_set))} images with the two "
+                f"models taking turns (best of 9 rounds): fused {fused_ms:.1f} ms, unfused {plain_ms:.1f} ms: "
+                f"fused images/s {plain_ms / fused_ms:.2f}x the unfused model's")
         status = 0 if ok else 1
     fused = histories[0]
     log(f"test accuracy {100 * fused.test_accuracy[-1]:.2f}% after {config.epochs} epochs in {fused.seconds:.1f} s "
