@@ -265,7 +265,10 @@ def fusion_report(model: nn.Module) -> dict[str, str]:
             act = _activation.NAMES[into.__dict__.get("fused_act", _activation.RELU)]
             state = "fusable: again (a module of its chain was replaced, or given a hook, or its BN's " \
                 "track_running_stats changed, since fuse)"
-            if bn_fused:
+            if into.padding_mode != "zeros" or isinstance(into.padding, str):
+                state = f"not fused: its conv's padding ({into.padding_mode}, {into.padding}) was set since fuse; " \
+                    "the conv, BN and activation run as modules"
+            elif bn_fused:
                 state = "fused: into the preceding conv" + (f", with its {act}" if act_fused else "")
                 note = note or into.__dict__.get("fused_note")
         else:

@@ -48,6 +48,10 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> tuple:
             _get(bn, buffers, "running_mean"), _get(bn, buffers, "running_var"), _get(conv, conv._parameters, "bias"))
 
 
+def _config(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+
+
 class PreparedConv:
     """One conv + eval-mode BN of a fused module, folded once: ``act(conv(x) + bias + residual)``."""
 
@@ -59,6 +63,9 @@ class PreparedConv:
         names = ("weight", "weight", "bias", "running_mean", "running_var", "bias")  # the last: the conv's
         self.guard = tuple(zip(stores, names, self.sources, self.versions))
         self.eps = bn.eps
+        # The conv's settings folded in with it (conv_args below): one set on the module since (a
+        # padding edited in place) must not leave the prepared conv computing the old conv.
+        self.config = _config(conv)
         # Made outside inference_mode: an inference tensor could not be used later with autograd on.
         with torch.inference_mode(False), torch.no_grad():
             self.weight, self.bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -75,8 +82,9 @@ class PreparedConv:
                           [int(v) for v in conv.dilation], int(conv.groups))
 
     def current(self, conv: nn.Conv2d, bn: nn.Module) -> bool:
-        """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place."""
-        if bn.eps != self.eps:
+        """Whether ``conv`` and ``bn`` still hold the tensors folded here, unchanged in place, with the
+        same settings (BN's eps; the conv's stride, padding, dilation, groups, padding mode)."""
+        if bn.eps != self.eps or _config(conv) != self.config:
             return False
         # The registry dicts read directly (getattr costs ~0.5 us a tensor, six a conv, every call);
         # where a module's dict is not the one prepared from, the general comparison. A source that
@@ -219,7 +227,7 @@ class Preparable(nn.Module):
                 return prepared
         self.__dict__.pop("_prepared")
         warnings.warn(
-            f"fused_resnet: a parameter or BN buffer of this {type(self).__name__} changed since "
+            f"fused_resnet: a parameter, BN buffer or conv setting of this {type(self).__name__} changed since "
             "prepare_for_inference(); it runs unprepared (folding on every call) until prepared again",
             stacklevel=3,
         )

@@ -353,8 +353,10 @@ class FusedConvBN2d(inference.Preparable, nn.Conv2d):
         this conv, the fused BN and (when fused) the ReLU where ``fuse`` found them, none of them
         with hooks (a hook registered after ``fuse`` on the conv or the BN makes the three run
         unfused while it is there, on the ReLU the ReLU: each hook sees what it would unfused)."""
+        # The conv's padding as fuse took it: a padding_mode or a string padding set since is applied by
+        # nn.Conv2d's own forward only.
         bn_intact = slots_intact(self.fused_slots) and not (has_hooks(self) or has_hooks(self.fused_bn)) \
-            and tracks_as_built(self.fused_bn)
+            and tracks_as_built(self.fused_bn) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
         return bn_intact, bn_intact and self.fused_relu and slots_intact(self.relu_slots) and not any(
             has_hooks(m) for _, _, m in self.relu_slots) and self._act_unchanged()
 
