@@ -1,39 +1,25 @@
-"""What ``fuse`` may fuse: the containers whose ``forward`` is known, and the conv -> BN (-> activation:
-ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish, LeakyReLU(0.01 / 0.1)) chains and residual blocks in them.
+"""What ``fuse`` may fuse: the conv -> BN (-> activation: ReLU, ReLU6, Hardtanh(0, 6), SiLU, Hardswish,
+LeakyReLU(0.01 / 0.1)) chains and residual blocks in the containers whose ``forward`` is known
+(``_known_runs``: which containers, and the runs of children their forwards call in a row).
 
-A container's ``forward`` is known when it *is* (by identity, never by name) the forward of a class
-read here: ``nn.Sequential`` (so torchvision's ``Conv2dNormActivation``, ``BottleneckTransform``,
-MobileNetV2's ``features`` and timm's downsamples), torchvision's and our ResNet stems and blocks,
-timm's ``ResNet`` stem, ``BasicBlock``/``Bottleneck`` and ``ConvNormAct``, timm's ``EfficientNet``
-(stem and head), ``MobileNetV3`` (stem; its head conv has a bias and no BN unless built with
-``head_norm``) and their ``ConvBnAct`` / ``DepthwiseSeparableConv`` / ``InvertedResidual`` blocks,
-timm's ``SeparableConvNormAct`` and the stems of its ``HighResolutionNet`` and ``GhostNet``. For each such
-class a *run* lists children the forward calls one after the other, each on the previous one's
-output and nothing else reading it in between: a conv followed by a BN in a run can be fused, and
-the activation after them too (nn.Identity between them is skipped; timm's BatchNormAct2d brings
-its own). timm's ResNetV2 pre-activation blocks are recognised here too (``preact_block``) and fused
-whole by ``_preact``. Other libraries are looked up in ``sys.modules`` only: fused_resnet imports neither, and
-a model built from them has imported them.
+A conv followed by a BN in a run can be fused, and the activation after them too (nn.Identity between
+them is skipped; timm's BatchNormAct2d brings its own). timm's ResNetV2 pre-activation blocks are
+recognised here too (``preact_block``) and fused whole by ``_preact``. Other libraries are looked up in
+``sys.modules`` only: fused_resnet imports neither, and a model built from them has imported them.
 """
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _activation, resnet_arch
+from . import _activation
+from ._known_runs import Run, _own_type, is_own, known_runs, loaded_module  # noqa: F401  (re-exported)
 from .modules import FusedConvBN2d, Slot, _FusedBlockMixin, downsample_pair, fusable_pair, has_hooks, is_fusable_bn, \
     is_fusable_conv, slots_intact
-
-
-@dataclass
-class Run:
-    slots: list[tuple[nn.Module, str]]  # (container, child name), called in this order
-    guards: list[Slot] = field(default_factory=list)  # modules that must stay where they are
 
 
 @dataclass
@@ -49,109 +35,6 @@ class Chain:
     relu: nn.Module | None  # the activation module (_activation.module_code) that becomes a pass-through one
     act: int = _activation.NONE  # its code (NONE: no activation fused)
     note: str | None = None  # why the activation after the BN is not fused, where it says (_activation.why_not)
-
-
-def loaded_module(name: str):
-    """The module ``name`` if it is imported already (a model of it can exist only then), else None."""
-    return sys.modules.get(name)
-
-
-def is_own(module: nn.Module, cls: type | None, *methods: str) -> bool:
-    """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (a subclass may add others)."""
-    return _own_type(type(module), cls, *methods)
-
-
-def _own_type(t: type, cls: type | None, *methods: str) -> bool:
-    return cls is not None and issubclass(t, cls) and all(getattr(t, m, None) is getattr(cls, m, None) for m in methods)
-
-
-def _named(*groups):
-    return lambda m: [Run([(m, n) for n in group]) for group in groups]
-
-
-def _stem(act: str):
-    """conv1 -> bn1 -> act of a ResNet; conv1 may be a Sequential ending in the conv (ResNet-D's deep stem)."""
-    def runs(m):
-        conv = m._modules.get("conv1")
-        if isinstance(conv, nn.Sequential) and type(conv).forward is nn.Sequential.forward and len(conv):
-            return [Run([(conv, list(conv._modules)[-1]), (m, "bn1"), (m, act)], [(m, "conv1", conv)])]
-        return [Run([(m, "conv1"), (m, "bn1"), (m, act)])]
-    return runs
-
-
-_TV_BASIC, _TV_BOTTLENECK = _named(("conv1", "bn1"), ("conv2", "bn2")), _named(
-    ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # their one ReLU module is used 2-3 times: not fused
-
-
-def known_runs(m: nn.Module) -> list[Run] | None:
-    """The runs of ``m``'s children that its forward calls in a row; None when its forward is not known."""
-    if is_own(m, nn.Sequential, "forward"):
-        return [Run([(m, name) for name in m._modules])]
-    tvr, tmr = loaded_module("torchvision.models.resnet"), loaded_module("timm.models.resnet")
-    tml = loaded_module("timm.layers.conv_bn_act")
-    for cls in (resnet_arch.ResNet, getattr(tvr, "ResNet", None)):
-        if is_own(m, cls, "forward", "_forward_impl"):
-            return _stem("relu")(m)
-    for cls, runs in ((resnet_arch.BasicBlock, _TV_BASIC), (resnet_arch.Bottleneck, _TV_BOTTLENECK),
-                      (getattr(tvr, "BasicBlock", None), _TV_BASIC),
-                      (getattr(tvr, "Bottleneck", None), _TV_BOTTLENECK)):
-        if is_own(m, cls, "forward"):
-            return runs(m)
-    if tmr is not None:
-        if is_own(m, tmr.ResNet, "forward", "forward_features", "forward_intermediates"):
-            return _stem("act1")(m)
-        if is_own(m, tmr.BasicBlock, "forward"):  # drop_block sits between bn1 and act1
-            return _named(("conv1", "bn1", "drop_block", "act1"), ("conv2", "bn2"))(m)
-        if is_own(m, tmr.Bottleneck, "forward"):
-            return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "drop_block", "act2"), ("conv3", "bn3"))(m)
-    if tml is not None and is_own(m, tml.ConvNormAct, "forward"):
-        return _named(("conv", "bn"))(m)
-    runs = _timm_stem_runs(m)
-    if runs is not None:
-        return runs
-    runs = _efficientnet_runs(m)
-    if runs is not None:
-        return runs
-    if not isinstance(m, FusedConvBN2d) and isinstance(m._modules.get("conv1"), nn.Conv2d) and hasattr(m, "layer1"):
-        # fuse's first rule, kept: a ResNet-like model (conv1, bn1, layer1) calls bn1 on conv1's output.
-        return [Run([(m, "conv1"), (m, "bn1")])]
-    return None
-
-
-def _timm_stem_runs(m: nn.Module) -> list[Run] | None:
-    """timm's ``SeparableConvNormAct`` (``bn(conv_pw(conv_dw(x)))``), ``HighResolutionNet``'s and ``GhostNet``'s stems."""
-    tsc, thr, tgh = (loaded_module(f"timm.{n}") for n in ("layers.separable_conv", "models.hrnet", "models.ghostnet"))
-    if tsc is not None and is_own(m, tsc.SeparableConvNormAct, "forward"):
-        return _named(("conv_dw", "conv_pw", "bn"))(m)
-    if thr is not None and is_own(m, thr.HighResolutionNet, "forward", "forward_features"):
-        return _named(("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"))(m)
-    if tgh is not None and is_own(m, tgh.GhostNet, "forward", "forward_features"):
-        return _named(("conv_stem", "bn1", "act1"))(m)
-    return None
-
-
-def _efficientnet_runs(m: nn.Module) -> list[Run] | None:
-    """timm's EfficientNet family (MobileNetV3 shares its blocks): the stems and heads (conv ->
-    BatchNormAct2d) and the blocks' conv -> BN pairs (their SE, anti-aliasing and skip add run as they are)."""
-    tme, tmb = loaded_module("timm.models.efficientnet"), loaded_module("timm.models._efficientnet_blocks")
-    tmm = loaded_module("timm.models.mobilenetv3")
-    if tme is not None and is_own(m, tme.EfficientNet, "forward", "forward_features"):
-        return _named(("conv_stem", "bn1"), ("conv_head", "bn2"))(m)
-    if tmm is not None and is_own(m, tmm.MobileNetV3, "forward", "forward_features", "forward_head"):
-        # forward_head: global_pool -> conv_head -> norm_head -> act2 (norm_head a BN only with head_norm)
-        return _named(("conv_stem", "bn1"), ("conv_head", "norm_head", "act2"))(m)
-    if tmb is None:
-        return None
-    # A block whose skip add runs fused (``_joins.FusedResidualJoin`` mixed into its class: the bases
-    # are (mixin, the block's class)) keeps the runs of its own forward for its body.
-    block = type(m).__bases__[-1] if "fused_join" in m.__dict__ else type(m)
-    if is_own(m, tmb.ConvBnAct, "forward"):  # conv -> bn1 (BatchNormAct2d) -> aa, then the skip add
-        return _named(("conv", "bn1"))(m)
-    if _own_type(block, tmb.DepthwiseSeparableConv, "forward"):
-        return _named(("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2"))(m)
-    if _own_type(block, tmb.InvertedResidual, "forward"):
-        return _named(("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))(m)
-    return None
 
 
 def norm_act(bn: nn.Module) -> bool:
