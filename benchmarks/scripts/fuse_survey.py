@@ -145,8 +145,13 @@ def survey(spec: str, timm_kw: dict | None = None, batch: int = 2) -> dict:
     # of each by its own rounding); then one training step.
     with fused_resnet.use_backend("reference"):
         plain.eval(), fused.eval()
-        with torch.no_grad():
-            gold = plain(x)
+        try:
+            with torch.no_grad():
+                gold = plain(x)
+        except Exception as e:  # noqa: BLE001 - the unfused model itself cannot run this input (size)
+            row["exc"] = f"unfused model: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["seconds"] = time.perf_counter() - t0
+            return row
         stage("no_grad", lambda: _eval_error(fused, x, gold, torch.no_grad))
         stage("inf_mode", lambda: _eval_error(fused, x, gold, torch.inference_mode))
         stage("prepared", lambda: _eval_error(fused_resnet.prepare_for_inference(copy.deepcopy(fused)), x, gold,
