@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -189,6 +190,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+          y: torch.Tensor, config: TrainConfig, place: _torchrun.Place) -> torch.Tensor:
+    """One training step on ``(x, y)`` (forward under the config's autocast, cross-entropy, backward through
+    the loss scaler, optimizer step); returns the loss."""
+    with _autocast(config, place.device):
+        loss = F.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, config: TrainConfig,
           place: _torchrun.Place, *, fused: bool, log: Callable[[str], None] = print) -> History:
     """Train ``model`` (prepared by :func:`prepare_model`) for ``config.epochs`` epochs."""
@@ -217,12 +231,7 @@ def train(model: nn.Module, train_set: ImageDataset, test_set: ImageDataset, con
                 if config.augment:
                     x = random_crop_flip(x, 4, augment_rng)
                 x, y = _to_device(x, y, config, place)
-                with _autocast(config, place.device):
-                    loss = F.cross_entropy(model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss = _step(model, optimizer, scaler, x, y, config, place)
                 schedule.step()
                 step_losses.append(loss.detach())
                 loss_sum += loss.detach().double() * y.shape[0]
@@ -262,14 +271,7 @@ def interleaved_step_ms(models: list[nn.Module], train_set: ImageDataset, config
                                     weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(place.device.type, enabled=config.dtype == "fp16")
 
-        def step(model=copy_, optimizer=optimizer, scaler=scaler):
-            with _autocast(config, place.device):
-                loss = F.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        runs.append(step)
+        runs.append(functools.partial(_step, copy_, optimizer, scaler, x, y, config, place))
     best = [math.inf] * len(runs)
     with use_backend(config.backend):
         for step in runs:  # warm-up: allocator, oneDNN's primitive caches
