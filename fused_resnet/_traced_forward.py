@@ -66,9 +66,9 @@ class TracedJoin:
     short_seq: nn.Module | None
     act: int  # the activation after the add (an ``_activation`` code; NONE: none)
     act_module: nn.Module | None  # the activation child applied after the add (checked on every call)
-    add: bool = True  # False: a conv -> BN (-> ReLU) chain written out in the forward, no add
+    add: bool = True  # False: a conv -> BN (-> activation) chain written out in the forward, no add
     # A chain's only reader, a plain conv (owner, name, conv): in training it applies the chain's BN (and
-    # ReLU) in its prologue (a "conv_in" step), so the chain's output is never written (pre-activation).
+    # activation) in its prologue (a "conv_in" step), so the chain's output is never written (pre-activation).
     consumer: tuple | None = None
 
     def __post_init__(self):
