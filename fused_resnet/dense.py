@@ -40,7 +40,7 @@ from torch import nn
 from . import _activation, _dense_patterns, _foreign, dense_ops, inference, ops
 from ._dense_patterns import DenseLayerModules, TransitionModules
 from ._layout import channel_view, output_memory_format, stat_dtype
-from .modules import _momentum, has_hooks, tracks_as_built
+from .modules import _momentum, has_hooks, is_fusable_conv, tracks_as_built
 
 
 def _conv(conv: nn.Conv2d) -> dense_ops.Conv:
@@ -64,10 +64,13 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
 
 
 def _intact(module: nn.Module, children: tuple[nn.Module, ...]) -> bool:
-    """``module`` still holds the children ``fuse`` found, and neither it nor they have hooks."""
+    """``module`` still holds the children ``fuse`` found, neither it nor they have hooks, and its convs
+    are still ones the fused paths compute (a ``padding_mode`` set since ``fuse`` is applied only by the
+    conv's own forward)."""
     now = tuple(module._modules.values())
     return len(now) == len(children) and all(a is b for a, b in zip(now, children)) and not any(
-        has_hooks(m) for m in (module, *children, *(g for c in children for g in c.children())))
+        has_hooks(m) for m in (module, *children, *(g for c in children for g in c.children()))) and all(
+        is_fusable_conv(c) for c in children if isinstance(c, nn.Conv2d))
 
 
 class PreparedNorm:

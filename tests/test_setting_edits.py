@@ -64,3 +64,19 @@ def test_fused_model_follows_an_edited_conv_setting_in_training(edit):
             assert_step_matches(plain, fused, _x(), train)
     if edit is _reflect:
         assert fused_resnet.fusion_report(fused)["bn1"].startswith("not fused")
+
+
+def test_densenet_conv_padding_mode_set_after_fuse():
+    """A dense layer's and a transition's conv given a reflect padding after fuse: the block / transition
+    runs its own forward (the fused dense paths pad with zeros)."""
+    plain = randomize_bns(torchvision.models.densenet121(num_classes=5).to(F64))
+    fused = fused_resnet.fuse(copy.deepcopy(plain))
+    for m in (plain, fused):
+        m.features.denseblock1.denselayer1.conv2.padding_mode = "reflect"
+        m.features.transition1.conv.padding, m.features.transition1.conv.padding_mode = (1, 1), "reflect"
+    x = torch.randn(2, 3, 64, 64, dtype=F64)
+    with fused_resnet.use_backend("reference"):
+        for train in (False, True):
+            plain.train(train), fused.train(train)
+            with torch.no_grad():
+                assert relative_error(fused(x), plain(x)) <= FP64_MODEL_TOL
