@@ -113,7 +113,8 @@ def test_gemm_route_declines_what_is_not_a_plain_matrix_product(case):
         assert_close(out, reference.conv_bias_act(x, w, b, None, *conv, _activation.RELU), F32, name="out")
 
 
-# (Cin, Cout, kernel, stride, groups, H=W, residual, NCHW route, channels_last route) at batch 1.
+# (Cin, Cout, kernel, stride, groups, H=W, residual, NCHW route, channels_last route) at batch 1, on a
+# CPU whose conv kernels run AVX2 (the Intel Xeon these were measured on).
 RULE_CASES = [
     # MobileNetV2 at 224px
     (32, 16, 1, 1, 1, 112, False, "gemm", "gemm"),
@@ -139,18 +140,54 @@ RULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", RULE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}g{c[4]}-{c[5]}px"
-                         + ("-res" if c[6] else ""))
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_rule_chooses_the_measured_route(case, layout):
-    """The static rule on the shapes whose timings set it (see ``PackedConv._route``)."""
+# The same on an AVX-512 CPU (the AMD EPYC these were measured on; oneDNN vs ATen vs the GEMM): in
+# channels_last oneDNN's bound is 1 M multiply-adds, the GEMM's 4 M; in NCHW a 1x1 conv above 8 M is
+# not a GEMM.
+AVX512_RULE_CASES = [
+    (16, 16, 3, 1, 1, 32, False, "aten", "onednn"),  # CIFAR ResNet's first stage, 2.4 M: 47 vs 91 us (ATen)
+    (32, 64, 3, 2, 1, 16, False, "aten", "onednn"),  # 1.2 M: 32 vs 43 us
+    (64, 64, 3, 1, 1, 8, True, None, "onednn"),  # with a residual; NCHW below 8 M: the op
+    (16, 16, 3, 1, 1, 16, False, "aten", "aten"),  # 0.6 M: 28 vs 28 us
+    (16, 32, 1, 2, 1, 32, False, "aten", "aten"),  # 0.13 M strided 1x1: 24 vs 10 us
+    (64, 64, 1, 1, 1, 8, False, "gemm", "gemm"),  # 0.26 M: 28 vs 13 us (GEMM)
+    (32, 192, 1, 1, 1, 28, False, "gemm", "onednn"),  # MobileNetV2, 4.8 M: 52 vs 67 us (GEMM)
+    (1152, 192, 1, 1, 1, 7, True, "onednn", "onednn"),  # EfficientNet-B0, 10.8 M: 76 vs 154 us (GEMM); NCHW 110 vs 168
+    (1024, 256, 1, 1, 1, 14, False, "onednn", "onednn"),  # ResNet-50, 51 M: NCHW 402 vs 675 us (GEMM)
+    (256, 64, 1, 1, 1, 56, False, "aten", "onednn"),  # ResNet-50, 51 M: NCHW 353 (ATen) vs 632 (GEMM) vs 645 us
+]
+
+
+def _rule_route(case, layout):
     cin, cout, k, s, groups, hw, res, nchw_route, nhwc_route = case
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     w = torch.empty(cout, cin // groups, k, k).contiguous(memory_format=fmt)
     packed = _onednn.prepack_conv(w, torch.empty(cout), [s, s], [k // 2] * 2, [1, 1], groups)
     x = torch.empty(1, cin, hw, hw).contiguous(memory_format=fmt)
     residual = torch.empty(1, cout, hw // s, hw // s).contiguous(memory_format=fmt) if res else None
-    assert packed._route(x, residual) == (nhwc_route if layout == "nhwc" else nchw_route)
+    return packed._route(x, residual), (nhwc_route if layout == "nhwc" else nchw_route)
+
+
+def _case_id(c):
+    return f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}g{c[4]}-{c[5]}px" + ("-res" if c[6] else "")
+
+
+@pytest.mark.parametrize("case", RULE_CASES, ids=_case_id)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_rule_chooses_the_measured_route(case, layout, monkeypatch):
+    """The static rule on the shapes whose timings set it (see ``PackedConv._route``), for an AVX2 CPU."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    chosen, measured = _rule_route(case, layout)
+    assert chosen == measured
+
+
+@pytest.mark.parametrize("case", AVX512_RULE_CASES, ids=_case_id)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_avx512_rule_chooses_the_measured_route(case, layout, monkeypatch):
+    """The static rule on an AVX-512 CPU (``route_bounds``): oneDNN's and the GEMM's bounds lower in
+    channels_last, a GEMM bound in NCHW."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    chosen, measured = _rule_route(case, layout)
+    assert chosen == measured
 
 
 @pytest.mark.parametrize("spec", ["tv:mobilenet_v2", "timm:efficientnet_b0", "timm:dla34"])

@@ -60,9 +60,14 @@ def info_lines() -> list[str]:
     elif not torch.backends.mkldnn.enabled:
         lines.append("CPU conv_bias_act: ATen convolution + fused epilogue (torch.backends.mkldnn.enabled is False)")
     else:
+        from ._onednn import route_bounds
+
+        bounds = route_bounds()
         lines.append(
             "CPU serving after fused_resnet.prepare_for_inference, float32: oneDNN's fused conv (post-ops) on "
-            "weights reordered once, for convs of >= FUSED_RESNET_ONEDNN_MIN_MACS multiply-adds (default 2^23); "
-            "smaller ones without a residual: ATen's conv with the folded bias inside, ReLU in place"
+            f"weights reordered once, for convs of >= {bounds.onednn_nchw} (NCHW) / {bounds.onednn_nhwc} "
+            f"(channels_last) multiply-adds on this CPU ({torch.backends.cpu.get_cpu_capability()}; "
+            "FUSED_RESNET_ONEDNN_MIN_MACS sets both); smaller ones without a residual: ATen's conv with the "
+            "folded bias inside, the activation in place; 1x1 convs as one GEMM (see _onednn.py)"
         )
     return lines

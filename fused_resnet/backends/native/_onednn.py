@@ -11,7 +11,8 @@ ReLU or none, ``_BINARY_ACTS``): ATen's
 
 Not every conv is best served so; ``PackedConv._route`` picks one of four routes per input
 signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-50 at batch 1,
-224px, two threads (per-conv timings in the comments there):
+224px, two threads (per-conv timings in the comments there), on an AVX2 Intel Xeon; on an AVX-512 CPU
+its bounds differ (``RouteBounds``, measured on an AMD EPYC):
 
 - ``"gemm"``: a 1x1 conv of stride 1, unpadded and ungrouped, is a matrix product over the
   channels, run as one BLAS call in the input's own layout (NCHW ``W @ x[n].view(Cin, H*W)``,
@@ -22,10 +23,13 @@ signature, by a static rule measured on MobileNetV2, EfficientNet-B0 and ResNet-
   260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
   every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer with
   weights of 512K elements or more (ResNet-50's 7x7 stage, where oneDNN's blocked weight wins: 550 vs
-  640 us), and in channels_last below 4x that threshold (oneDNN wins on ResNet-50's 51 M
-  multiply-add 1x1 convs, the GEMM on EfficientNet-B0's 10.8 M ones). It also serves a residual with an activation oneDNN's binary op cannot apply.
+  640 us) and, on AVX-512, above 8 M multiply-adds (ATen's conv is faster there), and in channels_last
+  below 4x that threshold (oneDNN wins on ResNet-50's 51 M multiply-add 1x1 convs, the GEMM on
+  EfficientNet-B0's 10.8 M ones; on AVX-512 below 4 M). It also serves a residual with an activation
+  oneDNN's binary op cannot apply.
 - ``"onednn"``: the prepacked conv, for a conv of at least ``FUSED_RESNET_ONEDNN_MIN_MACS``
-  multiply-adds (below, its per-call setup costs about what it saves) whose input is channels_last
+  multiply-adds (8 M; on AVX-512 in channels_last 1 M: below, its per-call setup costs about what it
+  saves) whose input is channels_last
   or not much larger than the weight; and for every depthwise conv in channels_last (a fifth faster
   than ATen's: 576 channels at 14x14 58 vs 76 us).
 - ``"aten"``: below the threshold, without a residual, ATen's conv with the folded bias inside and
@@ -49,25 +53,61 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from ... import _activation
 
-# Below about 8 million multiply-adds (a conv of ~0.5 ms on one AVX2 core) oneDNN's per-call
-# setup (~0.1 ms) costs about what it saves (measured on whole CIFAR ResNets at batch 1). Read at
-# each preparation, not at each call.
-_DEFAULT_MIN_MACS = 1 << 23
+
+class RouteBounds(NamedTuple):
+    """The static rule's bounds in multiply-adds (``PackedConv._route``): oneDNN's prepacked conv from
+    ``onednn_nchw`` / ``onednn_nhwc`` on; a 1x1 conv as a GEMM below ``gemm_nhwc`` in channels_last and,
+    in NCHW, below ``gemm_nchw`` (None: no bound but the narrow-map one)."""
+
+    onednn_nchw: int
+    onednn_nhwc: int
+    gemm_nhwc: int
+    gemm_nchw: int | None
+
+
+# Below ~8 M multiply-adds oneDNN's per-call setup costs about what it saves over ATen's conv (at batch
+# 1 and below ATen's own oneDNN bound: im2col + one BLAS product), on an AVX2 Intel Xeon (a conv of
+# ~0.5 ms on one core, measured on whole CIFAR ResNets at batch 1); 1x1 convs in channels_last were
+# faster as a GEMM up to 4x that (see ``_route``). On an AVX-512 AMD EPYC (its MKL's GEMM no match for
+# oneDNN's kernels) the bounds lie elsewhere: in channels_last oneDNN wins from ~0.6-1 M (one thread,
+# batch 1, oneDNN vs ATen: 3x3 16->16 at 32x32, 2.4 M, 47 vs 91 us; 32->64 stride 2 at 16x16, 1.2 M,
+# 32 vs 43 us; 16->16 at 16x16, 0.6 M, 28 vs 28 us; 0.15 M, 34 vs 18 us; held to AVX2 by
+# ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY, ~2.4 M) and over the GEMM from ~4 M (2 threads: 1x1
+# 32->192 at 28x28, 4.8 M, 52 vs 67 us; 1152->192 at 7x7, 10.8 M, 76 vs 154 us); in NCHW a 1x1 conv
+# above 8 M runs faster by ATen's conv (oneDNN on the NCHW input itself) than as a GEMM (256->64 at
+# 56x56 353 vs 632 us) or by the prepacked conv (645 us: a conversion to channels_last and back).
+# Whole models (benchmarks/results/2026-12-02-cpu-avx512): channels_last, 2 threads, 224 px, batch 1,
+# MobileNetV2 / EfficientNet-B0 / RegNetY-400MF 1.00-1.04x -> 1.17-1.22x eager's speed, ResNet-50
+# 1.55x -> 1.63x; a CIFAR ResNet-20 on one thread 1.10x -> 1.44x. ATen's capability stands for
+# oneDNN's (both follow the CPU's); other ISAs take the AVX2 bounds.
+_AVX2_BOUNDS = RouteBounds(1 << 23, 1 << 23, 1 << 25, None)
+_BOUNDS_BY_ISA = {"AVX512": RouteBounds(1 << 23, 1 << 20, 1 << 22, 1 << 23)}
+
+
+def route_bounds() -> RouteBounds:
+    """The static rule's bounds for this CPU; ``FUSED_RESNET_ONEDNN_MIN_MACS`` sets oneDNN's (both
+    layouts) and the channels_last GEMM's (4x it). Read at each preparation, not at each call."""
+    bounds = _BOUNDS_BY_ISA.get(torch.backends.cpu.get_cpu_capability(), _AVX2_BOUNDS)
+    override = os.environ.get("FUSED_RESNET_ONEDNN_MIN_MACS")
+    if override:
+        macs = int(override)
+        bounds = bounds._replace(onednn_nchw=macs, onednn_nhwc=macs, gemm_nhwc=4 * macs)
+    return bounds
+
+
 _MAX_SHAPES = 4  # input shapes a prepared conv keeps a reorder for
 _TUNE_ROUNDS = 3  # timed runs of each route when autotuning (after one warm-up run)
-# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM unless its map has at most this many
-# pixels and its weight at least this many elements: there oneDNN's blocked weight beats BLAS's narrow
-# product (ResNet-50's 7x7 stage, 2048x512 weights); with weights up to 410K elements it did not
-# (EfficientNet-B0's and MobileNetV2's 7x7 stages).
+# In NCHW a 1x1 conv above the oneDNN threshold runs as a GEMM (below ``RouteBounds.gemm_nchw``) unless
+# its map has at most this many pixels and its weight at least this many elements: there oneDNN's
+# blocked weight beats BLAS's narrow product (ResNet-50's 7x7 stage, 2048x512 weights); with weights up
+# to 410K elements it did not (EfficientNet-B0's and MobileNetV2's 7x7 stages).
 _GEMM_NARROW_PIXELS = 64
-# In channels_last (oneDNN's own layout: no conversion) a 1x1 conv runs as a GEMM below this many times
-# the oneDNN threshold: MobileNetV2's and EfficientNet-B0's (10-20 M multiply-adds) yes, ResNet-50's (51 M) no.
-_GEMM_NHWC_MACS_FACTOR = 4
 _GEMM_NARROW_MIN_WEIGHT = 1 << 19
 # oneDNN's post-op (attribute and scalars of _convolution_pointwise) for each activation code.
 _POST_OPS = {_activation.NONE: ("none", []), _activation.RELU: ("relu", []),
@@ -102,7 +142,7 @@ def _is_nhwc(t: torch.Tensor) -> bool:
 class PackedConv:
     """A folded conv's weight reordered for oneDNN, for inputs of one layout (the weight's)."""
 
-    def __init__(self, weight, bias, stride, padding, dilation, groups, min_macs: int):
+    def __init__(self, weight, bias, stride, padding, dilation, groups, bounds: RouteBounds):
         # A 1x1 weight is laid out alike in both formats: it then serves inputs of either layout.
         both = weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
         self.nhwc = None if both else _is_nhwc(weight)
@@ -110,7 +150,7 @@ class PackedConv:
         self.conv = ([int(v) for v in padding], [int(v) for v in stride], [int(v) for v in dilation], int(groups))
         self.weight_numel = weight.numel()
         self.kernel = weight.shape[2:]
-        self.min_macs = min_macs
+        self.bounds = bounds
         self.bias = None if bias is None else bias.detach().float().contiguous()
         # oneDNN picks a channels_last output when the weight is: the weight keeps the layout of
         # the inputs it will see, so that the output follows the input as the op's contract says.
@@ -172,12 +212,14 @@ class PackedConv:
         # An NCHW input is converted to channels_last and back by oneDNN: passes over the
         # activations that pay off only where the weight is not much smaller than the input.
         macs = self._macs(x)
-        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and macs >= self.min_macs
+        bounds = self.bounds
+        onednn = (nhwc or self.weight_numel * 4 >= x.numel()) and \
+            macs >= (bounds.onednn_nhwc if nhwc else bounds.onednn_nchw)
         if nhwc:
-            gemm = macs < _GEMM_NHWC_MACS_FACTOR * self.min_macs
+            gemm = macs < bounds.gemm_nhwc
         else:
-            gemm = not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS \
-                or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT
+            gemm = (not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS
+                    or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT) and (bounds.gemm_nchw is None or macs < bounds.gemm_nchw)
         if gemm and self._can_gemm(x):
             # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
             # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
@@ -319,5 +361,4 @@ def supports(weight, bias, stride, padding, dilation, groups) -> bool:
 
 def prepack_conv(weight, bias, stride, padding, dilation, groups) -> PackedConv:
     """``weight`` (a folded conv weight, fp32, on the CPU) reordered for oneDNN (see the module docstring)."""
-    min_macs = int(os.environ.get("FUSED_RESNET_ONEDNN_MIN_MACS") or _DEFAULT_MIN_MACS)
-    return PackedConv(weight, bias, stride, padding, dilation, groups, min_macs)
+    return PackedConv(weight, bias, stride, padding, dilation, groups, route_bounds())
