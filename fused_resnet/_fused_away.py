@@ -12,7 +12,8 @@ from torch import nn
 def fused_away_forward(module: nn.Module, own_forward, x: torch.Tensor, which: int) -> torch.Tensor:
     """``x`` as it is while the conv ``module.fused_into`` does ``module``'s work (``which``:
     0 for its BN, 1 for its activation), else ``own_forward(module, x)``: the work of the class it was."""
-    return x if module.fused_into.fused_state()[which] else own_forward(module, x)
+    into = module.fused_into
+    return x if (into.bn_applied() if which == 0 else into.fused_state()[1]) else own_forward(module, x)
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):

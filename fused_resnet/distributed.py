@@ -141,7 +141,7 @@ class FusedAwaySyncBatchNorm2d(SyncBatchNorm2d):
     (while the stem is intact: see ``modules.FusedConvBN2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.fused_into.fused_state()[0] else SyncBatchNorm2d.forward(self, x)
+        return x if self.fused_into.bn_applied() else SyncBatchNorm2d.forward(self, x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused into the preceding conv"
