@@ -82,10 +82,11 @@ class RouteBounds(NamedTuple):
 # 32->192 at 28x28, 4.8 M, 52 vs 67 us; 1152->192 at 7x7, 10.8 M, 76 vs 154 us); in NCHW a 1x1 conv
 # above 8 M runs faster by ATen's conv (oneDNN on the NCHW input itself) than as a GEMM (256->64 at
 # 56x56 353 vs 632 us) or by the prepacked conv (645 us: a conversion to channels_last and back).
-# Whole models (benchmarks/results/2026-12-02-cpu-avx512): channels_last, 2 threads, 224 px, batch 1,
-# MobileNetV2 / EfficientNet-B0 / RegNetY-400MF 1.00-1.04x -> 1.17-1.22x eager's speed, ResNet-50
-# 1.55x -> 1.63x; a CIFAR ResNet-20 on one thread 1.10x -> 1.44x. ATen's capability stands for
-# oneDNN's (both follow the CPU's); other ISAs take the AVX2 bounds.
+# Whole models (benchmarks/results/2026-12-02-cpu-avx512, scripts/route_bounds.py): channels_last, 2
+# threads, 224 px, batch 1, MobileNetV2 / EfficientNet-B0 / RegNetY-400MF 0.93-1.01x -> 1.14-1.22x
+# eager's speed, ResNet-50 1.39-1.42x -> 1.34-1.43x (within its spread); a CIFAR ResNet-20 at batch 1
+# 0.68-0.72x eager's time. ATen's capability stands for oneDNN's (both follow the CPU's); other ISAs
+# take the AVX2 bounds.
 _AVX2_BOUNDS = RouteBounds(1 << 23, 1 << 23, 1 << 25, None)
 _BOUNDS_BY_ISA = {"AVX512": RouteBounds(1 << 23, 1 << 20, 1 << 22, 1 << 23)}
 
@@ -219,7 +220,8 @@ class PackedConv:
             gemm = macs < bounds.gemm_nhwc
         else:
             gemm = (not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS
-                    or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT) and (bounds.gemm_nchw is None or macs < bounds.gemm_nchw)
+                    or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT) \
+                and (bounds.gemm_nchw is None or macs < bounds.gemm_nchw)
         if gemm and self._can_gemm(x):
             # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
             # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
