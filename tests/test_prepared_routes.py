@@ -154,6 +154,12 @@ AVX512_RULE_CASES = [
     (1152, 192, 1, 1, 1, 7, True, "onednn", "onednn"),  # EfficientNet-B0, 10.8 M: 76 vs 154 us (GEMM); NCHW 110 vs 168
     (1024, 256, 1, 1, 1, 14, False, "onednn", "onednn"),  # ResNet-50, 51 M: NCHW 402 vs 675 us (GEMM)
     (256, 64, 1, 1, 1, 56, False, "aten", "onednn"),  # ResNet-50, 51 M: NCHW 353 (ATen) vs 632 (GEMM) vs 645 us
+    # NCHW 1x1 convs on small maps: a GEMM of few columns (RegNetY-400MF's, ResNet-50's last stage at 64 px)
+    (440, 440, 1, 1, 1, 2, False, "onednn", "gemm"),  # NCHW 60 vs 201 us (GEMM)
+    (2048, 512, 1, 1, 1, 2, True, "onednn", "onednn"),  # NCHW 101 vs 963 us
+    (440, 440, 1, 1, 1, 4, True, "onednn", "gemm"),  # 3.1 M: NCHW 72 vs 90 us
+    (208, 208, 1, 1, 1, 4, False, "gemm", "gemm"),  # 0.7 M: NCHW 38 vs 22 us
+    (1024, 1024, 1, 1, 1, 1, False, "gemm", "gemm"),  # one pixel, a matrix-vector product: 79 vs 63 us
 ]
 
 
@@ -184,7 +190,7 @@ def test_rule_chooses_the_measured_route(case, layout, monkeypatch):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_avx512_rule_chooses_the_measured_route(case, layout, monkeypatch):
     """The static rule on an AVX-512 CPU (``route_bounds``): oneDNN's and the GEMM's bounds lower in
-    channels_last, a GEMM bound in NCHW."""
+    channels_last, a GEMM bound in NCHW, oneDNN for NCHW 1x1 convs on small maps."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     chosen, measured = _rule_route(case, layout)
     assert chosen == measured

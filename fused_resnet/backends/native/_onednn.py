@@ -23,7 +23,8 @@ its bounds differ (``RouteBounds``, measured on an AMD EPYC):
   260 us (ATen) to 65 us and ResNet-50's 1024->256 at 14x14 from 560 us (oneDNN) to 420 us. Taken for
   every such conv in NCHW except above the oneDNN threshold on maps of 64 pixels or fewer with
   weights of 512K elements or more (ResNet-50's 7x7 stage, where oneDNN's blocked weight wins: 550 vs
-  640 us) and, on AVX-512, above 8 M multiply-adds (ATen's conv is faster there), and in channels_last
+  640 us) and, on AVX-512, above 8 M multiply-adds (ATen's conv is faster there) and on maps of 2 to
+  64 pixels (a GEMM of few columns: oneDNN where measured faster, ``_FEW_PIXELS``), and in channels_last
   below 4x that threshold (oneDNN wins on ResNet-50's 51 M multiply-add 1x1 convs, the GEMM on
   EfficientNet-B0's 10.8 M ones; on AVX-512 below 4 M). It also serves a residual with an activation
   oneDNN's binary op cannot apply.
@@ -63,12 +64,15 @@ from ... import _activation
 class RouteBounds(NamedTuple):
     """The static rule's bounds in multiply-adds (``PackedConv._route``): oneDNN's prepacked conv from
     ``onednn_nchw`` / ``onednn_nhwc`` on; a 1x1 conv as a GEMM below ``gemm_nhwc`` in channels_last and,
-    in NCHW, below ``gemm_nchw`` (None: no bound but the narrow-map one)."""
+    in NCHW, below ``gemm_nchw`` (None: no bound but the narrow-map one). ``small_nchw_map``: an NCHW
+    1x1 conv on a map of 2 to this many pixels takes oneDNN's conv from ``onednn_nhwc`` on, and on a map
+    of at most ``_FEW_PIXELS`` always (0: no such rule; see ``_route``)."""
 
     onednn_nchw: int
     onednn_nhwc: int
     gemm_nhwc: int
     gemm_nchw: int | None
+    small_nchw_map: int = 0
 
 
 # Below ~8 M multiply-adds oneDNN's per-call setup costs about what it saves over ATen's conv (at batch
@@ -88,7 +92,14 @@ class RouteBounds(NamedTuple):
 # 0.68-0.72x eager's time. ATen's capability stands for oneDNN's (both follow the CPU's); other ISAs
 # take the AVX2 bounds.
 _AVX2_BOUNDS = RouteBounds(1 << 23, 1 << 23, 1 << 25, None)
-_BOUNDS_BY_ISA = {"AVX512": RouteBounds(1 << 23, 1 << 20, 1 << 22, 1 << 23)}
+_BOUNDS_BY_ISA = {"AVX512": RouteBounds(1 << 23, 1 << 20, 1 << 22, 1 << 23, small_nchw_map=64)}
+# On that EPYC an NCHW 1x1 conv on a small map is a GEMM of the weight by a matrix of a few columns,
+# which its MKL runs 3-10x slower than oneDNN (one thread, oneDNN / GEMM us): 440->440 at 2x2 60 / 201,
+# at 3x3 53 / 247, at 4x4 72 / 90; 2048->512 at 2x2 101 / 963, at 7x7 630 / 1571; 256->1024 at 2x2
+# 71 / 225; but at 1x1 (a matrix-vector product) 59 / 24, 86 / 60, and under 1 M multiply-adds at 4x4
+# or 8x8 (208->208 38 / 22, 104->104 42 / 20) the GEMM wins. Eager's ATen conv takes the same slow
+# GEMM there (RegNetY-400MF's last stage at 64 px: 2x2 maps).
+_FEW_PIXELS = 9
 
 
 def route_bounds() -> RouteBounds:
@@ -219,9 +230,13 @@ class PackedConv:
         if nhwc:
             gemm = macs < bounds.gemm_nhwc
         else:
-            gemm = (not onednn or x.shape[2] * x.shape[3] > _GEMM_NARROW_PIXELS
-                    or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT) \
+            pixels = x.shape[2] * x.shape[3]
+            gemm = (not onednn or pixels > _GEMM_NARROW_PIXELS or self.weight_numel < _GEMM_NARROW_MIN_WEIGHT) \
                 and (bounds.gemm_nchw is None or macs < bounds.gemm_nchw)
+            if 1 < pixels <= bounds.small_nchw_map and self._can_gemm(x) and self.weight_numel * 4 >= x.numel():
+                # A GEMM of few columns (see _FEW_PIXELS): oneDNN's conv instead, where measured faster.
+                onednn = pixels <= _FEW_PIXELS or macs >= bounds.onednn_nhwc
+                gemm = not onednn
         if gemm and self._can_gemm(x):
             # A 1x1 conv as one BLAS product, no layout conversion, bias and residual by the GEMM's
             # accumulate and the activation in place (batch 1, 224px, 2 threads): in NCHW faster than
